@@ -1,0 +1,134 @@
+"""Sequence log-probabilities and the EXO / DPO alignment losses (DESIGN.md section 1).
+
+Notation, for one prompt x with K candidates y_1..y_K and labels r_1..r_K:
+
+    h_i = log pi_theta^tau(y_i | x) - log pi_ref^tau(y_i | x)   (summed over completion tokens)
+    q   = softmax(beta_pi * h)                                 (policy over the K candidates)
+    p   = softmax(r / beta_r)                                  (rw labels)
+        | p_winner = 1 - eps, p_other = eps / (K - 1)         (pref labels, winner = argmax r)
+
+    EXO: KL(q || p) = sum_i q_i (log q_i - log p_i)            (reverse KL, mode-seeking)
+    DPO: CE(p, q)   = -sum_i p_i log q_i                       (forward KL + const, mean-seeking)
+"""
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
+DEFAULT_PREF_EPSILON = {"exo": 1e-3, "dpo": 0.0}
+
+# Elements of one [rows, chunk, vocab] float32 slice; bounds the working memory of
+# sequence_logprobs to ~64 MiB however long the batch is.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class _SequenceLogprobs(torch.autograd.Function):
+    """sum_t mask_t * log softmax(logits_{t-1} / tau)[labels_t], chunked over time.
+
+    Forward keeps no [N, T, V] intermediate: each time chunk is upcast, reduced with
+    logsumexp and gathered, then dropped. Backward recomputes the chunk's softmax and writes
+    d/d logits = mask * g * (onehot(label) - softmax(logits / tau)) / tau straight into the
+    gradient buffer, so peak extra memory is one chunk instead of two full-vocabulary copies.
+    """
+
+    @staticmethod
+    def _chunks(logits, loss_mask):
+        n, t, v = logits.shape
+        step = max(1, _CHUNK_ELEMENTS // max(1, n * v))
+        for start in range(0, t - 1, step):
+            stop = min(start + step, t - 1)
+            # logits at positions start..stop-1 predict tokens start+1..stop
+            mask = loss_mask[:, start + 1:stop + 1]
+            if mask.any():
+                yield start, stop, mask
+
+    @staticmethod
+    def forward(ctx, logits, labels, loss_mask, temperature):
+        # half-precision logits are reduced in float32; float64 stays float64
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
+        for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
+            scaled = logits[:, start:stop].to(compute_dtype) / temperature
+            target = labels[:, start + 1:stop + 1].unsqueeze(-1)
+            token_logps = scaled.gather(-1, target).squeeze(-1) - scaled.logsumexp(-1)
+            out += (token_logps * mask).sum(-1)
+        ctx.save_for_backward(logits, labels, loss_mask)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, loss_mask = ctx.saved_tensors
+        tau = ctx.temperature
+        grad = torch.zeros_like(logits)
+        for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
+            chunk_grad = (logits[:, start:stop].to(grad_out.dtype) / tau).softmax(-1).neg_()
+            target = labels[:, start + 1:stop + 1].unsqueeze(-1)
+            chunk_grad.scatter_add_(-1, target, torch.ones_like(target, dtype=chunk_grad.dtype))
+            chunk_grad *= (grad_out[:, None] * mask / tau).unsqueeze(-1)
+            grad[:, start:stop] = chunk_grad
+        return grad, None, None, None
+
+
+def sequence_logprobs(logits, labels, loss_mask, temperature=1.0):
+    """Per-sequence log-probability of the labelled tokens at a sampling temperature.
+
+        logp(y | x) = sum_t loss_mask[t] * log softmax(logits[t-1] / temperature)[labels[t]]
+
+    `logits` is [N, T, V]; `labels` and `loss_mask` are [N, T] and aligned with the input ids
+    (the Hugging Face convention: position t-1 predicts token t, the shift happens here).
+    `loss_mask` is 1 on completion tokens. Returns [N] in float32 (float64 for float64
+    logits). Computed as the gathered
+    label logit minus logsumexp, in time chunks, never as a full-vocabulary log_softmax.
+    """
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return _SequenceLogprobs.apply(logits, labels, loss_mask.to(compute_dtype), float(temperature))
+
+
+def resolve_pref_epsilon(loss_type, pref_epsilon=None):
+    """--pref_epsilon default: 1e-3 for EXO (its KL needs p > 0), 0 (one-hot) for DPO."""
+    if pref_epsilon is None:
+        return DEFAULT_PREF_EPSILON[loss_type.split("-")[0]]
+    return float(pref_epsilon)
+
+
+def target_distribution(rewards, loss_type, beta_r, pref_epsilon=None):
+    """Log of the label distribution p over the K candidates, [G, K].
+
+    rw:   log p = log_softmax(r / beta_r)
+    pref: p_winner = 1 - eps, every other candidate eps / (K - 1); winner = argmax r
+          (the first one on ties). With eps = 0 the losers get log p = -inf.
+    """
+    if loss_type.endswith("-rw"):
+        return F.log_softmax(rewards / beta_r, dim=-1)
+    eps = resolve_pref_epsilon(loss_type, pref_epsilon)
+    k = rewards.shape[-1]
+    winner = F.one_hot(rewards.argmax(-1), k).bool()
+    log_loser = torch.log(torch.tensor(eps / (k - 1), dtype=rewards.dtype, device=rewards.device))
+    log_winner = torch.log1p(torch.tensor(-eps, dtype=rewards.dtype, device=rewards.device))
+    return torch.where(winner, log_winner, log_loser)
+
+
+def alignment_loss(policy_logps, ref_logps, rewards, loss_type, beta_pi, beta_r, pref_epsilon=None):
+    """EXO or DPO loss over G groups of K candidates, averaged over groups.
+
+    policy_logps, ref_logps, rewards: [G, K]. With h = policy_logps - ref_logps,
+    log q = log_softmax(beta_pi * h) and log p = target_distribution(rewards, ...):
+
+        exo-*:  mean_g sum_i q_i (log q_i - log p_i)      = KL(q || p)
+        dpo-*:  mean_g -sum_i p_i log q_i                 = CE(p, q)
+
+    For K = 2, dpo-pref reduces to -logsigmoid(beta_pi (h_w - h_l)) and exo-pref to
+    s(z)(logsig(z) - log(1-eps)) + s(-z)(logsig(-z) - log eps), z = beta_pi (h_w - h_l).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    log_q = F.log_softmax(beta_pi * (policy_logps - ref_logps), dim=-1)
+    log_p = target_distribution(rewards.to(log_q.dtype), loss_type, beta_r, pref_epsilon)
+    if loss_type.startswith("exo"):
+        if torch.isinf(log_p).any():
+            raise ValueError("EXO needs pref_epsilon > 0: KL(q || p) is infinite where p = 0")
+        per_group = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        # xlogy-style: candidates with p = 0 contribute exactly 0, not 0 * log q
+        per_group = -(log_p.exp() * log_q).sum(-1)
+    return per_group.mean()
