@@ -1,0 +1,222 @@
+"""From `--data_name_path` to tokenised, cached `datasets.Dataset`s (DESIGN.md section 2).
+
+Tokenisation rule: prompt and completion are tokenised separately; EOS is appended to the
+completion, which is then cut on the right to `max_gen_len`; the prompt is cut on the left so
+the whole fits `max_seq_len` (a BOS the tokenizer puts in front is kept). Only completion
+tokens carry loss. The result is cached with `datasets` under a key made of the data files'
+content, the tokenizer, the lengths and the stage's encoding parameters.
+"""
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+import datasets
+import torch
+
+from utils.data.raw_datasets import get_raw_dataset
+from utils.fileio import InputError, atomic_dir, commit_dir, where
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "exo_align")
+
+
+# -- naming ---------------------------------------------------------------------------------
+def parse_data_name_path(spec):
+    """'NAME/KIND:PATH' -> ('NAME/KIND', 'PATH')."""
+    name_kind, sep, path = spec.partition(":")
+    if not sep or not name_kind or not path:
+        raise InputError(f"--data_name_path {spec!r}: expected NAME/KIND:PATH, e.g. imdb/rw:data/imdb_rw")
+    return name_kind, path
+
+
+def import_dataset_module(module):
+    """Import a file path or module name so that its @register_dataset classes register."""
+    try:
+        if module.endswith(".py") or os.path.sep in module:
+            if not os.path.isfile(module):
+                raise InputError(f"--dataset_module {module}: no such file")
+            name = "exo_align_user_datasets_" + hashlib.sha1(os.path.abspath(module).encode()).hexdigest()[:8]
+            spec = importlib.util.spec_from_file_location(name, module)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[name] = loaded
+            spec.loader.exec_module(loaded)
+            return loaded
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise InputError(f"--dataset_module {module}: cannot import ({err})") from None
+
+
+def load_raw_datasets(data_name_paths, dataset_modules=()):
+    for module in dataset_modules or ():
+        import_dataset_module(module)
+    return [get_raw_dataset(*parse_data_name_path(spec)) for spec in data_name_paths]
+
+
+# -- tokenisation ---------------------------------------------------------------------------
+class Tokenisation:
+    """The DESIGN section 2 rule for one tokenizer and pair of lengths."""
+
+    def __init__(self, tokenizer, max_seq_len, max_gen_len):
+        if max_gen_len >= max_seq_len:
+            raise InputError(f"--max_gen_len {max_gen_len} must be smaller than --max_seq_len {max_seq_len} "
+                             "so that at least one prompt token conditions the completion")
+        if tokenizer.eos_token_id is None:
+            raise InputError(f"tokenizer {tokenizer.name_or_path}: has no EOS token; set eos_token in its config")
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_gen_len = max_gen_len
+        # Tokens the tokenizer puts in front of every text (a BOS); left cuts keep them.
+        probe = "a"
+        self.num_prefix = len(tokenizer(probe)["input_ids"]) - len(tokenizer(probe, add_special_tokens=False)["input_ids"])
+
+    def prompts(self, texts):
+        return self.tokenizer(list(texts))["input_ids"]
+
+    def completions(self, texts):
+        eos = self.tokenizer.eos_token_id
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [c + [eos] for c in ids]
+
+    def join(self, prompt_ids, completion_ids):
+        """(input_ids, prompt_len) with the completion cut right, then the prompt cut left."""
+        completion_ids = completion_ids[:self.max_gen_len]
+        room = self.max_seq_len - len(completion_ids)
+        if len(prompt_ids) > room:
+            prefix = prompt_ids[:self.num_prefix]
+            prompt_ids = prefix + prompt_ids[len(prompt_ids) - (room - len(prefix)):]
+        return prompt_ids + completion_ids, len(prompt_ids)
+
+    def fingerprint(self):
+        tok = self.tokenizer
+        backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
+        payload = [type(tok).__name__, backend, str(tok.special_tokens_map), self.max_seq_len, self.max_gen_len]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _check_prompts(prompt_ids, indices, source):
+    for ids, index in zip(prompt_ids, indices):
+        if not ids:
+            raise InputError(f"{where(source, index, 'prompt')}: empty prompt and the tokenizer adds no BOS; "
+                             "give every record a prompt")
+
+
+def sft_encoder(tok, source):
+    """record -> {input_ids, prompt_len}: one prompt + chosen sequence."""
+
+    def encode(batch, indices):
+        prompts = tok.prompts(batch["prompt"])
+        _check_prompts(prompts, indices, source)
+        joined = [tok.join(p, c) for p, c in zip(prompts, tok.completions(batch["chosen"]))]
+        return {"input_ids": [ids for ids, _ in joined], "prompt_len": [n for _, n in joined]}
+
+    return encode
+
+
+def alignment_encoder(tok, source, kind, num_contrastive, pref_labels):
+    """record -> C / K groups of K candidates {input_ids [K][T], prompt_lens [K], rewards [K]}.
+
+    `pref` records become the pair (chosen, rejected) with rewards (1, 0). With pref labels
+    every group needs a single best reward, since the winner is argmax r.
+    """
+    if kind not in ("pref", "rw"):
+        raise InputError(f"{source}: alignment needs pref or rw data, got kind {kind!r}")
+
+    def encode(batch, indices):
+        if kind == "pref":
+            candidates = [[c, r] for c, r in zip(batch["chosen"], batch["rejected"])]
+            rewards = [[1.0, 0.0]] * len(candidates)
+        else:
+            candidates, rewards = batch["completions"], batch["rewards"]
+        prompts = tok.prompts(batch["prompt"])
+        _check_prompts(prompts, indices, source)
+        out = {"input_ids": [], "prompt_lens": [], "rewards": []}
+        for index, prompt_ids, texts, record_rewards in zip(indices, prompts, candidates, rewards):
+            field = "completions" if kind == "rw" else "rejected"
+            if len(texts) < num_contrastive:
+                raise InputError(f"{where(source, index, field)}: {len(texts)} candidates, fewer than "
+                                 f"--num_contrastive {num_contrastive}")
+            if len(texts) % num_contrastive:
+                raise InputError(f"{where(source, index, field)}: {len(texts)} candidates is not a multiple of "
+                                 f"--num_contrastive {num_contrastive}; they are split into groups of K")
+            joined = [tok.join(prompt_ids, c) for c in tok.completions(texts)]
+            for start in range(0, len(texts), num_contrastive):
+                group = slice(start, start + num_contrastive)
+                group_rewards = record_rewards[group]
+                if pref_labels and group_rewards.count(max(group_rewards)) > 1:
+                    raise InputError(f"{where(source, index, 'rewards')}: candidates {start}..{start + num_contrastive - 1} "
+                                     "tie for the best reward; a pref loss needs one winner (use an -rw loss or drop the tie)")
+                out["input_ids"].append([ids for ids, _ in joined[group]])
+                out["prompt_lens"].append([n for _, n in joined[group]])
+                out["rewards"].append(group_rewards)
+        return out
+
+    return encode
+
+
+# -- caching --------------------------------------------------------------------------------
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Let local rank 0 build (and cache) first; the other ranks then read its cache."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and local_rank() != 0:
+        torch.distributed.barrier()
+    yield
+    if distributed and local_rank() == 0:
+        torch.distributed.barrier()
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(raw, split, tok, encoding):
+    """Hash of what the tokenised split depends on: data content, tokenizer, lengths, encoding."""
+    digest = hashlib.sha256()
+    meta = [CACHE_VERSION, type(raw).__module__, type(raw).__qualname__, raw.name, raw.kind, split,
+            tok.fingerprint(), encoding]
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    files = raw.data_files(split)
+    for path in files:
+        digest.update(_file_sha256(path).encode())
+    if not files:  # a custom dataset with no files to point at: key on its records
+        digest.update(json.dumps(raw.records(split), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
+    """(dataset, cache key) of the tokenised `split` of `raw`; built and validated on a miss."""
+    key = cache_key(raw, split, tok, encoding)
+    path = os.path.join(cache_dir, f"{raw.name}_{raw.kind}_{split}_{key[:16]}")
+    with local_main_first():
+        if not os.path.isdir(path):
+            source = raw.source(split)
+            records = datasets.Dataset.from_list(raw.records(split))
+            encoded = records.map(make_encoder(tok, source, raw.kind), batched=True, with_indices=True,
+                                  remove_columns=records.column_names, desc=f"tokenising {raw.name}/{raw.kind} {split}")
+            tmp = atomic_dir(path)
+            encoded.save_to_disk(tmp)
+            commit_dir(tmp, path)
+    return datasets.load_from_disk(path), key
+
+
+def build_dataset(raw_datasets, split, tok, cache_dir, encoding, make_encoder):
+    """Tokenise every dataset of `--data_name_path` and concatenate them.
+
+    Returns (dataset, key); the key identifies the data for caches derived from it, such as
+    the reference log-probs.
+    """
+    parts, keys = zip(*(tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder) for raw in raw_datasets))
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
+    return dataset, hashlib.sha256("".join(keys).encode()).hexdigest()

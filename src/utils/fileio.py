@@ -1,0 +1,124 @@
+"""User-facing errors, JSON/JSONL reading with precise locations, and atomic writes.
+
+A bad input must end a run with one line that names the file, the record and the field,
+exit code 2 and no traceback; everything a stage writes appears whole or not at all.
+"""
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+INPUT_ERROR_EXIT_CODE = 2
+
+
+class InputError(Exception):
+    """A problem with the user's data, flags or paths: reported as one line, never a traceback."""
+
+
+def where(path, record=None, field=None):
+    """'file.json record 3 field "rewards"' — the location prefix of every data error."""
+    text = str(path)
+    if record is not None:
+        text += f" record {record}"
+    if field is not None:
+        text += f' field "{field}"'
+    return text
+
+
+def cli_main(main):
+    """Wrap a stage's main(): an InputError becomes one stderr line and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(INPUT_ERROR_EXIT_CODE)
+
+    return wrapper
+
+
+def read_json_records(path):
+    """Records of a `.json` file (one JSON list) or a `.jsonl` file (one object per line).
+
+    Malformed JSON is reported with its line (and column); a record that is not an object
+    with its index.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if str(path).endswith(".jsonl"):
+        records = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path} line {line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(records, list):
+            raise InputError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InputError(f"{where(path, index)}: expected a JSON object, got {type(record).__name__}")
+    return records
+
+
+def atomic_write_json(path, obj, indent=1):
+    """Write JSON to a temporary file in the same directory, fsync, then rename into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=indent, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_dir(final_dir):
+    """A fresh temporary sibling of `final_dir`; pass it to `commit_dir` once fully written."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp")
+
+
+def commit_dir(tmp_dir, final_dir):
+    """Move a fully written directory into place, replacing an older one.
+
+    The old directory is renamed aside first and removed only after the new one is in
+    place, so a crash leaves a complete old or a complete new directory at `final_dir`.
+    """
+    old = None
+    if os.path.exists(final_dir):
+        old = f"{tmp_dir}.old"
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_files(tmp_dir, final_dir):
+    """Move each file of a fully written directory into `final_dir`, one atomic rename each,
+    leaving whatever else `final_dir` holds (such as checkpoint subdirectories) in place."""
+    os.makedirs(final_dir, exist_ok=True)
+    for name in sorted(os.listdir(tmp_dir)):
+        os.replace(os.path.join(tmp_dir, name), os.path.join(final_dir, name))
+    os.rmdir(tmp_dir)
