@@ -1,0 +1,179 @@
+"""Tokenizer and model loading, LoRA, per-sequence log-probs of a model, saving in HF format."""
+import glob
+import hashlib
+import inspect
+import json
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from utils.fileio import InputError, atomic_dir, commit_dir, commit_files
+from utils.loss import sequence_logprobs
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _not_a_model(path, what, err):
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"{path}: cannot load {what} ({reason}); pass a Hugging Face model directory")
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    """Tokenizer with right padding; a model without a pad token pads with EOS (the pad
+    positions are masked out of attention and loss, so the choice of id does not matter)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise _not_a_model(path, "a tokenizer", err) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InputError(f"{path}: the tokenizer has neither a pad nor an EOS token; add one to its config")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_config(path, trust_remote_code=False, disable_dropout=False):
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise _not_a_model(path, "a model config", err) from None
+    if disable_dropout:
+        # Alignment compares policy and reference log-probs of the same text; dropout noise
+        # in either would bias h = log pi - log pi_ref, so every dropout rate goes to 0.
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+    return config
+
+
+def load_causal_lm(path, tokenizer, dtype="fp32", trust_remote_code=False, disable_dropout=False):
+    """AutoModelForCausalLM in `dtype`, its pad id set and embeddings grown to the tokenizer.
+
+    Under ZeRO-3 the caller keeps a `HfDeepSpeedConfig` alive first, so transformers builds
+    the weights already partitioned across ranks instead of whole on every rank.
+    """
+    config = load_config(path, trust_remote_code, disable_dropout)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise _not_a_model(path, "a causal LM", err) from None
+    prepare_for_tokenizer(model, tokenizer)
+    return model
+
+
+def prepare_for_tokenizer(model, tokenizer):
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # no KV cache when training: it only costs memory
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def apply_lora(model, lora_dim, lora_alpha=None, target_modules="all-linear", only_optimize_lora=False,
+               task_type="CAUSAL_LM"):
+    """Wrap `model` with peft LoRA adapters of rank `lora_dim` (scaling lora_alpha / lora_dim,
+    default 1). Unless `only_optimize_lora`, the base weights keep training too."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    config = LoraConfig(r=lora_dim, lora_alpha=lora_alpha or lora_dim, lora_dropout=0.0,
+                        target_modules=targets, task_type=task_type)
+    model = get_peft_model(model, config)
+    if not only_optimize_lora:
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                param.requires_grad_(True)
+    return model
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DeepSpeed engine
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _accepts_logits_to_keep(model):
+    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+
+
+def model_sequence_logprobs(model, batch, temperature=1.0):
+    """log p(completion | prompt) of every sequence in a collated batch, [N] float32.
+
+    Only the positions that predict completion tokens need logits, so the prompt prefix that
+    every row shares is cut before the LM head with `logits_to_keep` where the model has it.
+    """
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    kwargs = {}
+    start = 0
+    if _accepts_logits_to_keep(model):
+        first_loss_pos = int(loss_mask.float().argmax(-1).min())
+        start = max(0, first_loss_pos - 1)  # the position before a token predicts it
+        kwargs["logits_to_keep"] = input_ids.shape[1] - start
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs).logits
+    return sequence_logprobs(logits, input_ids[:, start:], loss_mask[:, start:], temperature)
+
+
+def model_fingerprint(path):
+    """Identity of a model directory for caches: its path, weight files' sizes and mtimes."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
+    stats = [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    payload = json.dumps([os.path.abspath(path) if os.path.isdir(path) else path, stats])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# -- saving -------------------------------------------------------------------------------
+def _full_state_dict(engine, zero_stage):
+    """The whole model's state dict on rank 0 (None elsewhere); under ZeRO-3 every rank
+    takes part in gathering the partitions, one layer at a time."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    if torch.distributed.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def _merge_lora(model, state_dict):
+    """Fold LoRA adapters into their base weights so the export is a plain HF model."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            path = name[len(prefix):] if name.startswith(prefix) else name
+            lora_a = state_dict[f"{name}.lora_A.default.weight"].float()
+            lora_b = state_dict[f"{name}.lora_B.default.weight"].float()
+            delta = (lora_b @ lora_a) * module.scaling["default"]
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            base = state_dict[f"{name}.base_layer.weight"]
+            merged[f"{path}.weight"] = (base.float() + delta).to(base.dtype)
+    out = {}
+    for key, value in state_dict.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        key = key[len(prefix):] if key.startswith(prefix) else key
+        out[key.replace(".base_layer.", ".")] = value
+    out.update(merged)
+    return out
+
+
+def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True):
+    """Export the engine's model as a Hugging Face directory (safetensors + tokenizer).
+
+    Called on every rank. Rank 0 writes into a temporary directory and renames it into place,
+    so `output_dir` is always a complete model or absent; with `replace_dir=False` the files
+    are renamed in one by one and the directory's other contents stay. LoRA adapters are merged.
+    """
+    state_dict = _full_state_dict(engine, zero_stage)
+    if torch.distributed.get_rank() == 0:
+        model = engine.module
+        if hasattr(model, "get_base_model"):  # peft
+            state_dict = _merge_lora(model, state_dict)
+            model = model.get_base_model()
+        tmp = atomic_dir(output_dir)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (commit_dir if replace_dir else commit_files)(tmp, output_dir)
+    torch.distributed.barrier()
