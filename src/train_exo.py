@@ -1,0 +1,186 @@
+"""Alignment stage: EXO or DPO over K contrastive candidates per prompt (DESIGN.md section 1).
+
+    deepspeed src/train_exo.py --model_name_or_path models/x_imdb/sft \\
+        --data_name_path imdb/rw:data/imdb_rw --loss_type exo-rw --num_contrastive 4 \\
+        --beta_r 0.5 --beta_pi 0.5 --temp 0.8 --output_dir models/x_imdb/align_exo-rw_nc4
+
+One training example is a group of K candidates of one prompt, so a micro batch of B holds
+B * K sequences, scored in one policy forward. The frozen reference's log-probs are a
+function of the data: by default they are computed once before training and cached beside
+the tokenised data, and the reference is dropped from memory (`--ref_logps online` keeps it
+and recomputes them every step instead).
+"""
+import gc
+import hashlib
+import os
+
+import deepspeed
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
+
+from utils.data.collators import AlignmentCollator
+from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, alignment_encoder, build_dataset, load_raw_datasets
+from utils.ds_utils import eval_ds_config, train_ds_config
+from utils.fileio import InputError, cli_main
+from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
+from utils.model_utils import (apply_lora, load_causal_lm, load_tokenizer, model_fingerprint,
+                               model_sequence_logprobs)
+from utils.training import add_training_args, base_parser, check_training_args, distributed_loader, init_distributed, is_rank0, train
+
+
+def parse_args(argv=None):
+    parser = add_training_args(base_parser(__doc__.split("\n\n")[0]))
+    g = parser.add_argument_group("alignment")
+    g.add_argument("--ref_name_or_path", default=None, help="frozen reference model; default: --model_name_or_path")
+    g.add_argument("--loss_type", default="exo-pref", choices=LOSS_TYPES,
+                   help="exo-* minimise KL(q||p) (mode-seeking), dpo-* CE(p, q); -pref labels are "
+                        "winner-take-(1-eps), -rw labels softmax(r / beta_r)")
+    g.add_argument("--num_contrastive", type=int, default=2,
+                   help="K, candidates per group; a record's C candidates form C/K consecutive groups")
+    g.add_argument("--beta_pi", type=float, default=0.5, help="scale of the policy's log-ratio h in q = softmax(beta_pi h)")
+    g.add_argument("--beta_r", type=float, default=0.5, help="temperature of the rewards in p = softmax(r / beta_r)")
+    g.add_argument("--temp", type=float, default=1.0,
+                   help="sampling temperature tau: policy and reference logits are divided by it")
+    g.add_argument("--pref_epsilon", type=float, default=None,
+                   help="label smoothing eps of -pref targets; default 1e-3 for EXO, 0 (one-hot) for DPO")
+    g.add_argument("--ref_logps", default="cached", choices=["cached", "online"],
+                   help="cached: one reference pass before training, stored beside the data cache; "
+                        "online: keep the reference in memory and run it every step")
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    args.ref_name_or_path = args.ref_name_or_path or args.model_name_or_path
+    args.pref_epsilon = resolve_pref_epsilon(args.loss_type, args.pref_epsilon)
+    if args.num_contrastive < 2:
+        raise InputError(f"--num_contrastive {args.num_contrastive}: contrasting needs at least 2 candidates")
+    if args.loss_type.endswith("-pref") and not 0 <= args.pref_epsilon < 1:
+        raise InputError(f"--pref_epsilon {args.pref_epsilon}: must be in [0, 1)")
+    if args.loss_type.startswith("exo") and args.loss_type.endswith("-pref") and args.pref_epsilon <= 0:
+        raise InputError("--pref_epsilon 0 with exo-pref: KL(q || p) is infinite where p = 0; use eps > 0")
+    if args.beta_pi <= 0 or args.beta_r <= 0 or args.temp <= 0:
+        raise InputError("--beta_pi, --beta_r and --temp must be positive")
+    return args
+
+
+def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi):
+    """What the run is doing, in the names TRL uses where they exist ([G, K] inputs).
+
+    rewards/chosen, rewards/rejected: implicit reward beta_pi * h of the best- and
+    worst-labelled candidate; rewards/accuracies: how often the policy ranks the best-labelled
+    candidate first; kl: sum over y of e^h h - e^h + 1, an unbiased non-negative estimate of
+    KL(pi || pi_ref) when the candidates were sampled from pi_ref (per sequence).
+    """
+    h = (policy_logps - ref_logps).double()
+    best, worst = rewards.argmax(-1, keepdim=True), rewards.argmin(-1, keepdim=True)
+    chosen = beta_pi * h.gather(-1, best).squeeze(-1)
+    rejected = beta_pi * h.gather(-1, worst).squeeze(-1)
+    ratio = h.clamp(max=50).exp()
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (h.argmax(-1) == best.squeeze(-1)).double().mean(),
+        "logps/policy": policy_logps.mean(),
+        "kl": (ratio * h - ratio + 1).mean(),
+    }
+
+
+@torch.no_grad()
+def reference_logps(ref_engine, dataset, collator, args, device):
+    """Reference log-probs of every candidate, [len(dataset), K]; each rank scores its shard
+    and the shards are exchanged, so every rank ends with the whole array."""
+    loader = distributed_loader(dataset, args.per_device_eval_batch_size, collator, False, args.seed)
+    local = []
+    for batch in tqdm(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        local.append(model_sequence_logprobs(ref_engine, batch, args.temp).view(-1, args.num_contrastive).cpu())
+    local = torch.cat(local).numpy()
+    shards = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shards, local)
+    # DistributedSampler deals example i to rank i % world_size (padding by wrapping around)
+    order = np.stack([s for s in shards], axis=1).reshape(-1, args.num_contrastive)
+    return order[:len(dataset)]
+
+
+def cached_reference_logps(reference, dataset, data_key, collator, args, device):
+    """reference_logps, cached as .npy beside the tokenised data, keyed on data, model and tau.
+    `reference()` gives the reference engine; it is only loaded on a cache miss."""
+    key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}".encode())
+    path = os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    values = reference_logps(reference(), dataset, collator, args, device)
+    if is_rank0():
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, values)
+        os.replace(tmp, path)
+    return values
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    device = init_distributed(args)
+    world_size = torch.distributed.get_world_size()
+    args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
+    # Keep the ZeRO-3 config alive while models load, so transformers partitions them at load.
+    hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, world_size)) if args.zero_stage == 3 else None  # noqa: F841
+
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
+    raw = load_raw_datasets(args.data_name_path, args.dataset_module)
+    pref_labels = args.loss_type.endswith("-pref")
+    encoding = {"stage": "align", "num_contrastive": args.num_contrastive, "pref_labels": pref_labels}
+
+    def make_encoder(tok, source, kind):
+        return alignment_encoder(tok, source, kind, args.num_contrastive, pref_labels)
+
+    splits = {split: build_dataset(raw, split, tok, args.data_output_path, encoding, make_encoder)
+              for split in ("train", "test")}
+    collator = AlignmentCollator(tokenizer.pad_token_id)
+
+    ref_engine = None
+
+    def reference():
+        nonlocal ref_engine
+        if ref_engine is None:
+            ref = load_causal_lm(args.ref_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                                 disable_dropout=True)
+            ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, world_size))
+            ref_engine.eval()
+        return ref_engine
+
+    datasets_ = {}
+    for split, (dataset, data_key) in splits.items():
+        if args.ref_logps == "cached":
+            values = cached_reference_logps(reference, dataset, data_key, collator, args, device)
+            dataset = dataset.add_column("ref_logps", values.tolist())
+        datasets_[split] = dataset
+    if args.ref_logps == "cached":
+        ref_engine = None  # frees the reference: from here on alignment costs what SFT does
+        gc.collect()
+    else:
+        reference()
+
+    policy = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True)
+    if args.lora_dim > 0:
+        policy = apply_lora(policy, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
+
+    def compute_loss(model, batch):
+        groups = batch["rewards"].shape[0]
+        policy_logps = model_sequence_logprobs(model, batch, args.temp).view(groups, args.num_contrastive)
+        if "ref_logps" in batch:
+            ref_logps = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref_logps = model_sequence_logprobs(ref_engine, batch, args.temp).view(groups, args.num_contrastive)
+        loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
+                              args.beta_r, args.pref_epsilon)
+        return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi)
+
+    train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device)
+
+
+if __name__ == "__main__":
+    main()
