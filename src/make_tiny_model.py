@@ -1,0 +1,172 @@
+"""Make a tiny, randomly initialised causal LM and its tokenizer locally, with no hub access.
+
+The test-suite and the CPU quickstart need a real Hugging Face model directory to run the
+EXO/DPO pipeline end to end, but must never download anything. This module writes one:
+
+* a byte-level BPE tokenizer trained with `tokenizers` on the given text (every byte string
+  is encodable, "<|endoftext|>" is bos/eos/unk, no pad token unless asked for, nothing is
+  added automatically when encoding), wrapped as a `PreTrainedTokenizerFast`;
+* a small GPT-2, GPT-NeoX or Llama model sized by the arguments, initialised from a fixed
+  seed so that the same arguments give bit-identical weights.
+
+Both are saved with `save_pretrained` (weights as safetensors) into a temporary sibling
+directory that is renamed into place only when complete.
+
+    python src/make_tiny_model.py --out /tmp/tiny-gpt2 --text_file data/train.jsonl
+"""
+import argparse
+import itertools
+import math
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from utils.fileio import InputError, atomic_dir, cli_main, commit_dir, read_json_records
+
+EOS = "<|endoftext|>"
+ARCHS = ("gpt2", "gpt_neox", "llama")
+
+
+def builtin_corpus():
+    """A few dozen varied English sentences built from word lists (deterministic)."""
+    subjects = ["The model", "A student", "My friend", "The teacher", "Our assistant", "The old cat"]
+    verbs = ["reads", "writes", "explains", "answers", "remembers", "prefers"]
+    objects = ["a short story.", "the question carefully.", "every line of the poem.",
+               "what the user wants.", "the best response, not the longest.", "how the weather changed."]
+    sentences = [f"{s} {v} {o}" for s, v, o in itertools.product(subjects, verbs, objects)][::5]
+    sentences += [
+        "Human: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+        "Human: Can you help me write an email?\n\nAssistant: Of course! Who is it for?",
+        "Numbers like 1, 2, 3 and 42 appear in text, and so do dates such as 2024-05-17.",
+        "Is this helpful? I think so; however, it could be clearer and more concise.",
+    ]
+    return sentences
+
+
+def train_tokenizer(texts, vocab_size=512, max_positions=256, pad_token=None):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`."""
+    tok = Tokenizer(models.BPE(unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        model_max_length=max_positions,
+        clean_up_tokenization_spaces=False,
+    )
+    if pad_token is not None:
+        tokenizer.add_special_tokens({"pad_token": pad_token})
+    return tokenizer
+
+
+def build_config(arch, vocab_size, hidden_size, num_layers, num_heads, max_positions, token_ids):
+    """The model config of `arch`; `token_ids` holds bos/eos (and maybe pad) token ids."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if arch == "gpt2":
+        sizes = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions)
+    else:
+        sizes = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                     intermediate_size=4 * hidden_size, max_position_embeddings=max_positions)
+        if arch == "llama":
+            sizes["num_key_value_heads"] = num_heads
+    return AutoConfig.for_model(arch, vocab_size=vocab_size, **sizes, **token_ids)
+
+
+def make_tiny_model(out_dir, texts, arch="gpt2", vocab_size=512, hidden_size=64, num_layers=2,
+                    num_heads=4, max_positions=256, seed=0, pad_token=None):
+    """Write a tiny random `arch` causal LM and a BPE tokenizer trained on `texts` to `out_dir`.
+
+    Returns `out_dir`. An existing `out_dir` is replaced, atomically.
+    """
+    out_dir = os.fspath(out_dir)
+    tokenizer = train_tokenizer(texts, vocab_size, max_positions, pad_token)
+    token_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if pad_token is not None:
+        token_ids["pad_token_id"] = tokenizer.pad_token_id
+    config = build_config(arch, len(tokenizer), hidden_size, num_layers, num_heads, max_positions, token_ids)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    tmp_dir = atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        commit_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def count_saved_parameters(model_dir):
+    """Parameters stored in `model_dir`'s safetensors files (tied weights counted once)."""
+    total = 0
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+                total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def read_texts(path):
+    """Documents of a text file: string fields of JSON/JSONL records, else one per non-empty line."""
+    if path.endswith((".json", ".jsonl")):
+        for record in read_json_records(path):
+            for value in record.values():
+                values = value if isinstance(value, list) else [value]
+                yield from (v for v in values if isinstance(v, str))
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from (line.rstrip("\n") for line in f if line.strip())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read as UTF-8 text ({err})") from None
+
+
+@cli_main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory to write the model and tokenizer to (replaced if it exists)")
+    parser.add_argument("--text_file", nargs="+", action="extend", default=[],
+                        help="text to train the tokenizer on: plain text (one document per line) or "
+                             "project .json/.jsonl data (every string field); default: a built-in English corpus")
+    parser.add_argument("--arch", default="gpt2", choices=ARCHS, help="model architecture")
+    parser.add_argument("--vocab_size", type=int, default=512, help="target BPE vocabulary size")
+    parser.add_argument("--hidden_size", type=int, default=64, help="hidden (embedding) size")
+    parser.add_argument("--num_layers", type=int, default=2, help="number of transformer layers")
+    parser.add_argument("--num_heads", type=int, default=4, help="number of attention heads")
+    parser.add_argument("--max_positions", type=int, default=256, help="maximum sequence length")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument("--pad_token", default=None, help="add this special token as the pad token (default: none)")
+    args = parser.parse_args(argv)
+
+    texts = [t for path in args.text_file for t in read_texts(path)] if args.text_file else builtin_corpus()
+    if not texts:
+        raise InputError(f"no text found in {', '.join(args.text_file)}")
+    try:
+        out = make_tiny_model(args.out, texts, arch=args.arch, vocab_size=args.vocab_size,
+                              hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+                              max_positions=args.max_positions, seed=args.seed, pad_token=args.pad_token)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    print(f"wrote tiny {args.arch} model to {out} ({count_saved_parameters(out):,} parameters)")
+
+
+if __name__ == "__main__":
+    main()
