@@ -56,7 +56,9 @@ def read_json_records(path):
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if str(path).endswith(".jsonl"):
         records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines() would also split inside JSON strings that hold
+        # U+2028, U+2029 or U+0085 unescaped, which is valid JSON
+        for line_no, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

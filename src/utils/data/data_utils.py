@@ -70,8 +70,13 @@ class Tokenisation:
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
         # Tokens the tokenizer puts in front of every text (a BOS); left cuts keep them.
-        probe = "a"
-        self.num_prefix = len(tokenizer(probe)["input_ids"]) - len(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        special = tokenizer("a")["input_ids"]
+        self.num_prefix = next((i for i in range(len(special) - len(plain) + 1)
+                                if special[i:i + len(plain)] == plain), 0)
+        if max_seq_len - max_gen_len <= self.num_prefix:
+            raise InputError(f"--max_seq_len {max_seq_len} - --max_gen_len {max_gen_len} leaves no room for a prompt "
+                             f"token after the {self.num_prefix} the tokenizer puts in front")
 
     def prompts(self, texts):
         return self.tokenizer(list(texts))["input_ids"]

@@ -160,8 +160,12 @@ def validate_record(record, kind, source, index):
         for j, reward in enumerate(rewards):
             if isinstance(reward, bool) or not isinstance(reward, (int, float)):
                 raise InputError(f"{at}[{j}]: expected a number, got {type(reward).__name__}")
+            try:
+                reward = float(reward)
+            except OverflowError:  # an int beyond float range
+                reward = math.inf
             if not math.isfinite(reward):
-                raise InputError(f"{at}[{j}]: non-finite reward {reward}")
+                raise InputError(f"{at}[{j}]: non-finite reward {rewards[j]!r:.40}")
         record["rewards"] = [float(r) for r in rewards]
 
 
