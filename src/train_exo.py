@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.collators import AlignmentCollator
-from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, alignment_encoder, build_dataset, load_raw_datasets
+from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, AlignmentEncoder, build_dataset, load_raw_datasets
 from utils.ds_utils import eval_ds_config, train_ds_config
 from utils.fileio import InputError, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
@@ -134,7 +134,7 @@ def main(argv=None):
     encoding = {"stage": "align", "num_contrastive": args.num_contrastive, "pref_labels": pref_labels}
 
     def make_encoder(tok, source, kind):
-        return alignment_encoder(tok, source, kind, args.num_contrastive, pref_labels)
+        return AlignmentEncoder(tok, source, kind, args.num_contrastive, pref_labels)
 
     splits = {split: build_dataset(raw, split, tok, args.data_output_path, encoding, make_encoder)
               for split in ("train", "test")}

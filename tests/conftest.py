@@ -11,3 +11,68 @@ sys.path.insert(0, str(SRC))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import json  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS = "the a movie film plot acting story scene actor music was and it very".split()
+POSITIVE, NEGATIVE = ["good", "great", "fun"], ["bad", "awful", "dull"]
+
+
+def _sentence(rng, n):
+    return " ".join(rng.choice(WORDS + POSITIVE + NEGATIVE) for _ in range(n))
+
+
+def _reward(text, rng):
+    words = text.split()
+    # + tiny noise so no two candidates tie (pref losses need a single winner)
+    return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words) + rng.random() * 1e-3
+
+
+def write_split(directory, split, records):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{split}.json"), "w") as f:
+        json.dump(records, f)
+
+
+@pytest.fixture(scope="session")
+def align_data(tmp_path_factory):
+    """Learnable synthetic data: rw records with 4 completions scored by sentiment words,
+    and pref records (the best and worst of them). Returns {"rw": dir, "pref": dir}."""
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("align_data")
+    dirs = {"rw": str(root / "toy_rw"), "pref": str(root / "toy_pref")}
+    for split, n in (("train", 64), ("test", 16)):
+        rw, pref = [], []
+        for _ in range(n):
+            prompt = _sentence(rng, rng.randint(2, 6))
+            completions = [_sentence(rng, rng.randint(2, 8)) for _ in range(4)]
+            rewards = [_reward(c, rng) for c in completions]
+            rw.append({"prompt": prompt, "completions": completions, "rewards": rewards})
+            ranked = sorted(zip(rewards, completions))
+            pref.append({"prompt": prompt, "chosen": ranked[-1][1], "rejected": ranked[0][1]})
+        write_split(dirs["rw"], split, rw)
+        write_split(dirs["pref"], split, pref)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, align_data):
+    """A tiny GPT-2 and tokenizer trained on the synthetic data's text (no pad token)."""
+    from make_tiny_model import make_tiny_model
+
+    texts = [" ".join(WORDS + POSITIVE + NEGATIVE)] * 4
+    with open(os.path.join(align_data["rw"], "train.json")) as f:
+        for record in json.load(f):
+            texts += [record["prompt"], *record["completions"]]
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "gpt2"), texts, arch="gpt2", seed=0)
+
+
+def run(cmd, **kwargs):
+    """Run a command from the repo root; return the CompletedProcess (text output)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), **kwargs.pop("env", {})}
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, **kwargs)

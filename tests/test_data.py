@@ -22,11 +22,11 @@ from make_tiny_model import EOS, builtin_corpus, make_tiny_model
 from utils.data.collators import AlignmentCollator, SFTCollator
 from utils.data.data_utils import (
     Tokenisation,
-    alignment_encoder,
+    AlignmentEncoder,
     build_dataset,
     load_raw_datasets,
     parse_data_name_path,
-    sft_encoder,
+    SFTEncoder,
 )
 from utils.data.raw_datasets import JsonDataset, PromptRawDataset, get_raw_dataset
 from utils.fileio import InputError
@@ -76,12 +76,12 @@ def write_json(directory, name, obj):
 
 
 def sft_make(tok, source, kind):
-    return sft_encoder(tok, source)
+    return SFTEncoder(tok, source, kind)
 
 
 def align_make(num_contrastive, pref_labels):
     def make(tok, source, kind):
-        return alignment_encoder(tok, source, kind, num_contrastive, pref_labels)
+        return AlignmentEncoder(tok, source, kind, num_contrastive, pref_labels)
     return make
 
 

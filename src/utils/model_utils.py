@@ -42,10 +42,18 @@ def load_config(path, trust_remote_code=False, disable_dropout=False):
     if disable_dropout:
         # Alignment compares policy and reference log-probs of the same text; dropout noise
         # in either would bias h = log pi - log pi_ref, so every dropout rate goes to 0.
+        # Config keys cover functional dropout (e.g. Llama's attention_dropout, GPT-2's
+        # *_pdrop); zero_dropout() then catches any nn.Dropout module whatever its name.
         for key, value in config.to_dict().items():
-            if "dropout" in key and isinstance(value, float):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
     return config
+
+
+def zero_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def load_causal_lm(path, tokenizer, dtype="fp32", trust_remote_code=False, disable_dropout=False):
@@ -60,6 +68,8 @@ def load_causal_lm(path, tokenizer, dtype="fp32", trust_remote_code=False, disab
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise _not_a_model(path, "a causal LM", err) from None
+    if disable_dropout:
+        zero_dropout(model)
     prepare_for_tokenizer(model, tokenizer)
     return model
 

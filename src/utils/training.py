@@ -251,6 +251,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     print_rank0(f"training {trainable:,} parameters for "
                 f"{total_steps} optimizer steps ({len(train_dataset)} examples, {world_size} ranks)")
 
+    logger.log("eval", evaluate(engine, eval_loader, compute_loss, device), 0)  # the baseline
     step, micro_step = 0, 0
     sums, tokens, started = {}, 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc="train", disable=not is_rank0(), dynamic_ncols=True)
@@ -299,5 +300,12 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     return final_metrics
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line on stderr (exit 2), like every input error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def base_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

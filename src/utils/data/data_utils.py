@@ -102,64 +102,77 @@ class Tokenisation:
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def _check_prompts(prompt_ids, indices, source):
-    for ids, index in zip(prompt_ids, indices):
-        if not ids:
-            raise InputError(f"{where(source, index, 'prompt')}: empty prompt and the tokenizer adds no BOS; "
+class Encoder:
+    """Turns a batch of standard records into training examples (a `datasets.map` function).
+
+    `check(record, index)` validates one record first, over the whole split, so a bad record
+    stops the run before any tokenisation starts and nothing half-done is left behind.
+    """
+
+    def __init__(self, tok, source, kind):
+        self.tok, self.source, self.kind = tok, source, kind
+
+    def check(self, record, index):
+        if not record["prompt"].strip() and self.tok.num_prefix == 0:
+            raise InputError(f"{where(self.source, index, 'prompt')}: empty prompt and the tokenizer adds no BOS; "
                              "give every record a prompt")
 
 
-def sft_encoder(tok, source):
+class SFTEncoder(Encoder):
     """record -> {input_ids, prompt_len}: one prompt + chosen sequence."""
 
-    def encode(batch, indices):
-        prompts = tok.prompts(batch["prompt"])
-        _check_prompts(prompts, indices, source)
-        joined = [tok.join(p, c) for p, c in zip(prompts, tok.completions(batch["chosen"]))]
+    def __call__(self, batch, indices):
+        prompts = self.tok.prompts(batch["prompt"])
+        joined = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["chosen"]))]
         return {"input_ids": [ids for ids, _ in joined], "prompt_len": [n for _, n in joined]}
 
-    return encode
 
-
-def alignment_encoder(tok, source, kind, num_contrastive, pref_labels):
+class AlignmentEncoder(Encoder):
     """record -> C / K groups of K candidates {input_ids [K][T], prompt_lens [K], rewards [K]}.
 
     `pref` records become the pair (chosen, rejected) with rewards (1, 0). With pref labels
     every group needs a single best reward, since the winner is argmax r.
     """
-    if kind not in ("pref", "rw"):
-        raise InputError(f"{source}: alignment needs pref or rw data, got kind {kind!r}")
 
-    def encode(batch, indices):
-        if kind == "pref":
-            candidates = [[c, r] for c, r in zip(batch["chosen"], batch["rejected"])]
-            rewards = [[1.0, 0.0]] * len(candidates)
-        else:
-            candidates, rewards = batch["completions"], batch["rewards"]
-        prompts = tok.prompts(batch["prompt"])
-        _check_prompts(prompts, indices, source)
+    def __init__(self, tok, source, kind, num_contrastive, pref_labels):
+        if kind not in ("pref", "rw"):
+            raise InputError(f"{source}: alignment needs pref or rw data, got kind {kind!r}")
+        super().__init__(tok, source, kind)
+        self.num_contrastive, self.pref_labels = num_contrastive, pref_labels
+
+    def candidates(self, record):
+        if self.kind == "pref":
+            return [record["chosen"], record["rejected"]], [1.0, 0.0]
+        return record["completions"], record["rewards"]
+
+    def check(self, record, index):
+        super().check(record, index)
+        texts, rewards = self.candidates(record)
+        k = self.num_contrastive
+        at = where(self.source, index, "completions" if self.kind == "rw" else "rejected")
+        if len(texts) < k:
+            raise InputError(f"{at}: {len(texts)} candidates, fewer than --num_contrastive {k}")
+        if len(texts) % k:
+            raise InputError(f"{at}: {len(texts)} candidates is not a multiple of --num_contrastive {k}; "
+                             "they are split into groups of K")
+        for start in range(0, len(texts), k) if self.pref_labels else ():
+            group = rewards[start:start + k]
+            if group.count(max(group)) > 1:
+                raise InputError(f"{where(self.source, index, 'rewards')}: candidates {start}..{start + k - 1} tie "
+                                 "for the best reward; a pref loss needs one winner (use an -rw loss or drop the tie)")
+
+    def __call__(self, batch, indices):
         out = {"input_ids": [], "prompt_lens": [], "rewards": []}
-        for index, prompt_ids, texts, record_rewards in zip(indices, prompts, candidates, rewards):
-            field = "completions" if kind == "rw" else "rejected"
-            if len(texts) < num_contrastive:
-                raise InputError(f"{where(source, index, field)}: {len(texts)} candidates, fewer than "
-                                 f"--num_contrastive {num_contrastive}")
-            if len(texts) % num_contrastive:
-                raise InputError(f"{where(source, index, field)}: {len(texts)} candidates is not a multiple of "
-                                 f"--num_contrastive {num_contrastive}; they are split into groups of K")
-            joined = [tok.join(prompt_ids, c) for c in tok.completions(texts)]
-            for start in range(0, len(texts), num_contrastive):
-                group = slice(start, start + num_contrastive)
-                group_rewards = record_rewards[group]
-                if pref_labels and group_rewards.count(max(group_rewards)) > 1:
-                    raise InputError(f"{where(source, index, 'rewards')}: candidates {start}..{start + num_contrastive - 1} "
-                                     "tie for the best reward; a pref loss needs one winner (use an -rw loss or drop the tie)")
+        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        for prompt_ids, record in zip(self.tok.prompts(batch["prompt"]), records):
+            texts, rewards = self.candidates(record)
+            joined = [self.tok.join(prompt_ids, c) for c in self.tok.completions(texts)]
+            for start in range(0, len(texts), self.num_contrastive):
+                group = slice(start, start + self.num_contrastive)
                 out["input_ids"].append([ids for ids, _ in joined[group]])
                 out["prompt_lens"].append([n for _, n in joined[group]])
-                out["rewards"].append(group_rewards)
+                out["rewards"].append(rewards[group])
         return out
-
-    return encode
 
 
 # -- caching --------------------------------------------------------------------------------
@@ -206,9 +219,12 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
     path = os.path.join(cache_dir, f"{raw.name}_{raw.kind}_{split}_{key[:16]}")
     with local_main_first():
         if not os.path.isdir(path):
-            source = raw.source(split)
-            records = datasets.Dataset.from_list(raw.records(split))
-            encoded = records.map(make_encoder(tok, source, raw.kind), batched=True, with_indices=True,
+            records = raw.records(split)
+            encoder = make_encoder(tok, raw.source(split), raw.kind)
+            for index, record in enumerate(records):
+                encoder.check(record, index)
+            records = datasets.Dataset.from_list(records)
+            encoded = records.map(encoder, batched=True, with_indices=True,
                                   remove_columns=records.column_names, desc=f"tokenising {raw.name}/{raw.kind} {split}")
             tmp = atomic_dir(path)
             encoded.save_to_disk(tmp)
