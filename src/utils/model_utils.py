@@ -6,7 +6,7 @@ import json
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.fileio import InputError, atomic_dir, commit_dir, commit_files
 from utils.loss import sequence_logprobs
@@ -68,6 +68,25 @@ def load_causal_lm(path, tokenizer, dtype="fp32", trust_remote_code=False, disab
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise _not_a_model(path, "a causal LM", err) from None
+    if disable_dropout:
+        zero_dropout(model)
+    prepare_for_tokenizer(model, tokenizer)
+    return model
+
+
+def load_reward_model(path, tokenizer, dtype="fp32", trust_remote_code=False, disable_dropout=False):
+    """AutoModelForSequenceClassification with one output: the scalar reward of a sequence,
+    read at its last non-pad token. From a causal LM checkpoint the score head starts fresh;
+    from a saved reward model it loads as trained. The pad id is written into the config,
+    which is how transformers finds the last token (and how serving engines will)."""
+    config = load_config(path, trust_remote_code, disable_dropout)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise _not_a_model(path, "a reward model", err) from None
     if disable_dropout:
         zero_dropout(model)
     prepare_for_tokenizer(model, tokenizer)
