@@ -56,22 +56,29 @@ def zero_dropout(model):
             module.p = 0.0
 
 
+def _load_model(auto_class, what, path, tokenizer, dtype, trust_remote_code, disable_dropout, **config_overrides):
+    config = load_config(path, trust_remote_code, disable_dropout)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    try:
+        model = auto_class.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
+                                           trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise _not_a_model(path, what, err) from None
+    if disable_dropout:
+        zero_dropout(model)
+    prepare_for_tokenizer(model, tokenizer)
+    return model
+
+
 def load_causal_lm(path, tokenizer, dtype="fp32", trust_remote_code=False, disable_dropout=False):
     """AutoModelForCausalLM in `dtype`, its pad id set and embeddings grown to the tokenizer.
 
     Under ZeRO-3 the caller keeps a `HfDeepSpeedConfig` alive first, so transformers builds
     the weights already partitioned across ranks instead of whole on every rank.
     """
-    config = load_config(path, trust_remote_code, disable_dropout)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise _not_a_model(path, "a causal LM", err) from None
-    if disable_dropout:
-        zero_dropout(model)
-    prepare_for_tokenizer(model, tokenizer)
-    return model
+    return _load_model(AutoModelForCausalLM, "a causal LM", path, tokenizer, dtype, trust_remote_code,
+                       disable_dropout)
 
 
 def load_reward_model(path, tokenizer, dtype="fp32", trust_remote_code=False, disable_dropout=False):
@@ -79,18 +86,8 @@ def load_reward_model(path, tokenizer, dtype="fp32", trust_remote_code=False, di
     read at its last non-pad token. From a causal LM checkpoint the score head starts fresh;
     from a saved reward model it loads as trained. The pad id is written into the config,
     which is how transformers finds the last token (and how serving engines will)."""
-    config = load_config(path, trust_remote_code, disable_dropout)
-    config.num_labels = 1
-    config.pad_token_id = tokenizer.pad_token_id
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise _not_a_model(path, "a reward model", err) from None
-    if disable_dropout:
-        zero_dropout(model)
-    prepare_for_tokenizer(model, tokenizer)
-    return model
+    return _load_model(AutoModelForSequenceClassification, "a reward model", path, tokenizer, dtype,
+                       trust_remote_code, disable_dropout, num_labels=1, pad_token_id=tokenizer.pad_token_id)
 
 
 def prepare_for_tokenizer(model, tokenizer):
