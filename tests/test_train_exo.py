@@ -231,3 +231,12 @@ def test_alignment_models_run_without_dropout(tmp_path, arch):
     model = load_causal_lm(path, load_tokenizer(path), disable_dropout=True).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 10))
     torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flags,dtype", [(["--gradient_checkpointing"], torch.float32),
+                                         (["--dtype", "bf16"], torch.bfloat16)])
+def test_single_process_precision_and_checkpointing_options(tiny_model, align_data, tmp_path, flags, dtype):
+    """Plain `python src/train_exo.py` with activation checkpointing or bf16 trains and exports in that dtype."""
+    train_exo(tiny_model, f"toy/rw:{align_data['rw']}", tmp_path / "out", tmp_path / "cache", "--loss_type", "exo-rw",
+              "--max_iter_step", "2", *flags, ranks=1)
+    assert {t.dtype for t in weights(tmp_path / "out").values()} == {dtype}
