@@ -76,3 +76,24 @@ def run(cmd, **kwargs):
     """Run a command from the repo root; return the CompletedProcess (text output)."""
     env = {**os.environ, "PYTHONPATH": str(SRC), **kwargs.pop("env", {})}
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def easy_pref_data(tmp_path_factory):
+    """pref records a reward model learns in a few epochs: the chosen completion holds 1-2
+    positive words among neutral ones, the rejected one 1-2 negative words (same vocabulary
+    as `tiny_model`'s tokenizer). 128 train and 32 test pairs. Returns the directory."""
+    rng = random.Random(1)
+    directory = str(tmp_path_factory.mktemp("easy_pref") / "easy_pref")
+
+    def completion(sentiment):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
+        words += [rng.choice(sentiment) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(words)
+        return " ".join(words)
+
+    for split, n in (("train", 128), ("test", 32)):
+        write_split(directory, split, [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))),
+                                        "chosen": completion(POSITIVE), "rejected": completion(NEGATIVE)}
+                                       for _ in range(n)])
+    return directory

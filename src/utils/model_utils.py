@@ -100,7 +100,11 @@ def prepare_for_tokenizer(model, tokenizer):
 def apply_lora(model, lora_dim, lora_alpha=None, target_modules="all-linear", only_optimize_lora=False,
                task_type="CAUSAL_LM"):
     """Wrap `model` with peft LoRA adapters of rank `lora_dim` (scaling lora_alpha / lora_dim,
-    default 1). Unless `only_optimize_lora`, the base weights keep training too."""
+    default 1). Unless `only_optimize_lora`, the base weights keep training too.
+
+    With task_type="SEQ_CLS" peft trains a fresh copy of the score head in full (its
+    `modules_to_save`) and keeps the original as a frozen, unused `original_module`, which
+    stays frozen here too: it gets no gradient."""
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
@@ -109,7 +113,7 @@ def apply_lora(model, lora_dim, lora_alpha=None, target_modules="all-linear", on
     model = get_peft_model(model, config)
     if not only_optimize_lora:
         for name, param in model.named_parameters():
-            if "lora_" not in name:
+            if "lora_" not in name and ".original_module." not in name:
                 param.requires_grad_(True)
     return model
 
@@ -160,7 +164,8 @@ def _full_state_dict(engine, zero_stage):
 
 
 def _merge_lora(model, state_dict):
-    """Fold LoRA adapters into their base weights so the export is a plain HF model."""
+    """Fold LoRA adapters into their base weights so the export is a plain HF model; a head
+    peft trained as `modules_to_save` (a reward model's score) replaces its frozen original."""
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
@@ -177,10 +182,10 @@ def _merge_lora(model, state_dict):
             merged[f"{path}.weight"] = (base.float() + delta).to(base.dtype)
     out = {}
     for key, value in state_dict.items():
-        if ".lora_A." in key or ".lora_B." in key:
+        if ".lora_A." in key or ".lora_B." in key or ".original_module." in key:
             continue
         key = key[len(prefix):] if key.startswith(prefix) else key
-        out[key.replace(".base_layer.", ".")] = value
+        out[key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = value
     out.update(merged)
     return out
 

@@ -212,20 +212,31 @@ class Logger:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, compute_loss, device):
+def evaluate(engine, loader, compute_loss, device, summarize_metrics=None):
+    """Per-batch means of the loss and metrics over the whole eval set and all ranks
+    (then passed through `summarize_metrics`, see `train`)."""
     engine.eval()
     sums, count = {}, 0
     for batch in loader:
         add_metrics(sums, *compute_loss(engine, to_device(batch, device)))
         count += 1
     engine.train()
-    return mean_metrics(sums, count)
+    metrics = mean_metrics(sums, count)
+    return summarize_metrics(metrics) if summarize_metrics else metrics
 
 
 # -- the loop -----------------------------------------------------------------------------
-def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute_loss, device):
+def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute_loss, device,
+          summarize_metrics=None):
     """Train `model` with `compute_loss` under DeepSpeed; export HF checkpoints; return the
-    final eval metrics. `compute_loss(model, batch)` returns (scalar loss, {name: scalar})."""
+    final eval metrics. `compute_loss(model, batch)` returns (scalar loss, {name: scalar}).
+
+    Every logged metric is a mean of per-batch values over ranks (and accumulation steps).
+    `summarize_metrics`, optional, maps such a dict to the one that is logged, for train steps
+    and evaluations alike: metrics that are ratios of totals, like SFT's perplexity, are
+    returned by `compute_loss` as per-batch numerator and denominator (their means share one
+    divisor, so their ratio is total / total) and combined there.
+    """
     world_size = torch.distributed.get_world_size()
     train_loader = distributed_loader(train_dataset, args.per_device_train_batch_size, collator, True, args.seed)
     eval_loader = distributed_loader(eval_dataset, args.per_device_eval_batch_size, collator, False, args.seed)
@@ -251,7 +262,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     print_rank0(f"training {trainable:,} parameters for "
                 f"{total_steps} optimizer steps ({len(train_dataset)} examples, {world_size} ranks)")
 
-    logger.log("eval", evaluate(engine, eval_loader, compute_loss, device), 0)  # the baseline
+    logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
     step, micro_step = 0, 0
     sums, tokens, started = {}, 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc="train", disable=not is_rank0(), dynamic_ncols=True)
@@ -273,6 +284,8 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
             elapsed = time.perf_counter() - started
             totals = sum_across_ranks({**sums, "tokens": tokens})
             train_metrics = {name: totals[name] / (world_size * args.gradient_accumulation_steps) for name in sums}
+            if summarize_metrics:
+                train_metrics = summarize_metrics(train_metrics)
             train_metrics["tokens_per_s"] = totals["tokens"] / elapsed
             train_metrics["lr"] = scheduler.get_last_lr()[0]
             logger.log("train", train_metrics, step)
@@ -282,7 +295,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
             sums, tokens, started = {}, 0, time.perf_counter()
 
             if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
-                logger.log("eval", evaluate(engine, eval_loader, compute_loss, device), step)
+                logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), step)
             if step in exports:
                 save_hf_model(engine, tokenizer, os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}"),
                               args.zero_stage)
@@ -292,7 +305,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
             break
     bar.close()
 
-    final_metrics = evaluate(engine, eval_loader, compute_loss, device)
+    final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
     logger.log("eval", final_metrics, step)
     save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False)
     print_rank0(f"saved the final model to {args.output_dir}")

@@ -32,9 +32,10 @@ class SFTCollator:
         return pad_sequences([e["input_ids"] for e in examples], prompt_lens, self.pad_token_id)
 
 
-class AlignmentCollator:
-    """B groups of K candidates -> B*K padded sequences (group-major) plus `rewards` [B, K],
-    and `ref_logps` [B, K] when the examples carry cached reference log-probs."""
+class PairCollator:
+    """B examples of K sequences each ({input_ids [K][T], prompt_lens [K]}) -> B*K padded rows,
+    group-major: a reward model's (chosen, rejected) pairs become rows c0, r0, c1, r1, ..., so
+    one forward scores both and `.view(B, 2)` splits them again."""
 
     def __init__(self, pad_token_id):
         self.pad_token_id = pad_token_id
@@ -42,7 +43,15 @@ class AlignmentCollator:
     def __call__(self, examples):
         sequences = [ids for e in examples for ids in e["input_ids"]]
         prompt_lens = [n for e in examples for n in e["prompt_lens"]]
-        batch = pad_sequences(sequences, prompt_lens, self.pad_token_id)
+        return pad_sequences(sequences, prompt_lens, self.pad_token_id)
+
+
+class AlignmentCollator(PairCollator):
+    """B groups of K candidates -> B*K padded sequences (group-major) plus `rewards` [B, K],
+    and `ref_logps` [B, K] when the examples carry cached reference log-probs."""
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
         batch["rewards"] = torch.tensor([e["rewards"] for e in examples], dtype=torch.float32)
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)

@@ -175,6 +175,24 @@ class AlignmentEncoder(Encoder):
         return out
 
 
+class PairEncoder(Encoder):
+    """pref record -> {input_ids [2][T], prompt_lens [2]}: (prompt + chosen, prompt + rejected),
+    each by the Tokenisation rule, for the pairwise reward-model loss."""
+
+    def __init__(self, tok, source, kind):
+        if kind != "pref":
+            raise InputError(f"{source}: a reward model trains on pref data (prompt, chosen, rejected), "
+                             f"got kind {kind!r}")
+        super().__init__(tok, source, kind)
+
+    def __call__(self, batch, indices):
+        prompts = self.tok.prompts(batch["prompt"])
+        chosen = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["chosen"]))]
+        rejected = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["rejected"]))]
+        return {"input_ids": [[c, r] for (c, _), (r, _) in zip(chosen, rejected)],
+                "prompt_lens": [[c, r] for (_, c), (_, r) in zip(chosen, rejected)]}
+
+
 # -- caching --------------------------------------------------------------------------------
 def local_rank():
     return int(os.environ.get("LOCAL_RANK", "0"))
