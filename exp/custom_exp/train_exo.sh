@@ -16,7 +16,7 @@
 # that directory). Devices: DEVICE_IDS (see common.sh); CPU ranks when there is no GPU.
 set -euo pipefail
 if [ "$#" -lt 7 ]; then
-    sed -n '2,18p' "$0"; exit 2
+    sed -n '2,16p' "$0"; exit 2
 fi
 NAME=$1; INIT_PATH=$2; MODEL_TYPE=$3; DATA_NAME=$4; DATA_PATH=$5; LOSS_TYPE=$6; NUM_CONTRASTIVE=$7
 shift 7
