@@ -18,16 +18,14 @@ import deepspeed
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.collators import AlignmentCollator
-from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, AlignmentEncoder, build_dataset, load_raw_datasets
-from utils.ds_utils import eval_ds_config, train_ds_config
+from utils.data.data_utils import AlignmentEncoder
+from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
-from utils.model_utils import (apply_lora, load_causal_lm, load_tokenizer, model_fingerprint,
-                               model_sequence_logprobs)
-from utils.training import add_training_args, base_parser, check_training_args, distributed_loader, init_distributed, is_rank0, train
+from utils.model_utils import apply_lora, load_causal_lm, model_fingerprint, model_sequence_logprobs
+from utils.training import Stage, add_training_args, base_parser, check_training_args, distributed_loader, is_rank0, train
 
 
 def parse_args(argv=None):
@@ -121,23 +119,15 @@ def cached_reference_logps(reference, dataset, data_key, collator, args, device)
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    device = init_distributed(args)
-    world_size = torch.distributed.get_world_size()
-    args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
-    # Keep the ZeRO-3 config alive while models load, so transformers partitions them at load.
-    hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, world_size)) if args.zero_stage == 3 else None  # noqa: F841
-
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
-    raw = load_raw_datasets(args.data_name_path, args.dataset_module)
+    stage = Stage(args)
+    tokenizer, device = stage.tokenizer, stage.device
     pref_labels = args.loss_type.endswith("-pref")
     encoding = {"stage": "align", "num_contrastive": args.num_contrastive, "pref_labels": pref_labels}
 
     def make_encoder(tok, source, kind):
         return AlignmentEncoder(tok, source, kind, args.num_contrastive, pref_labels)
 
-    splits = {split: build_dataset(raw, split, tok, args.data_output_path, encoding, make_encoder)
-              for split in ("train", "test")}
+    splits = stage.datasets(encoding, make_encoder)
     collator = AlignmentCollator(tokenizer.pad_token_id)
 
     ref_engine = None
@@ -147,7 +137,7 @@ def main(argv=None):
         if ref_engine is None:
             ref = load_causal_lm(args.ref_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                                  disable_dropout=True)
-            ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, world_size))
+            ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, stage.world_size))
             ref_engine.eval()
         return ref_engine
 

@@ -25,16 +25,13 @@ pad == EOS a text scores the same with or without its trailing EOS. Reading the 
 attention mask's last position instead would train a position that every other user of the
 saved model ignores.
 """
-import torch
 import torch.nn.functional as F
-from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.collators import PairCollator
-from utils.data.data_utils import DEFAULT_CACHE_DIR, PairEncoder, Tokenisation, build_dataset, load_raw_datasets
-from utils.ds_utils import train_ds_config
+from utils.data.data_utils import PairEncoder
 from utils.fileio import cli_main
-from utils.model_utils import apply_lora, load_reward_model, load_tokenizer
-from utils.training import add_training_args, base_parser, check_training_args, init_distributed, train
+from utils.model_utils import apply_lora, load_reward_model
+from utils.training import Stage, add_training_args, base_parser, check_training_args, train
 
 
 def parse_args(argv=None):
@@ -64,26 +61,17 @@ def pairwise_loss(model, batch):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    device = init_distributed(args)
-    world_size = torch.distributed.get_world_size()
-    args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
-    # Keep the ZeRO-3 config alive while the model loads, so transformers partitions it at load.
-    hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, world_size)) if args.zero_stage == 3 else None  # noqa: F841
+    stage = Stage(args)
+    splits = stage.datasets({"stage": "rm"}, PairEncoder)
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
-    raw = load_raw_datasets(args.data_name_path, args.dataset_module)
-    splits = {split: build_dataset(raw, split, tok, args.data_output_path, {"stage": "rm"}, PairEncoder)[0]
-              for split in ("train", "test")}
-
-    model = load_reward_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+    model = load_reward_model(args.model_name_or_path, stage.tokenizer, args.dtype, args.trust_remote_code,
                               disable_dropout=args.disable_dropout)
     if args.lora_dim > 0:  # SEQ_CLS: peft keeps the fresh score head fully trainable
         model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora,
                            task_type="SEQ_CLS")
 
-    train(args, model, tokenizer, splits["train"], splits["test"], PairCollator(tokenizer.pad_token_id),
-          pairwise_loss, device)
+    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0],
+          PairCollator(stage.tokenizer.pad_token_id), pairwise_loss, stage.device)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,12 @@ predicts). Evaluation reports the loss and the perplexity exp(total NLL / total 
 the whole eval set. Dropout stays as the model's config has it unless --disable_dropout.
 """
 import torch
-from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.collators import SFTCollator
-from utils.data.data_utils import DEFAULT_CACHE_DIR, SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
-from utils.ds_utils import train_ds_config
+from utils.data.data_utils import SFTEncoder
 from utils.fileio import InputError, cli_main
-from utils.model_utils import apply_lora, load_causal_lm, load_tokenizer, model_sequence_logprobs
-from utils.training import add_training_args, base_parser, check_training_args, init_distributed, train
+from utils.model_utils import apply_lora, load_causal_lm, model_sequence_logprobs
+from utils.training import Stage, add_training_args, base_parser, check_training_args, train
 
 SFT_KINDS = ("sft", "pref")
 
@@ -60,29 +58,20 @@ def perplexity(metrics):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    device = init_distributed(args)
-    world_size = torch.distributed.get_world_size()
-    args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
-    # Keep the ZeRO-3 config alive while the model loads, so transformers partitions it at load.
-    hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, world_size)) if args.zero_stage == 3 else None  # noqa: F841
-
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
-    raw = load_raw_datasets(args.data_name_path, args.dataset_module)
-    for dataset in raw:
+    stage = Stage(args)
+    for dataset in stage.raw:
         if dataset.kind not in SFT_KINDS:
             raise InputError(f"dataset {dataset.name}/{dataset.kind}: SFT trains on sft data "
                              f"(or pref: prompt + chosen), got kind {dataset.kind!r}")
-    splits = {split: build_dataset(raw, split, tok, args.data_output_path, {"stage": "sft"}, SFTEncoder)[0]
-              for split in ("train", "test")}
+    splits = stage.datasets({"stage": "sft"}, SFTEncoder)
 
-    model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+    model = load_causal_lm(args.model_name_or_path, stage.tokenizer, args.dtype, args.trust_remote_code,
                            disable_dropout=args.disable_dropout)
     if args.lora_dim > 0:
         model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
 
-    collator = SFTCollator(tokenizer.pad_token_id, args.train_on_prompt)
-    train(args, model, tokenizer, splits["train"], splits["test"], collator, sft_loss, device,
+    collator = SFTCollator(stage.tokenizer.pad_token_id, args.train_on_prompt)
+    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0], collator, sft_loss, stage.device,
           summarize_metrics=perplexity)
 
 

@@ -5,7 +5,6 @@ A stage contributes a model, datasets, a collator and `compute_loss(model, batch
 checkpoint exports — lives here. Read `train()` top to bottom.
 """
 import argparse
-import math
 import os
 import random
 import socket
@@ -18,10 +17,12 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import get_scheduler
+from transformers.integrations import HfDeepSpeedConfig
 
+from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
 from utils.ds_utils import make_optimizer, train_ds_config
 from utils.fileio import InputError
-from utils.model_utils import save_hf_model
+from utils.model_utils import load_tokenizer, save_hf_model
 
 
 # -- flags --------------------------------------------------------------------------------
@@ -127,6 +128,28 @@ def init_distributed(args):
     deepspeed.init_distributed()
     set_seed(args.seed)
     return torch.device(accelerator.device_name(local_rank))
+
+
+class Stage:
+    """What every training stage sets up first, in one place: the ranks, the device, the
+    tokenizer, the tokenisation rule and the raw datasets. Under ZeRO-3 it also holds the
+    `HfDeepSpeedConfig` that must stay alive while models load, so that transformers builds
+    their weights already partitioned across ranks instead of whole on every rank."""
+
+    def __init__(self, args):
+        self.device = init_distributed(args)
+        self.world_size = torch.distributed.get_world_size()
+        args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
+        self.hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, self.world_size)) if args.zero_stage == 3 else None
+        self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+        self.tok = Tokenisation(self.tokenizer, args.max_seq_len, args.max_gen_len)
+        self.raw = load_raw_datasets(args.data_name_path, args.dataset_module)
+        self.cache_dir = args.data_output_path
+
+    def datasets(self, encoding, make_encoder):
+        """{"train": (dataset, cache key), "test": (...)} tokenised by `make_encoder`."""
+        return {split: build_dataset(self.raw, split, self.tok, self.cache_dir, encoding, make_encoder)
+                for split in ("train", "test")}
 
 
 def set_seed(seed):
