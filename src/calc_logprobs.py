@@ -1,0 +1,70 @@
+"""Log-probs of sampled completions under a model: `gen` data plus "logps" per completion.
+
+    python src/calc_logprobs.py --model_name_or_path models/x_imdb/sft --data_path results/policy_sft \\
+        --split test --output_path results/policy_sft/test_logps_sft.json
+
+Each record of DATA_PATH/SPLIT.json[l] comes back as {prompt, completions, logps}, where
+logps[i] = log pi^temp(completion_i + EOS | prompt), summed over the completion's tokens, with
+the training rule's cuts (--max_gen_len on the right, the prompt on the left to fit
+--max_seq_len), the log-probs whose differences are h in DESIGN section 1. Two such files over the same
+samples give eval_kl.py its KL estimate. Batched, sharded across ranks and resumable
+(utils/inference.py).
+"""
+import os
+import re
+
+from utils.data.data_utils import Tokenisation
+from utils.fileio import InputError, atomic_write_json, cli_main
+from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, load_gen_records,
+                             score_completions)
+from utils.model_utils import load_causal_lm, load_tokenizer, model_fingerprint, model_sequence_logprobs
+from utils.training import base_parser, init_distributed
+
+
+def default_output(data_path, split, model_path):
+    """DATA_PATH/SPLIT_logps_<model path with separators as _>.json, one file per scoring model."""
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", os.path.normpath(model_path)).strip("_.")
+    return os.path.join(data_path, f"{split}_logps_{slug}.json")
+
+
+def parse_args(argv=None):
+    parser = add_gen_data_args(add_inference_args(base_parser(__doc__.split("\n\n")[0])))
+    g = parser.add_argument_group("log-probs")
+    g.add_argument("--model_name_or_path", required=True, help="causal LM whose log-probs to compute")
+    g.add_argument("--temp", type=float, default=1.0, help="logits are divided by this temperature, as in sampling")
+    g.add_argument("--output_path", default=None,
+                   help="output JSON file; default DATA_PATH/SPLIT_logps_<MODEL PATH with / as _>.json")
+    args = parser.parse_args(argv)
+    check_inference_args(args, "max_seq_len", "max_gen_len")
+    if args.temp <= 0:
+        raise InputError(f"--temp must be positive, got {args.temp}")
+    args.output_path = args.output_path or default_output(args.data_path, args.split, args.model_name_or_path)
+    if os.path.isdir(args.output_path):
+        raise InputError(f"--output_path {args.output_path}: is a directory; name the output file")
+    return args
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    device = init_distributed(args)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
+    records, _ = load_gen_records(args.data_path, args.split, tok)
+    model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                           disable_dropout=True).to(device).eval()
+
+    def write(logps):
+        atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], "logps": v}
+                                             for r, v in zip(records, logps)])
+
+    settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
+                "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
+    logps = score_completions(records, tok, lambda batch: model_sequence_logprobs(model, batch, args.temp), device,
+                              args.output_path, settings, args, write, desc="log-probs")
+    if logps is not None:
+        print(f"wrote log-probs of {sum(map(len, logps))} completions of {len(logps)} prompts to {args.output_path}")
+
+
+if __name__ == "__main__":
+    main()

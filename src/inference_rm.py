@@ -1,0 +1,98 @@
+"""Scoring stage: a reward model's reward of every sampled completion, as `rw` data or a summary.
+
+    deepspeed --include localhost:0,1 src/inference_rm.py --model_name_or_path models/x_imdb/rm \\
+        --data_path data/imdb_sft --split train --mode label     # writes data/imdb_rw/train.json
+
+Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion + EOS is tokenised by the
+training rule (completion cut on the right to --max_gen_len, prompt on the left to fit
+--max_seq_len) and scored by the one-label sequence classifier at its last non-pad token, the
+way reward-model training scores it. Batched, sharded across ranks and resumable
+(utils/inference.py).
+
+  label  writes `rw` records {prompt, completions, rewards} to DATA_PATH_rw/SPLIT.json, where a
+         trailing `_sft` is dropped from DATA_PATH first (data/imdb_sft -> data/imdb_rw).
+  eval   writes {mean, std, n, num_prompts, model, data} over all completions to
+         DATA_PATH/SPLIT_reward_eval.json (std over completions, not of the mean).
+
+Both modes print the mean and std.
+"""
+import math
+import os
+
+from utils.data.data_utils import Tokenisation
+from utils.fileio import InputError, atomic_write_json, cli_main
+from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, check_output_dir,
+                             load_gen_records, score_completions)
+from utils.model_utils import load_reward_model, load_tokenizer, model_fingerprint
+from utils.training import base_parser, init_distributed
+
+
+def rw_dir(data_path):
+    """data/imdb_sft -> data/imdb_rw (DESIGN section 3); any other name just gains _rw."""
+    path = os.path.normpath(data_path)
+    return (path[:-len("_sft")] if path.endswith("_sft") else path) + "_rw"
+
+
+def parse_args(argv=None):
+    parser = add_gen_data_args(add_inference_args(base_parser(__doc__.split("\n\n")[0])))
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--model_name_or_path", required=True,
+                   help="reward model directory (AutoModelForSequenceClassification with one label)")
+    g.add_argument("--mode", default="label", choices=["label", "eval"],
+                   help="label: write rw data; eval: write the mean and std of the rewards")
+    g.add_argument("--output_path", default=None,
+                   help="output directory; default DATA_PATH minus _sft plus _rw (label) or DATA_PATH (eval)")
+    args = parser.parse_args(argv)
+    check_inference_args(args, "max_seq_len", "max_gen_len")
+    if args.output_path is None:
+        args.output_path = rw_dir(args.data_path) if args.mode == "label" else args.data_path
+    check_output_dir(args.output_path)
+    if args.mode == "label" and os.path.abspath(args.output_path) == os.path.abspath(args.data_path):
+        raise InputError(f"--output_path {args.output_path}: would overwrite the gen data being scored")
+    return args
+
+
+def reward_summary(rewards):
+    flat = [r for per_record in rewards for r in per_record]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / len(flat))
+    return {"mean": mean, "std": std, "n": len(flat), "num_prompts": len(rewards)}
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    device = init_distributed(args)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
+    records, data_file = load_gen_records(args.data_path, args.split, tok)
+    model = load_reward_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                              disable_dropout=True).to(device).eval()
+
+    def score(batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+
+    if args.mode == "label":
+        output_file = os.path.join(args.output_path, f"{args.split}.json")
+
+        def write(rewards):
+            atomic_write_json(output_file, [{"prompt": r["prompt"], "completions": r["completions"], "rewards": v}
+                                            for r, v in zip(records, rewards)])
+    else:
+        output_file = os.path.join(args.output_path, f"{args.split}_reward_eval.json")
+
+        def write(rewards):
+            atomic_write_json(output_file, {**reward_summary(rewards), "model": args.model_name_or_path,
+                                            "data": data_file})
+
+    settings = {"stage": "reward", "model": model_fingerprint(args.model_name_or_path),
+                "tokenisation": tok.fingerprint(), "dtype": args.dtype}
+    rewards = score_completions(records, tok, score, device, output_file, settings, args, write, desc="scoring")
+    if rewards is not None:
+        summary = reward_summary(rewards)
+        print(f"reward of {summary['n']} completions of {summary['num_prompts']} prompts: mean {summary['mean']:.4f} "
+              f"std {summary['std']:.4f}; wrote {output_file}")
+
+
+if __name__ == "__main__":
+    main()

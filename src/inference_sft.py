@@ -1,0 +1,231 @@
+"""Sampling stage: draw completions of a dataset's prompts from a model, as `gen` data.
+
+    deepspeed --include localhost:0,1 src/inference_sft.py --model_name_or_path models/x_imdb/sft \\
+        --data_name_path imdb/sft:data/imdb --split train --return_num 4 --temp 0.8 \\
+        --max_new_tokens 200 --max_length 512           # writes data/imdb_sft/train.json
+
+Only the records' prompts are used (any kind with a prompt: sft, pref, gen, rw). Each prompt
+is tokenised as training tokenises it and cut on the left (keeping a BOS) to
+max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
+the full prompt text. Generation is batched with left padding and the KV cache, sharded across
+ranks and resumable (utils/inference.py). A completion is the decoded text of the tokens drawn
+before the first EOS; it never ends before its first token (EOS is barred at the first step,
+so no completion is empty). The checkpoint's generation_config is ignored: what is sampled is
+exactly what the flags say.
+
+--save_logps stores per completion "logps": log pi^temp(completion + EOS | prompt) under the
+model (EOS allowed at every step), summed over tokens, computed from the generation scores of
+the drawn ids, with the EOS term added by one extra forward where a completion was cut at
+max_new_tokens. It is what the alignment stage's reference pass computes for the same text
+when the text re-tokenises to the drawn ids, the prompt keeps the same tokens (a prompt
+shorter than max_length - max_new_tokens is never cut) and its --max_gen_len exceeds
+--max_new_tokens (so the EOS is not cut off).
+
+Reproducible: a batch's seed comes from --seed and the position of its first prompt, so the
+same command (same --seed, --batch_size and number of ranks) gives the same file, also when
+it resumes after a crash.
+"""
+import os
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+from utils.data.data_utils import Tokenisation, load_raw_datasets
+from utils.fileio import InputError, cli_main
+from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, sharded_map
+from utils.model_utils import _accepts_logits_to_keep, load_causal_lm, load_tokenizer, model_fingerprint
+from utils.training import base_parser, init_distributed
+
+
+def parse_args(argv=None):
+    parser = add_inference_args(base_parser(__doc__.split("\n\n")[0]))
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory to sample from")
+    g.add_argument("--data_name_path", required=True,
+                   help="NAME/KIND:PATH of the prompts; KIND is any kind with a prompt (sft, pref, gen, rw)")
+    g.add_argument("--dataset_module", nargs="*", default=[],
+                   help="python files or modules to import first, so their @register_dataset classes can be named")
+    g.add_argument("--split", default="test", choices=["train", "test"], help="which split's prompts to sample for")
+    g.add_argument("--prompt_num", type=int, default=-1, help="sample for the first N prompts of the split; -1: all")
+    g.add_argument("--return_num", type=int, default=4, help="completions per prompt")
+    g.add_argument("--temp", type=float, default=1.0,
+                   help="sampling temperature; 0 is greedy decoding (then --return_num must be 1)")
+    g.add_argument("--top_k", type=int, default=0, help="sample from the K most likely tokens only; 0: off")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of mass P; 1.0: off")
+    g.add_argument("--max_new_tokens", type=int, default=256, help="tokens drawn per completion at most (EOS included)")
+    g.add_argument("--max_length", type=int, default=512,
+                   help="prompt + new tokens; longer prompts are cut on the left to max_length - max_new_tokens")
+    g.add_argument("--save_logps", action="store_true",
+                   help="store each completion's log-prob at --temp, log pi^temp(completion + EOS | prompt), as "
+                        "\"logps\" (needs --top_k 0 and --top_p 1.0: then the sampler's distribution is the model's)")
+    g.add_argument("--output_path", default=None, help="directory of the gen data (SPLIT.json in it); default PATH_sft")
+    args = parser.parse_args(argv)
+
+    check_inference_args(args, "return_num", "max_new_tokens", "max_length")
+    if args.prompt_num == 0 or args.prompt_num < -1:
+        raise InputError(f"--prompt_num must be -1 (all prompts) or at least 1, got {args.prompt_num}")
+    if args.temp < 0:
+        raise InputError(f"--temp must be non-negative, got {args.temp}")
+    if args.temp == 0 and args.return_num > 1:
+        raise InputError(f"--temp 0 is greedy decoding: its {args.return_num} completions would all be the same; "
+                         "use --return_num 1 or a positive --temp")
+    if args.top_k < 0:
+        raise InputError(f"--top_k must be non-negative (0: off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1] (1.0: off), got {args.top_p}")
+    if args.max_new_tokens >= args.max_length:
+        raise InputError(f"--max_new_tokens {args.max_new_tokens} must be smaller than --max_length {args.max_length} "
+                         "so that at least one prompt token conditions the completion")
+    if args.save_logps and (args.top_k != 0 or args.top_p != 1.0 or args.temp == 0):
+        raise InputError("--save_logps needs --top_k 0, --top_p 1.0 and --temp > 0: with filtering (or greedy "
+                         "decoding) the sampler's log-probs are not the model's")
+    if args.output_path is None:
+        args.output_path = args.data_name_path.partition(":")[2].rstrip("/") + "_sft"
+    check_output_dir(args.output_path)
+    return args
+
+
+def batch_seed(seed, first_index):
+    """The seed of the batch whose first prompt is prompt `first_index`."""
+    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
+
+
+def sampling_config(args, tokenizer):
+    """The whole generation config, from the flags alone."""
+    sampling = dict(do_sample=True, temperature=args.temp, top_k=args.top_k, top_p=args.top_p) if args.temp > 0 \
+        else dict(do_sample=False)
+    return GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=args.return_num,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def fit_prompt(tok, prompt_ids):
+    """The prompt as generation sees it: cut on the left by the training rule, as if a completion
+    of all max_gen_len (= max_new_tokens) tokens followed it, so prompt + completion always fits."""
+    ids, prompt_len = tok.join(prompt_ids, [tok.tokenizer.eos_token_id] * tok.max_gen_len)
+    return ids[:prompt_len]
+
+
+class CompletionLogprobs(LogitsProcessor):
+    """Records log softmax(logits / temp) of every drawn token, without keeping the logits.
+
+    `generate` calls a processor once per step with the ids so far, before the temperature
+    warper; the distribution of step t is kept until step t + 1 shows which token was drawn
+    from it, and `finish` reads the last step's token. Placed before the EOS bar of the first
+    step, it sees the model's distribution, the one training's log-probs use.
+    """
+
+    def __init__(self, temperature):
+        self.temperature = temperature
+        self.last = None
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences):
+        """[N, new tokens] log-prob of each drawn token."""
+        return torch.stack(self.steps + [self.last.gather(-1, sequences[:, -1:]).squeeze(-1)], dim=1)
+
+
+def eos_logprobs(model, sequences, attention_mask, temperature, eos_token_id):
+    """log p^temp(EOS | prompt + completion) of left-padded rows: the term that completes the
+    log-prob of a completion cut at max_new_tokens, as training appends EOS to it."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, **kwargs).logits[:, -1]
+    return torch.log_softmax(logits.float() / temperature, dim=-1)[:, eos_token_id]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
+    """Draw config.num_return_sequences completions of each prompt (token ids, already fitted).
+
+    Returns (ids, texts, logps): per prompt, a list per completion of the drawn token ids
+    before the first EOS, their decoded text, and (with `save_logps`, else None) the log-prob
+    log p^temp(ids + [EOS] | prompt) summed over tokens, EOS included whether drawn or not.
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
+    prompt_len = batch["input_ids"].shape[1]
+    # never an empty completion (gen data has none): EOS is barred at the first step; the
+    # recorder comes before that bar, so it sees the model's own distribution
+    no_empty = MinNewTokensLengthLogitsProcessor(prompt_len, 1, eos, device=device)
+    recorder = CompletionLogprobs(config.temperature) if save_logps else None
+    processors = LogitsProcessorList([recorder, no_empty] if recorder else [no_empty])
+    torch.manual_seed(seed)
+    sequences = model.generate(**batch, generation_config=config, logits_processor=processors)
+    drawn = sequences[:, prompt_len:]
+
+    is_eos = drawn == eos
+    ended = is_eos.any(-1)
+    length = torch.where(ended, is_eos.int().argmax(-1), drawn.shape[1])  # tokens before the first EOS
+    ids = [row[:n] for row, n in zip(drawn.tolist(), length.tolist())]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    logps = None
+    if save_logps:
+        token_logps = recorder.finish(sequences)
+        counted = torch.arange(drawn.shape[1], device=device)[None] <= length[:, None]  # up to the first EOS
+        logps = (token_logps * counted).sum(-1)
+        cut = ~ended
+        if cut.any():
+            mask = torch.cat([batch["attention_mask"].repeat_interleave(config.num_return_sequences, 0),
+                              torch.ones_like(drawn)], dim=1)
+            logps[cut] += eos_logprobs(model, sequences[cut], mask[cut], config.temperature, eos)
+        logps = logps.tolist()
+
+    k = config.num_return_sequences
+    return _per_prompt(ids, k), _per_prompt(texts, k), _per_prompt(logps, k)
+
+
+def _per_prompt(rows, k):
+    """generate's rows (k per prompt, prompt-major) -> one list of k per prompt."""
+    return None if rows is None else [rows[i:i + k] for i in range(0, len(rows), k)]
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    device = init_distributed(args)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens)
+    raw = load_raw_datasets([args.data_name_path], args.dataset_module)[0]
+    records = raw.records(args.split)
+    if args.prompt_num > 0:
+        records = records[:args.prompt_num]
+    check_prompts(records, tok, raw.source(args.split))
+    prompts = [r["prompt"] for r in records]
+
+    model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                           disable_dropout=True).to(device).eval()
+    config = sampling_config(args, tokenizer)
+    model.generation_config = config  # nothing from the checkpoint's generation_config.json
+
+    def process(batch_prompts, first_index):
+        prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
+        _, texts, logps = sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index),
+                                 args.save_logps)
+        out = [{"prompt": p, "completions": t} for p, t in zip(batch_prompts, texts)]
+        for record, values in zip(out, logps or ()):
+            record["logps"] = values
+        return out
+
+    settings = {"stage": "sample", "model": model_fingerprint(args.model_name_or_path),
+                "tokenisation": tok.fingerprint(),
+                **{name: getattr(args, name) for name in ("return_num", "temp", "top_k", "top_p", "max_new_tokens",
+                                                          "max_length", "seed", "dtype", "save_logps")}}
+    output_file = os.path.join(args.output_path, f"{args.split}.json")
+    merged = sharded_map(prompts, process, output_file, settings, args.batch_size, desc="sampling",
+                         save_interval=args.save_interval)
+    if merged is not None:
+        print(f"wrote {len(merged)} prompts x {args.return_num} completions to {output_file}")
+
+
+if __name__ == "__main__":
+    main()
