@@ -13,12 +13,10 @@ samples give eval_kl.py its KL estimate. Batched, sharded across ranks and resum
 import os
 import re
 
-from utils.data.data_utils import Tokenisation
 from utils.fileio import InputError, atomic_write_json, cli_main
-from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, load_gen_records,
-                             score_completions)
-from utils.model_utils import load_causal_lm, load_tokenizer, model_fingerprint, model_sequence_logprobs
-from utils.training import base_parser, init_distributed
+from utils.inference import add_gen_data_args, add_inference_args, check_inference_args, score_completions, start_scoring
+from utils.model_utils import load_causal_lm, model_fingerprint, model_sequence_logprobs
+from utils.training import base_parser
 
 
 def default_output(data_path, split, model_path):
@@ -47,12 +45,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    device = init_distributed(args)
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
-    records, _ = load_gen_records(args.data_path, args.split, tok)
-    model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
-                           disable_dropout=True).to(device).eval()
+    model, tokenizer, tok, records, _, device = start_scoring(args, load_causal_lm)
 
     def write(logps):
         atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], "logps": v}

@@ -19,12 +19,11 @@ Both modes print the mean and std.
 import math
 import os
 
-from utils.data.data_utils import Tokenisation
 from utils.fileio import InputError, atomic_write_json, cli_main
 from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, check_output_dir,
-                             load_gen_records, score_completions)
-from utils.model_utils import load_reward_model, load_tokenizer, model_fingerprint
-from utils.training import base_parser, init_distributed
+                             score_completions, start_scoring)
+from utils.model_utils import load_reward_model, model_fingerprint
+from utils.training import base_parser
 
 
 def rw_dir(data_path):
@@ -62,12 +61,7 @@ def reward_summary(rewards):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    device = init_distributed(args)
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
-    records, data_file = load_gen_records(args.data_path, args.split, tok)
-    model = load_reward_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
-                              disable_dropout=True).to(device).eval()
+    model, tokenizer, tok, records, data_file, device = start_scoring(args, load_reward_model)
 
     def score(batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]

@@ -29,10 +29,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.data.collators import pad_sequences
-from utils.data.data_utils import Encoder
+from utils.data.data_utils import Encoder, Tokenisation
 from utils.data.raw_datasets import JsonDataset
 from utils.fileio import InputError, atomic_write_json
-from utils.training import to_device
+from utils.model_utils import load_tokenizer
+from utils.training import init_distributed, to_device
 
 SHARD_DIR = ".shards"
 # Ranks reach the merge at very different times (a resumed rank may have nothing left to do
@@ -232,6 +233,19 @@ def _remove_shards(output_file):
 
 
 # -- gen data, scored by the training rule ------------------------------------------------
+def start_scoring(args, load_model):
+    """What calc_logprobs and inference_rm do first: join the ranks, load the tokenizer, the
+    `gen` records (under the training tokenisation rule) and the frozen model, on its device.
+    Returns (model, tokenizer, tok, records, data_file, device)."""
+    device = init_distributed(args)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
+    records, data_file = load_gen_records(args.data_path, args.split, tok)
+    model = load_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                       disable_dropout=True).to(device).eval()
+    return model, tokenizer, tok, records, data_file, device
+
+
 def load_gen_records(data_path, split, tok):
     """Validated {prompt, completions} records of DATA_PATH/SPLIT.json[l] (other fields, such as
     rewards, are ignored), each prompt checked as training checks it."""
