@@ -23,3 +23,21 @@ else
     DEEPSPEED=(deepspeed --num_gpus "${NUM_CPU_RANKS}" --master_port "${MASTER_PORT}")
     DTYPE="${DTYPE:-fp32}"
 fi
+
+# run_training SCRIPT RUN MODEL_TYPE [flags...]: launch src/SCRIPT for a training stage, writing
+# to ${OUTPUT_ROOT:-models}/RUN with TensorBoard logs in ${TB_ROOT:-tb_logs} and the console
+# copied to RUN/training.log. Flags later on the line win, so a launcher passes its defaults
+# first and the user's extra flags last.
+run_training() {
+    local script=$1 run=$2 model_type=$3
+    shift 3
+    local output="${OUTPUT_ROOT:-models}/${run}"
+    mkdir -p "${output}"
+    "${DEEPSPEED[@]}" "${REPO_ROOT}/src/${script}" \
+        --output_dir "${output}" \
+        --enable_tensorboard \
+        --tensorboard_name_path "${run//\//_}_${model_type}:${TB_ROOT:-tb_logs}" \
+        --print_loss \
+        --dtype "${DTYPE}" \
+        "$@" 2>&1 | tee -a "${output}/training.log"
+}

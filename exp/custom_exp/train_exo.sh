@@ -23,11 +23,7 @@ shift 7
 source "$(dirname "$0")/common.sh"
 
 DATA_ABBR="${DATA_NAME%%/*}"
-RUN="${NAME}_${DATA_ABBR}/align_${LOSS_TYPE}_nc${NUM_CONTRASTIVE}"
-OUTPUT="${OUTPUT_ROOT:-models}/${RUN}"
-mkdir -p "${OUTPUT}"
-
-"${DEEPSPEED[@]}" "${REPO_ROOT}/src/train_exo.py" \
+run_training train_exo.py "${NAME}_${DATA_ABBR}/align_${LOSS_TYPE}_nc${NUM_CONTRASTIVE}" "${MODEL_TYPE}" \
     --model_name_or_path "${INIT_PATH}" \
     --ref_name_or_path "${INIT_PATH}" \
     --data_name_path "${DATA_NAME}:${DATA_PATH}" \
@@ -49,10 +45,5 @@ mkdir -p "${OUTPUT}"
     --max_iter_step 1400 \
     --num_save_checkpoint 10 \
     --zero_stage 2 \
-    --dtype "${DTYPE}" \
     --gradient_checkpointing \
-    --output_dir "${OUTPUT}" \
-    --enable_tensorboard \
-    --tensorboard_name_path "${RUN//\//_}_${MODEL_TYPE}:${TB_ROOT:-tb_logs}" \
-    --print_loss \
-    "$@" 2>&1 | tee -a "${OUTPUT}/training.log"
+    "$@"

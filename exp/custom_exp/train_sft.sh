@@ -21,11 +21,7 @@ shift 5
 source "$(dirname "$0")/common.sh"
 
 DATA_ABBR="${DATA_NAME%%/*}"
-RUN="${NAME}_${DATA_ABBR}/sft"
-OUTPUT="${OUTPUT_ROOT:-models}/${RUN}"
-mkdir -p "${OUTPUT}"
-
-"${DEEPSPEED[@]}" "${REPO_ROOT}/src/train_sft.py" \
+run_training train_sft.py "${NAME}_${DATA_ABBR}/sft" "${MODEL_TYPE}" \
     --model_name_or_path "${INIT_PATH}" \
     --data_name_path "${DATA_NAME}:${DATA_PATH}" \
     --per_device_train_batch_size 8 \
@@ -39,10 +35,5 @@ mkdir -p "${OUTPUT}"
     --lr_scheduler_type cosine \
     --num_train_epochs 1 \
     --zero_stage 2 \
-    --dtype "${DTYPE}" \
     --gradient_checkpointing \
-    --output_dir "${OUTPUT}" \
-    --enable_tensorboard \
-    --tensorboard_name_path "${RUN//\//_}_${MODEL_TYPE}:${TB_ROOT:-tb_logs}" \
-    --print_loss \
-    "$@" 2>&1 | tee -a "${OUTPUT}/training.log"
+    "$@"
