@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
@@ -72,10 +73,22 @@ def tiny_model(tmp_path_factory, align_data):
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "gpt2"), texts, arch="gpt2", seed=0)
 
 
-def run(cmd, **kwargs):
-    """Run a command from the repo root; return the CompletedProcess (text output)."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), **kwargs.pop("env", {})}
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, **kwargs)
+def run(cmd, timeout=600, env=None, **kwargs):
+    """Run a command from the repo root; return the CompletedProcess (text output).
+
+    The command gets its own process group, and a timeout kills the whole group: the
+    `deepspeed` launcher does not take its ranks down when it is killed, and orphaned ranks
+    would hold the CPU (and their rendezvous) for the rest of the suite."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
+    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{stdout[-2000:]}{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,20 @@ def check_training_args(args):
 
 
 # -- processes ----------------------------------------------------------------------------
+def _skip_shm_allreduce():
+    """Keep DeepSpeed's CPU backend from loading its shared-memory allreduce op.
+
+    That op only speeds up `inference_all_reduce` (tensor-parallel inference), which no stage
+    uses: training collectives go through torch.distributed on gloo either way. Loading it costs
+    a JIT compile on first use, and a run killed mid-compile leaves a lock that makes every
+    later run wait forever. Each rank that loads it also maps a 69 MB /dev/shm buffer that is
+    never unlinked, so on a CPU box every run leaks RAM until /dev/shm fills."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    # DeepSpeed probes op compatibility once per process and keeps the answer in this dict.
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed(args):
     """Join the process group the launcher set up, or make a one-process group for plain
     `python src/<stage>.py`. Seeds everything and returns the device."""
@@ -123,6 +137,7 @@ def init_distributed(args):
         # CPU ranks share the cores; oversubscribed threads would only thrash.
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        _skip_shm_allreduce()
     else:
         accelerator.set_device(local_rank)
     deepspeed.init_distributed()
