@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from utils.data.collators import AlignmentCollator
 from utils.data.data_utils import AlignmentEncoder
+from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
@@ -84,11 +85,28 @@ def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi):
     }
 
 
+def alignment_step_loss(model, batch, args, ref_model=None):
+    """(loss, metrics) of one collated batch of groups: one policy forward over all B * K
+    candidates; the reference's log-probs come from the batch (cached) or from `ref_model`."""
+    groups = batch["rewards"].shape[0]
+    policy_logps = model_sequence_logprobs(model, batch, args.temp).view(groups, args.num_contrastive)
+    if "ref_logps" in batch:
+        ref_logps = batch["ref_logps"]
+    else:
+        with torch.no_grad():
+            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp).view(groups, args.num_contrastive)
+    loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
+                          args.beta_r, args.pref_epsilon)
+    return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi)
+
+
 @torch.no_grad()
 def reference_logps(ref_engine, dataset, collator, args, device):
     """Reference log-probs of every candidate, [len(dataset), K]; each rank scores its shard
-    and the shards are exchanged, so every rank ends with the whole array."""
-    loader = distributed_loader(dataset, args.per_device_eval_batch_size, collator, False, args.seed)
+    and the shards are exchanged, so every rank ends with the whole array. The pass runs over
+    the examples sorted by length, so its batches are barely padded; rows go back in place."""
+    by_length = np.argsort(sequence_lengths(dataset), kind="stable")
+    loader = distributed_loader(dataset.select(by_length), args.per_device_eval_batch_size, collator, False, args.seed)
     local = []
     for batch in tqdm(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -97,8 +115,10 @@ def reference_logps(ref_engine, dataset, collator, args, device):
     shards = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(shards, local)
     # DistributedSampler deals example i to rank i % world_size (padding by wrapping around)
-    order = np.stack([s for s in shards], axis=1).reshape(-1, args.num_contrastive)
-    return order[:len(dataset)]
+    in_sorted_order = np.stack([s for s in shards], axis=1).reshape(-1, args.num_contrastive)[:len(dataset)]
+    values = np.empty_like(in_sorted_order)
+    values[by_length] = in_sorted_order
+    return values
 
 
 def cached_reference_logps(reference, dataset, data_key, collator, args, device):
@@ -158,16 +178,7 @@ def main(argv=None):
         policy = apply_lora(policy, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
 
     def compute_loss(model, batch):
-        groups = batch["rewards"].shape[0]
-        policy_logps = model_sequence_logprobs(model, batch, args.temp).view(groups, args.num_contrastive)
-        if "ref_logps" in batch:
-            ref_logps = batch["ref_logps"]
-        else:
-            with torch.no_grad():
-                ref_logps = model_sequence_logprobs(ref_engine, batch, args.temp).view(groups, args.num_contrastive)
-        loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
-                              args.beta_r, args.pref_epsilon)
-        return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi)
+        return alignment_step_loss(model, batch, args, ref_engine)
 
     train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device)
 

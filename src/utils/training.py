@@ -20,6 +20,7 @@ from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
+from utils.data.samplers import length_grouped_loader
 from utils.ds_utils import make_optimizer, train_ds_config
 from utils.fileio import InputError
 from utils.model_utils import load_tokenizer, save_hf_model
@@ -56,6 +57,9 @@ def add_training_args(parser):
     g = parser.add_argument_group("optimisation")
     g.add_argument("--per_device_train_batch_size", type=int, default=4, help="micro batch per rank")
     g.add_argument("--per_device_eval_batch_size", type=int, default=4, help="eval (and reference pass) batch per rank")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="train on batches of similar length (shuffled within mega-batches, batch order shuffled): "
+                        "far less padding; see utils/data/samplers.py")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases and norms)")
@@ -276,7 +280,9 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     divisor, so their ratio is total / total) and combined there.
     """
     world_size = torch.distributed.get_world_size()
-    train_loader = distributed_loader(train_dataset, args.per_device_train_batch_size, collator, True, args.seed)
+    train_loader = (length_grouped_loader(train_dataset, args.per_device_train_batch_size, collator, args.seed)
+                    if args.group_by_length else
+                    distributed_loader(train_dataset, args.per_device_train_batch_size, collator, True, args.seed))
     eval_loader = distributed_loader(eval_dataset, args.per_device_eval_batch_size, collator, False, args.seed)
 
     total_steps = args.num_train_epochs * len(train_loader) // args.gradient_accumulation_steps

@@ -1,0 +1,284 @@
+"""exo-align performance benchmark: one command, one table (printed and written as markdown).
+
+    python exp/bench/bench.py                 # full run, ~10 minutes on 2 CPU cores
+    python exp/bench/bench.py --quick         # toy sizes, to check that everything runs
+
+Every measurement runs in its own process (exp/bench/worker.py), so peak RSS is per run; the
+alignment runs of exo-align and TRL alternate in one session on the same model, data, batch,
+precision (fp32) and number of optimizer steps. See exp/bench/README.md for what each figure means.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "src"))
+sys.path.insert(0, HERE)
+
+SIZES = {
+    # model: Llama config; data: pairs; batch: pairs per step (2 sequences each)
+    "full": dict(model=dict(vocab_size=8192, hidden_size=256, num_layers=6, num_heads=4),
+                 num_train=96, num_test=8, batch_size=8, warmup=2, ratio_batches=4, ratio_repeats=3,
+                 logprobs=dict(batch=8, length=512, vocab=50_000, repeats=3),
+                 scaling=dict(ks=[2, 4, 8], groups=2, k_prompt_len=32, k_completion_len=96,
+                              lengths=[64, 128, 256], length_rows=8, repeats=3),
+                 sampling=dict(num_prompts=32, batch_size=16, return_num=4, max_new_tokens=48, max_length=128)),
+    "quick": dict(model=dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4),
+                  num_train=16, num_test=4, batch_size=4, warmup=1, ratio_batches=2, ratio_repeats=1,
+                  logprobs=dict(batch=2, length=128, vocab=8_000, repeats=1),
+                  scaling=dict(ks=[2, 4], groups=2, k_prompt_len=8, k_completion_len=24,
+                               lengths=[32, 64], length_rows=4, repeats=1),
+                  sampling=dict(num_prompts=8, batch_size=8, return_num=2, max_new_tokens=8, max_length=96)),
+}
+HYPER = dict(beta=0.1, epsilon=1e-3, learning_rate=1e-5, seed=1234)
+TARGETS = {  # name: (ratio, comparison, target)
+    "tokens_vs_trl_default": (">=", 1.3),
+    "epoch_vs_trl_fastest": (">=", 1.0),
+    "rss_vs_trl_default": ("<=", 0.8),
+    "tokens_gc_vs_trl_default": (">=", 1.3),
+    "rss_gc_vs_trl_default": ("<=", 0.8),
+    "align_over_sft": ("<=", 1.10),
+    "logprobs_memory": ("<=", 0.25),
+    "logprobs_time": ("<=", 1.0),
+    "sampling_speedup": (">=", 8.0),
+}
+
+
+def run_worker(task, cfg, work_dir, name):
+    cfg_path = os.path.join(work_dir, f"{name}.cfg.json")
+    out_path = os.path.join(work_dir, f"{name}.out.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src"), "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    print(f"[bench] {name} ...", flush=True)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "worker.py"), task, cfg_path, out_path], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work_dir)
+    with open(os.path.join(work_dir, f"{name}.log"), "w") as f:
+        f.write(proc.stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: benchmark run {name} failed (exit {proc.returncode}); its output:\n"
+                         + proc.stdout[-4000:])
+    with open(out_path) as f:
+        result = json.load(f)
+    print(f"[bench] {name} done in {time.perf_counter() - started:.0f}s", flush=True)
+    return result
+
+
+def ours_argv(size, data, model, out_dir, cache_dir, ref_model=None):
+    argv = ["--model_name_or_path", model, "--data_name_path", f"bench/pref:{data}", "--output_dir", out_dir,
+            "--data_output_path", cache_dir, "--loss_type", "exo-pref", "--num_contrastive", "2",
+            "--pref_epsilon", str(HYPER["epsilon"]), "--beta_pi", str(HYPER["beta"]),
+            "--per_device_train_batch_size", str(size["batch_size"]),
+            "--per_device_eval_batch_size", str(2 * size["batch_size"]),
+            "--learning_rate", str(HYPER["learning_rate"]), "--seed", str(HYPER["seed"]),
+            "--max_seq_len", "256", "--max_gen_len", "160", "--print_loss"]
+    return argv + (["--ref_name_or_path", ref_model] if ref_model else [])
+
+
+def trl_cfg(size, data, model, out_dir, options, ref_model=None, num_train=None):
+    return dict(model=model, ref_model=ref_model, data=data, output_dir=out_dir, batch_size=size["batch_size"],
+                learning_rate=HYPER["learning_rate"], beta=HYPER["beta"], epsilon=HYPER["epsilon"],
+                seed=HYPER["seed"], warmup=size["warmup"], options=options)
+
+
+# exo-align's runs: its recommended flags, and the same with TRL's default activation policy
+# (gradient checkpointing), which is what TRL's defaults trade speed for memory with
+OURS_RUNS = {"ours": ["--group_by_length"], "ours_gc": ["--group_by_length", "--gradient_checkpointing"]}
+TRL_FASTEST = dict(precompute_ref_log_probs=True, gradient_checkpointing=False, padding_free=True)
+
+
+def check_data(built, size, work_dir):
+    """The first batch of training pairs as a one-step data set: whatever order each trainer
+    draws them in, its first step sees exactly these pairs, so the first losses must agree."""
+    path = os.path.join(work_dir, "check_data")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(built["data"], "train.json")) as f:
+        records = json.load(f)[:size["batch_size"]]
+    for split, rows in (("train", records), ("test", records[:2])):
+        with open(os.path.join(path, f"{split}.json"), "w") as f:
+            json.dump(rows, f)
+    return path
+
+
+def versions():
+    import deepspeed
+    import torch
+    import transformers
+    import trl
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__, "trl": trl.__version__}
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; load average before the run {os.getloadavg()[0]:.2f}"
+
+
+def fmt(x, digits=2):
+    return f"{x:.{digits}f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs, in ~2 minutes")
+    parser.add_argument("--out", default=os.path.join(HERE, "results.md"), help="markdown file the table is written to")
+    parser.add_argument("--work_dir", default=None, help="scratch directory (default: a fresh temporary one, removed)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs of every run)")
+    args = parser.parse_args()
+    size = SIZES["quick" if args.quick else "full"]
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="exo_bench_")
+    os.makedirs(work_dir, exist_ok=True)
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+
+    from setup_data import build
+    built = build(work_dir, size["model"], size["num_train"], size["num_test"])
+    print(f"[bench] model {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}; token lengths "
+          f"(min, mean, max): {built['lengths']}", flush=True)
+    steps = -(-size["num_train"] // size["batch_size"])
+
+    # 1. same math: one step on the same pairs, a reference that differs from the policy
+    check = check_data(built, size, work_dir)
+    check_ours = run_worker("ours_align", dict(argv=ours_argv(size, check, built["model"], f"{work_dir}/chk_ours",
+                                                              f"{work_dir}/chk_cache", built["ref_model"]),
+                                               warmup=0, total_steps=1), work_dir, "check_ours")
+    check_trl = run_worker("trl_align", trl_cfg(size, check, built["model"], f"{work_dir}/chk_trl", {},
+                                                ref_model=built["ref_model"]) | {"warmup": 0}, work_dir, "check_trl")
+
+    # 1. alignment epoch: exo-align, TRL defaults, TRL fastest, back to back
+    align = {}
+    for name, flags in OURS_RUNS.items():
+        align[name] = run_worker("ours_align", dict(argv=ours_argv(size, built["data"], built["model"],
+                                                                   f"{work_dir}/{name}", f"{work_dir}/{name}_cache") + flags,
+                                                    warmup=size["warmup"], total_steps=steps), work_dir, f"align_{name}")
+    align["trl_default"] = run_worker("trl_align", trl_cfg(size, built["data"], built["model"], f"{work_dir}/trl_d", {}),
+                                      work_dir, "align_trl_default")
+    align["trl_fastest"] = run_worker("trl_align", trl_cfg(size, built["data"], built["model"], f"{work_dir}/trl_f",
+                                                           TRL_FASTEST | {"precompute_ref_batch_size": 2 * size["batch_size"]}),
+                                      work_dir, "align_trl_fastest")
+
+    # 2. alignment step / SFT step on identical batches
+    ratio = run_worker("step_ratio", dict(argv=ours_argv(size, built["data"], built["model"], f"{work_dir}/ratio",
+                                                         f"{work_dir}/ratio_cache"),
+                                          num_batches=size["ratio_batches"], repeats=size["ratio_repeats"]),
+                       work_dir, "step_ratio")
+    # 3. lean log-probs, each variant in its own process
+    lp = {v: run_worker("logprobs", dict(size["logprobs"], variant=v), work_dir, f"logprobs_{v}") for v in ("naive", "lean")}
+    # 4. sampling
+    samp = run_worker("sampling", dict(size["sampling"], model=built["model"], data=built["data"]), work_dir, "sampling")
+    # 5. scaling
+    scal = run_worker("scaling", dict(size["scaling"], argv=ours_argv(size, built["data"], built["model"],
+                                                                      f"{work_dir}/scal", f"{work_dir}/scal_cache")),
+                      work_dir, "scaling")
+
+    ours, ours_gc, trl_d, trl_f = align["ours"], align["ours_gc"], align["trl_default"], align["trl_fastest"]
+    figures = {
+        "tokens_vs_trl_default": ours["steady_tokens_per_s"] / trl_d["steady_tokens_per_s"],
+        "epoch_vs_trl_fastest": trl_f["wall_s"] / ours["wall_s"],
+        "rss_vs_trl_default": ours["peak_rss_mib"] / trl_d["peak_rss_mib"],
+        "rss_gc_vs_trl_default": ours_gc["peak_rss_mib"] / trl_d["peak_rss_mib"],
+        "tokens_gc_vs_trl_default": ours_gc["steady_tokens_per_s"] / trl_d["steady_tokens_per_s"],
+        "align_over_sft": ratio["ratio"],
+        # toy sizes can stay inside memory the allocator already holds: no measurable peak
+        "logprobs_memory": (lp["lean"]["fwd_bwd_peak_extra_mib"] / lp["naive"]["fwd_bwd_peak_extra_mib"]
+                            if lp["naive"]["fwd_bwd_peak_extra_mib"] > 0 else float("nan")),
+        "logprobs_time": lp["lean"]["fwd_bwd_s"] / lp["naive"]["fwd_bwd_s"],
+        "sampling_speedup": samp["batched"]["tokens_per_s"] / samp["one_at_a_time"]["tokens_per_s"],
+    }
+    loss_diff = abs(check_ours["first_loss"] - check_trl["first_loss"])
+    same_math = loss_diff <= 1e-4 * max(1.0, abs(check_trl["first_loss"]))
+
+    def met(name):
+        op, target = TARGETS[name]
+        value = figures[name]
+        return "yes" if (value >= target if op == ">=" else value <= target) else "**no**"
+
+    descr = {
+        "tokens_vs_trl_default": ("steady-state alignment tokens/s vs TRL defaults",
+                                  f"{ours['steady_tokens_per_s']:.0f} vs {trl_d['steady_tokens_per_s']:.0f} tok/s"),
+        "epoch_vs_trl_fastest": ("one epoch, reference pass included, vs TRL's fastest settings (speed-up)",
+                                 f"{ours['wall_s']:.1f} s vs {trl_f['wall_s']:.1f} s"),
+        "rss_vs_trl_default": ("peak RSS vs TRL defaults", f"{ours['peak_rss_mib']:.0f} vs {trl_d['peak_rss_mib']:.0f} MiB"),
+        "tokens_gc_vs_trl_default": ("both activation-checkpointed (`--gradient_checkpointing`, TRL's default): "
+                                     "steady tokens/s vs TRL defaults",
+                                     f"{ours_gc['steady_tokens_per_s']:.0f} vs {trl_d['steady_tokens_per_s']:.0f} tok/s"),
+        "rss_gc_vs_trl_default": ("both activation-checkpointed: peak RSS vs TRL defaults",
+                                  f"{ours_gc['peak_rss_mib']:.0f} vs {trl_d['peak_rss_mib']:.0f} MiB"),
+        "align_over_sft": ("alignment step / SFT step, same tokens",
+                           f"{ratio['exo_total_s']:.2f} s vs {ratio['sft_total_s']:.2f} s"),
+        "logprobs_memory": ("`sequence_logprobs` peak memory vs naive (fwd+bwd, above the logits)",
+                            f"{lp['lean']['fwd_bwd_peak_extra_mib']:.0f} vs {lp['naive']['fwd_bwd_peak_extra_mib']:.0f} MiB"),
+        "logprobs_time": ("`sequence_logprobs` time vs naive (fwd+bwd)",
+                          f"{lp['lean']['fwd_bwd_s']:.2f} s vs {lp['naive']['fwd_bwd_s']:.2f} s"),
+        "sampling_speedup": ("batched sampling vs one prompt at a time",
+                             f"{samp['batched']['tokens_per_s']:.0f} vs {samp['one_at_a_time']['tokens_per_s']:.0f} tok/s"),
+    }
+    lines = [f"Run: `python exp/bench/bench.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}; "
+             f"{machine()}; load average after {os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
+             f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}.",
+             f"Model: Llama config, {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}, fp32. Data: "
+             f"{size['num_train']} pairs (+{size['num_test']} test); token lengths min/mean/max: prompt "
+             f"{'/'.join(fmt(x, 0) for x in built['lengths']['prompt'])}, completion incl. EOS "
+             f"{'/'.join(fmt(x, 0) for x in built['lengths']['completion'])}. Batch {size['batch_size']} pairs, "
+             f"{steps} optimizer steps per epoch.", "",
+             "| figure | measured | ratio | target | met |", "|---|---|---|---|---|"]
+    for name, (label, measured) in descr.items():
+        op, target = TARGETS[name]
+        lines.append(f"| {label} | {measured} | {fmt(figures[name])} | {op} {target} | {met(name)} |")
+    lines.append(f"| same math: first-step loss, exo-align vs TRL exo_pair (distinct reference) | "
+                 f"{check_ours['first_loss']:.6f} vs {check_trl['first_loss']:.6f} | diff {loss_diff:.1e} | "
+                 f"equal | {'yes' if same_math else '**no**'} |")
+    lines += ["", "Alignment runs (one epoch each, same data and steps):", "",
+              "| run | steady tok/s | steady step s | epoch wall s | peak RSS MiB | first-step loss | train tokens |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in align.items():
+        lines.append(f"| {name} | {r['steady_tokens_per_s']:.0f} | {r['steady_step_s']:.2f} | {r['wall_s']:.1f} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['first_loss']:.6f} | {r['train_tokens']} |")
+    lines += ["", f"Lean log-probs, [{size['logprobs']['batch']}, {size['logprobs']['length']}, "
+              f"{size['logprobs']['vocab']}] fp32 logits ({lp['lean']['logits_mib']:.0f} MiB; their gradient is as "
+              "large again and is part of both fwd+bwd peaks):", "",
+              "| variant | fwd s | fwd peak extra MiB | fwd+bwd s | fwd+bwd peak extra MiB |", "|---|---|---|---|---|"]
+    for v in ("naive", "lean"):
+        r = lp[v]
+        lines.append(f"| {'log_softmax + gather' if v == 'naive' else 'sequence_logprobs'} | {r['fwd_s']:.2f} | "
+                     f"{r['fwd_peak_extra_mib']:.0f} | {r['fwd_bwd_s']:.2f} | {r['fwd_bwd_peak_extra_mib']:.0f} |")
+    lines += ["", f"Sampling ({size['sampling']['num_prompts']} prompts x {size['sampling']['return_num']} completions, "
+              f"{size['sampling']['max_new_tokens']} new tokens at most):", "",
+              "| mode | prompts per call | tokens | s | tok/s |", "|---|---|---|---|---|"]
+    for name, r in samp.items():
+        if isinstance(r, dict):
+            lines.append(f"| {name} | {r['batch_size']} | {r['tokens']} | {r['s']:.1f} | {r['tokens_per_s']:.0f} |")
+    lines += ["", "Scaling of the exo step (cached reference; unpadded batches):", "",
+              "| vary | K | seq len | rows | step s | tok/s |", "|---|---|---|---|---|---|"]
+    for vary in ("k", "length"):
+        for r in scal[vary]:
+            lines.append(f"| {vary} | {r['k']} | {r['seq_len']} | {r['rows']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, args.out)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"figures": figures, "align": align, "check": [check_ours, check_trl], "ratio": ratio,
+                   "logprobs": lp, "sampling": samp, "scaling": scal, "load_before": load_before}, f, indent=1)
+    print(f"[bench] wrote {args.out}")
+    if not args.keep and not args.work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

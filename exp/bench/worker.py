@@ -1,0 +1,311 @@
+"""One measurement per process, so that its peak RSS is its own: `python worker.py TASK CONFIG_JSON OUT_JSON`.
+
+Tasks (bench.py runs them; each writes a JSON result):
+  ours_align    train_exo.main(argv): the code `python src/train_exo.py argv` runs, with step
+                timestamps and token counts taken from the outside (Logger.log, the collator)
+  trl_align     TRL's DPOTrainer, loss_type exo_pair, on the same model and data
+  step_ratio    train_exo's and train_sft's loss + backward + optimizer step on identical batches
+  scaling       exo step time against K and against sequence length
+  logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
+  sampling      inference_sft.sample batched against one prompt at a time
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "src"))
+
+import torch  # noqa: E402
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class StepClock:
+    """Step-end timestamps and the real (non-pad) tokens of each step's batch."""
+
+    def __init__(self):
+        self.start = None
+        self.ends, self.tokens, self.losses = [], [], []
+        self.pending_tokens = 0
+
+    def add_tokens(self, attention_mask):
+        self.pending_tokens += int(attention_mask.sum())
+
+    def step_end(self, loss):
+        self.ends.append(time.perf_counter())
+        self.tokens.append(self.pending_tokens)
+        self.losses.append(float(loss))
+        self.pending_tokens = 0
+
+    def summary(self, warmup):
+        times = [b - a for a, b in zip([self.start] + self.ends[:-1], self.ends)]
+        steady = slice(min(warmup, len(times) - 1), None)
+        return {"steps": len(times), "step_times": times, "step_tokens": self.tokens,
+                "steady_tokens_per_s": sum(self.tokens[steady]) / sum(times[steady]),
+                "steady_step_s": statistics.mean(times[steady]), "first_loss": self.losses[0],
+                "losses": self.losses, "train_tokens": sum(self.tokens)}
+
+
+def ours_align(cfg):
+    import train_exo
+    from utils import training
+    from utils.data import collators
+
+    clock = StepClock()
+    collate = collators.AlignmentCollator.__call__
+    log = training.Logger.log
+    in_training = [False]
+
+    def counting_collate(self, examples):
+        batch = collate(self, examples)
+        if in_training[0]:
+            clock.add_tokens(batch["attention_mask"])
+        return batch
+
+    def timed_log(self, prefix, metrics, step):
+        if prefix == "eval" and step == 0:  # the baseline evaluation ends just before step 1 begins
+            clock.start, in_training[0] = time.perf_counter(), True
+        elif prefix == "train":
+            clock.step_end(metrics["loss"])
+            if step == cfg["total_steps"]:
+                in_training[0] = False  # the final evaluation's batches are not training tokens
+        return log(self, prefix, metrics, step)
+
+    collators.AlignmentCollator.__call__ = counting_collate
+    training.Logger.log = timed_log
+    started = time.perf_counter()
+    train_exo.main(cfg["argv"])
+    return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"])}
+
+
+def trl_align(cfg):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    clock = StepClock()
+    original = DPOTrainer._compute_loss
+
+    def counting_loss(self, model, inputs, return_outputs):
+        result = original(self, model, inputs, return_outputs)
+        if self.model.training:
+            clock.add_tokens(inputs["attention_mask"])
+            clock.pending_loss = (result[0] if isinstance(result, tuple) else result).item()
+        return result
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            clock.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            clock.step_end(clock.pending_loss)
+
+    DPOTrainer._compute_loss = counting_loss
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(cfg["ref_model"], dtype=torch.float32) if cfg.get("ref_model") else None
+    with open(os.path.join(cfg["data"], "train.json")) as f:
+        train = datasets.Dataset.from_list(json.load(f))
+    args = DPOConfig(output_dir=cfg["output_dir"], per_device_train_batch_size=cfg["batch_size"], num_train_epochs=1,
+                     learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine", weight_decay=0.0,
+                     adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, seed=cfg["seed"],
+                     loss_type=["exo_pair"], beta=cfg["beta"], label_smoothing=cfg["epsilon"],
+                     use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
+                     **cfg["options"])
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train,
+                         processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    trainer.save_model(cfg["output_dir"])  # exo-align's epoch ends by saving the model too
+    return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"])}
+
+
+def _engine_and_batches(cfg):
+    """A DeepSpeed-trained policy (train_exo's flags) and collated alignment batches."""
+    import deepspeed
+    import train_exo
+    from utils.data.collators import AlignmentCollator
+    from utils.ds_utils import make_optimizer, train_ds_config
+    from utils.model_utils import load_causal_lm
+    from utils.training import Stage
+
+    args = train_exo.parse_args(cfg["argv"])
+    stage = Stage(args)
+    model = load_causal_lm(args.model_name_or_path, stage.tokenizer, args.dtype, disable_dropout=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, args),
+                                      config=train_ds_config(args, 1))
+    return args, stage, engine, AlignmentCollator(stage.tokenizer.pad_token_id)
+
+
+def _timed_step(engine, loss_fn, batch):
+    started = time.perf_counter()
+    loss, _ = loss_fn(engine, batch)
+    engine.backward(loss)
+    engine.step()
+    return time.perf_counter() - started
+
+
+def _with_ref_logps(engine, batch, num_contrastive):
+    """The batch as train_exo's cached mode sees it: reference log-probs included (here the
+    initial policy's, computed once, as the cache would hold them)."""
+    from utils.model_utils import model_sequence_logprobs
+
+    with torch.no_grad():
+        batch["ref_logps"] = model_sequence_logprobs(engine, batch).view(-1, num_contrastive)
+    return batch
+
+
+def step_ratio(cfg):
+    """train_exo's step against train_sft's on the same batches: the alignment batch's B*K
+    sequences are, for SFT, 2B examples (prompt + completion each) with the same padding."""
+    import train_exo
+    import train_sft
+
+    args, stage, engine, collator = _engine_and_batches(cfg)
+    dataset, _ = stage.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
+                                lambda tok, source, kind: train_exo.AlignmentEncoder(tok, source, kind, 2, True))["train"]
+    batch_size = args.per_device_train_batch_size
+    batches = [collator([dataset[j] for j in range(i, i + batch_size)])
+               for i in range(0, cfg["num_batches"] * batch_size, batch_size)]
+    batches = [_with_ref_logps(engine, b, 2) for b in batches]
+
+    def exo(model, batch):
+        return train_exo.alignment_step_loss(model, batch, args)
+
+    times = {"sft": [], "exo": []}
+    for rep in range(cfg["repeats"] + 1):
+        for i, batch in enumerate(batches):
+            order = ("sft", "exo") if (rep + i) % 2 == 0 else ("exo", "sft")  # alternate: no order bias
+            for name in order:
+                t = _timed_step(engine, exo if name == "exo" else train_sft.sft_loss, batch)
+                if rep > 0:  # the first pass warms up allocator and kernels
+                    times[name].append(t)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) * cfg["repeats"]
+    return {"sft_s": statistics.median(times["sft"]), "exo_s": statistics.median(times["exo"]),
+            "sft_total_s": sum(times["sft"]), "exo_total_s": sum(times["exo"]), "tokens": tokens,
+            "ratio": sum(times["exo"]) / sum(times["sft"]), "peak_rss_mib": peak_rss_mib()}
+
+
+def _synthetic_batch(collator, vocab, groups, k, prompt_len, completion_len, gen):
+    examples = [{"input_ids": [torch.randint(1, vocab, (prompt_len + completion_len,), generator=gen).tolist()
+                               for _ in range(k)],
+                 "prompt_lens": [prompt_len] * k, "rewards": [float(i == 0) for i in range(k)]} for _ in range(groups)]
+    return collator(examples)
+
+
+def scaling(cfg):
+    """Exo step time with K candidates per group (fixed groups and length) and with sequence
+    length (fixed rows): unpadded random token batches, so only the shape varies."""
+    import train_exo
+
+    args, stage, engine, collator = _engine_and_batches(cfg)
+    vocab = len(stage.tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    results = {"k": [], "length": []}
+
+    def measure(k, prompt_len, completion_len, groups):
+        args.num_contrastive = k
+        batch = _with_ref_logps(engine, _synthetic_batch(collator, vocab, groups, k, prompt_len, completion_len, gen), k)
+        loss_fn = lambda model, b: train_exo.alignment_step_loss(model, b, args)  # noqa: E731
+        _timed_step(engine, loss_fn, batch)  # warm-up at this shape
+        t = statistics.median(_timed_step(engine, loss_fn, batch) for _ in range(cfg["repeats"]))
+        return {"k": k, "seq_len": prompt_len + completion_len, "rows": groups * k, "step_s": t,
+                "tokens_per_s": groups * k * (prompt_len + completion_len) / t}
+
+    for k in cfg["ks"]:
+        results["k"].append(measure(k, cfg["k_prompt_len"], cfg["k_completion_len"], cfg["groups"]))
+    for length in cfg["lengths"]:
+        results["length"].append(measure(2, length // 4, length - length // 4, cfg["length_rows"] // 2))
+    return results
+
+
+def logprobs(cfg):
+    """Forward (as the reference pass runs it) and forward + backward (as training runs it) of
+    one variant; peak memory is the RSS high-water mark above the live logits."""
+    from utils.loss import sequence_logprobs
+
+    def naive(logits, labels, mask):
+        token_logps = logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
+        return (token_logps * mask[:, 1:]).sum(-1)
+
+    fn = sequence_logprobs if cfg["variant"] == "lean" else naive
+    n, t, v = cfg["batch"], cfg["length"], cfg["vocab"]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, t, v, generator=gen).requires_grad_()
+    labels = torch.randint(0, v, (n, t), generator=gen)
+    mask = torch.zeros(n, t)
+    mask[:, t // 4:] = 1  # a quarter prompt, three quarters completion
+    result = {"logits_mib": logits.numel() * 4 / 2**20}
+
+    base = peak_rss_mib()
+    with torch.no_grad():
+        started = time.perf_counter()
+        reference = fn(logits, labels, mask)
+        result["fwd_first_s"] = time.perf_counter() - started
+    result["fwd_peak_extra_mib"] = peak_rss_mib() - base
+    base = peak_rss_mib()
+    fn(logits, labels, mask).sum().backward()
+    result["fwd_bwd_peak_extra_mib"] = peak_rss_mib() - base
+    result["grad_mib"] = logits.grad.numel() * 4 / 2**20
+    times = {"fwd": [], "fwd_bwd": []}
+    for _ in range(cfg["repeats"]):
+        with torch.no_grad():
+            started = time.perf_counter()
+            fn(logits, labels, mask)
+            times["fwd"].append(time.perf_counter() - started)
+        logits.grad = None
+        started = time.perf_counter()
+        fn(logits, labels, mask).sum().backward()
+        times["fwd_bwd"].append(time.perf_counter() - started)
+    result.update({f"{k}_s": statistics.median(v) for k, v in times.items()})
+    result["checksum"] = float(reference.sum())
+    return result
+
+
+def sampling(cfg):
+    """inference_sft's per-batch sampling (the function its sharded loop calls) with many
+    prompts per batch against one prompt per call; tokens are the completions' drawn tokens."""
+    import argparse
+
+    from inference_sft import fit_prompt, sample, sampling_config
+    from utils.data.data_utils import Tokenisation
+    from utils.model_utils import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(cfg["model"])
+    model = load_causal_lm(cfg["model"], tokenizer, disable_dropout=True).eval()
+    tok = Tokenisation(tokenizer, cfg["max_length"], cfg["max_new_tokens"])
+    with open(os.path.join(cfg["data"], "train.json")) as f:
+        prompts = [r["prompt"] for r in json.load(f)][:cfg["num_prompts"]]
+    prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(prompts)]
+    config = sampling_config(argparse.Namespace(temp=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
+                                                return_num=cfg["return_num"]), tokenizer)
+    sample(model, tokenizer, prompt_ids[:1], config, 0)  # warm-up
+    result = {}
+    for name, batch_size in (("batched", cfg["batch_size"]), ("one_at_a_time", 1)):
+        tokens, started = 0, time.perf_counter()
+        for i in range(0, len(prompt_ids), batch_size):
+            ids, _, _ = sample(model, tokenizer, prompt_ids[i:i + batch_size], config, i)
+            tokens += sum(len(c) for per_prompt in ids for c in per_prompt)
+        elapsed = time.perf_counter() - started
+        result[name] = {"batch_size": batch_size, "tokens": tokens, "s": elapsed, "tokens_per_s": tokens / elapsed}
+    return result
+
+
+TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling)}
+
+if __name__ == "__main__":
+    task, cfg_path, out_path = sys.argv[1:4]
+    with open(cfg_path) as f:
+        config = json.load(f)
+    result = TASKS[task](config)
+    result.setdefault("peak_rss_mib", peak_rss_mib())
+    with open(out_path, "w") as f:
+        json.dump(result, f)
