@@ -25,11 +25,11 @@ sys.path.insert(0, HERE)
 SIZES = {
     # model: Llama config; data: pairs; batch: pairs per step (2 sequences each)
     "full": dict(model=dict(vocab_size=8192, hidden_size=256, num_layers=6, num_heads=4),
-                 num_train=96, num_test=8, batch_size=8, warmup=2, ratio_batches=4, ratio_repeats=3,
+                 num_train=96, num_test=8, batch_size=8, warmup=2, ratio_batches=4, ratio_repeats=2,
                  logprobs=dict(batch=8, length=512, vocab=50_000, repeats=3),
                  scaling=dict(ks=[2, 4, 8], groups=2, k_prompt_len=32, k_completion_len=96,
                               lengths=[64, 128, 256], length_rows=8, repeats=3),
-                 sampling=dict(num_prompts=32, batch_size=16, return_num=4, max_new_tokens=48, max_length=128)),
+                 sampling=dict(num_prompts=32, batch_size=32, return_num=4, max_new_tokens=32, max_length=128)),
     "quick": dict(model=dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4),
                   num_train=16, num_test=4, batch_size=4, warmup=1, ratio_batches=2, ratio_repeats=1,
                   logprobs=dict(batch=2, length=128, vocab=8_000, repeats=1),
@@ -47,6 +47,8 @@ TARGETS = {  # name: (ratio, comparison, target)
     "align_over_sft": ("<=", 1.10),
     "logprobs_memory": ("<=", 0.25),
     "logprobs_time": ("<=", 1.0),
+    "logprobs_fwd_memory": ("<=", 0.25),
+    "logprobs_fwd_time": ("<=", 1.0),
     "sampling_speedup": (">=", 8.0),
 }
 
@@ -176,7 +178,8 @@ def main():
                                           num_batches=size["ratio_batches"], repeats=size["ratio_repeats"]),
                        work_dir, "step_ratio")
     # 3. lean log-probs, each variant in its own process
-    lp = {v: run_worker("logprobs", dict(size["logprobs"], variant=v), work_dir, f"logprobs_{v}") for v in ("naive", "lean")}
+    lp = {f"{v}_{m}": run_worker("logprobs", dict(size["logprobs"], variant=v, mode=m), work_dir, f"logprobs_{v}_{m}")
+          for m in ("fwd", "fwd_bwd") for v in ("naive", "lean")}
     # 4. sampling
     samp = run_worker("sampling", dict(size["sampling"], model=built["model"], data=built["data"]), work_dir, "sampling")
     # 5. scaling
@@ -193,9 +196,12 @@ def main():
         "tokens_gc_vs_trl_default": ours_gc["steady_tokens_per_s"] / trl_d["steady_tokens_per_s"],
         "align_over_sft": ratio["ratio"],
         # toy sizes can stay inside memory the allocator already holds: no measurable peak
-        "logprobs_memory": (lp["lean"]["fwd_bwd_peak_extra_mib"] / lp["naive"]["fwd_bwd_peak_extra_mib"]
-                            if lp["naive"]["fwd_bwd_peak_extra_mib"] > 0 else float("nan")),
-        "logprobs_time": lp["lean"]["fwd_bwd_s"] / lp["naive"]["fwd_bwd_s"],
+        "logprobs_memory": (lp["lean_fwd_bwd"]["peak_extra_mib"] / lp["naive_fwd_bwd"]["peak_extra_mib"]
+                            if lp["naive_fwd_bwd"]["peak_extra_mib"] > 0 else float("nan")),
+        "logprobs_time": lp["lean_fwd_bwd"]["s"] / lp["naive_fwd_bwd"]["s"],
+        "logprobs_fwd_memory": (lp["lean_fwd"]["peak_extra_mib"] / lp["naive_fwd"]["peak_extra_mib"]
+                                if lp["naive_fwd"]["peak_extra_mib"] > 0 else float("nan")),
+        "logprobs_fwd_time": lp["lean_fwd"]["s"] / lp["naive_fwd"]["s"],
         "sampling_speedup": samp["batched"]["tokens_per_s"] / samp["one_at_a_time"]["tokens_per_s"],
     }
     loss_diff = abs(check_ours["first_loss"] - check_trl["first_loss"])
@@ -219,10 +225,14 @@ def main():
                                   f"{ours_gc['peak_rss_mib']:.0f} vs {trl_d['peak_rss_mib']:.0f} MiB"),
         "align_over_sft": ("alignment step / SFT step, same tokens",
                            f"{ratio['exo_total_s']:.2f} s vs {ratio['sft_total_s']:.2f} s"),
-        "logprobs_memory": ("`sequence_logprobs` peak memory vs naive (fwd+bwd, above the logits)",
-                            f"{lp['lean']['fwd_bwd_peak_extra_mib']:.0f} vs {lp['naive']['fwd_bwd_peak_extra_mib']:.0f} MiB"),
-        "logprobs_time": ("`sequence_logprobs` time vs naive (fwd+bwd)",
-                          f"{lp['lean']['fwd_bwd_s']:.2f} s vs {lp['naive']['fwd_bwd_s']:.2f} s"),
+        "logprobs_memory": ("`sequence_logprobs` peak memory vs naive, forward + backward (above the logits)",
+                            f"{lp['lean_fwd_bwd']['peak_extra_mib']:.0f} vs {lp['naive_fwd_bwd']['peak_extra_mib']:.0f} MiB"),
+        "logprobs_time": ("`sequence_logprobs` time vs naive, forward + backward",
+                          f"{lp['lean_fwd_bwd']['s']:.2f} s vs {lp['naive_fwd_bwd']['s']:.2f} s"),
+        "logprobs_fwd_memory": ("`sequence_logprobs` peak memory vs naive, forward (reference pass)",
+                                f"{lp['lean_fwd']['peak_extra_mib']:.0f} vs {lp['naive_fwd']['peak_extra_mib']:.0f} MiB"),
+        "logprobs_fwd_time": ("`sequence_logprobs` time vs naive, forward",
+                              f"{lp['lean_fwd']['s']:.2f} s vs {lp['naive_fwd']['s']:.2f} s"),
         "sampling_speedup": ("batched sampling vs one prompt at a time",
                              f"{samp['batched']['tokens_per_s']:.0f} vs {samp['one_at_a_time']['tokens_per_s']:.0f} tok/s"),
     }
@@ -247,14 +257,13 @@ def main():
     for name, r in align.items():
         lines.append(f"| {name} | {r['steady_tokens_per_s']:.0f} | {r['steady_step_s']:.2f} | {r['wall_s']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['first_loss']:.6f} | {r['train_tokens']} |")
-    lines += ["", f"Lean log-probs, [{size['logprobs']['batch']}, {size['logprobs']['length']}, "
-              f"{size['logprobs']['vocab']}] fp32 logits ({lp['lean']['logits_mib']:.0f} MiB; their gradient is as "
-              "large again and is part of both fwd+bwd peaks):", "",
+    lines += ["", f"Lean log-probs: [{size['logprobs']['batch']}, {size['logprobs']['length']}, "
+              f"{size['logprobs']['vocab']}] fp32 logits ({lp['lean_fwd']['logits_mib']:.0f} MiB); forward + backward "
+              "must also return their gradient, as large again, so it is in both fwd+bwd peaks:", "",
               "| variant | fwd s | fwd peak extra MiB | fwd+bwd s | fwd+bwd peak extra MiB |", "|---|---|---|---|---|"]
-    for v in ("naive", "lean"):
-        r = lp[v]
-        lines.append(f"| {'log_softmax + gather' if v == 'naive' else 'sequence_logprobs'} | {r['fwd_s']:.2f} | "
-                     f"{r['fwd_peak_extra_mib']:.0f} | {r['fwd_bwd_s']:.2f} | {r['fwd_bwd_peak_extra_mib']:.0f} |")
+    for v, label in (("naive", "log_softmax + gather"), ("lean", "sequence_logprobs")):
+        lines.append(f"| {label} | {lp[v + '_fwd']['s']:.2f} | {lp[v + '_fwd']['peak_extra_mib']:.0f} | "
+                     f"{lp[v + '_fwd_bwd']['s']:.2f} | {lp[v + '_fwd_bwd']['peak_extra_mib']:.0f} |")
     lines += ["", f"Sampling ({size['sampling']['num_prompts']} prompts x {size['sampling']['return_num']} completions, "
               f"{size['sampling']['max_new_tokens']} new tokens at most):", "",
               "| mode | prompts per call | tokens | s | tok/s |", "|---|---|---|---|---|"]

@@ -24,10 +24,12 @@ _CHUNK_ELEMENTS = 1 << 24
 class _SequenceLogprobs(torch.autograd.Function):
     """sum_t mask_t * log softmax(logits_{t-1} / tau)[labels_t], chunked over time.
 
-    Forward keeps no [N, T, V] intermediate: each time chunk is upcast, reduced with
-    logsumexp and gathered, then dropped. Backward recomputes the chunk's softmax and writes
-    d/d logits = mask * g * (onehot(label) - softmax(logits / tau)) / tau straight into the
-    gradient buffer, so peak extra memory is one chunk instead of two full-vocabulary copies.
+    Forward keeps no [N, T, V] intermediate: each time chunk is reduced with logsumexp and
+    gathered, then dropped; only the per-position logsumexp ([N, T]) is kept for backward.
+    Backward writes d/d logits = mask * g * (onehot(label) - softmax(logits / tau)) / tau
+    straight into the gradient buffer, built in place from exp(logits / tau - logsumexp), so
+    it needs no memory beyond the gradient it returns (one chunk for half-precision logits,
+    whose softmax is taken in float32 first).
     """
 
     @staticmethod
@@ -42,30 +44,44 @@ class _SequenceLogprobs(torch.autograd.Function):
                 yield start, stop, mask
 
     @staticmethod
+    def _scaled(logits, compute_dtype, temperature):
+        scaled = logits.to(compute_dtype)
+        return scaled if temperature == 1.0 else scaled / temperature  # no copy at tau = 1 in fp32
+
+    @staticmethod
     def forward(ctx, logits, labels, loss_mask, temperature):
         # half-precision logits are reduced in float32; float64 stays float64
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         out = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
+        lse = torch.zeros(logits.shape[:2], dtype=compute_dtype, device=logits.device)
         for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
-            scaled = logits[:, start:stop].to(compute_dtype) / temperature
+            scaled = _SequenceLogprobs._scaled(logits[:, start:stop], compute_dtype, temperature)
             target = labels[:, start + 1:stop + 1].unsqueeze(-1)
-            token_logps = scaled.gather(-1, target).squeeze(-1) - scaled.logsumexp(-1)
+            lse[:, start:stop] = scaled.logsumexp(-1)
+            token_logps = scaled.gather(-1, target).squeeze(-1) - lse[:, start:stop]
             out += (token_logps * mask).sum(-1)
-        ctx.save_for_backward(logits, labels, loss_mask)
+        ctx.save_for_backward(logits, labels, loss_mask, lse)
         ctx.temperature = temperature
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, labels, loss_mask = ctx.saved_tensors
+        logits, labels, loss_mask, lse = ctx.saved_tensors
         tau = ctx.temperature
         grad = torch.zeros_like(logits)
+        in_place = logits.dtype == lse.dtype  # fp32/fp64: softmax can be built inside the gradient
         for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
-            chunk_grad = (logits[:, start:stop].to(grad_out.dtype) / tau).softmax(-1).neg_()
+            if in_place:
+                chunk_grad = grad[:, start:stop]
+                torch.div(logits[:, start:stop], tau, out=chunk_grad)
+            else:
+                chunk_grad = logits[:, start:stop].to(lse.dtype) / tau
+            chunk_grad.sub_(lse[:, start:stop, None]).exp_().neg_()  # -softmax(logits / tau)
             target = labels[:, start + 1:stop + 1].unsqueeze(-1)
             chunk_grad.scatter_add_(-1, target, torch.ones_like(target, dtype=chunk_grad.dtype))
-            chunk_grad *= (grad_out[:, None] * mask / tau).unsqueeze(-1)
-            grad[:, start:stop] = chunk_grad
+            chunk_grad.mul_((grad_out[:, None] * mask / tau).unsqueeze(-1))
+            if not in_place:
+                grad[:, start:stop] = chunk_grad
         return grad, None, None, None
 
 
