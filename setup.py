@@ -24,6 +24,8 @@ setup(
     packages=find_packages("src"),
     py_modules=[p.stem for p in Path(__file__).parent.joinpath("src").glob("*.py")],
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7"]},
+    # bench: only exp/bench compares against TRL; see exp/bench/README.md for installing it
+    # without letting pip move torch or transformers
+    extras_require={"test": ["pytest>=7"], "bench": ["trl==1.16.0"]},
     license="MIT",
 )
