@@ -48,3 +48,19 @@ def test_epochs_reshuffle_and_the_seed_reproduces():
     first, second = per_rank_batches(lengths, 4, 1, 0), per_rank_batches(lengths, 4, 1, 1)
     assert first != second
     assert first == per_rank_batches(lengths, 4, 1, 0)
+
+
+def test_train_exo_groups_by_length_on_two_ranks(tiny_model, align_data, tmp_path):
+    """--group_by_length through the real loop on 2 CPU ranks: same number of steps as the
+    default sampler (every rank gets ceil(N / 2) examples), and a model comes out."""
+    import re
+
+    from test_train_exo import train_exo
+
+    runs = {}
+    for name, flags in (("random", []), ("grouped", ["--group_by_length"])):
+        result = train_exo(tiny_model, f"toy/rw:{align_data['rw']}", tmp_path / name, tmp_path / "cache",
+                           "--loss_type", "exo-rw", "--num_contrastive", "2", "--print_loss", *flags)
+        runs[name] = re.search(r"training [\d,]+ parameters for (\d+) optimizer steps", result.stdout).group(1)
+        assert (tmp_path / name / "config.json").exists()
+    assert runs["grouped"] == runs["random"]
