@@ -119,7 +119,7 @@ def versions():
             "deepspeed": deepspeed.__version__, "trl": trl.__version__}
 
 
-def machine():
+def machine(load_before):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -127,7 +127,7 @@ def machine():
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; load average before the run {os.getloadavg()[0]:.2f}"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU; load average before the run {load_before:.2f}"
 
 
 def fmt(x, digits=2):
@@ -237,7 +237,7 @@ def main():
                              f"{samp['batched']['tokens_per_s']:.0f} vs {samp['one_at_a_time']['tokens_per_s']:.0f} tok/s"),
     }
     lines = [f"Run: `python exp/bench/bench.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"{machine()}; load average after {os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
+             f"{machine(load_before)}; load average after {os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
              f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}.",
              f"Model: Llama config, {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}, fp32. Data: "
              f"{size['num_train']} pairs (+{size['num_test']} test); token lengths min/mean/max: prompt "
