@@ -193,6 +193,28 @@ class PairEncoder(Encoder):
                 "prompt_lens": [[c, r] for (_, c), (_, r) in zip(chosen, rejected)]}
 
 
+class ClassEncoder(Encoder):
+    """class record -> {input_ids, label}: the text + EOS, cut on the right to max_seq_len.
+
+    The EOS ends the text as it ends every completion the classifier later scores (scoring
+    joins prompt + completion + EOS by the training rule), so the classifier sees texts the
+    way it will be asked about them. Labels are 0 or 1 (1 = positive)."""
+
+    def __init__(self, tok, source, kind):
+        if kind != "class":
+            raise InputError(f"{source}: a classifier trains on class data (text, label), got kind {kind!r}")
+        super().__init__(tok, source, kind)
+
+    def check(self, record, index):
+        if record["label"] not in (0, 1):
+            raise InputError(f"{where(self.source, index, 'label')}: expected 0 or 1, got {record['label']}")
+
+    def __call__(self, batch, indices):
+        eos, limit = self.tok.tokenizer.eos_token_id, self.tok.max_seq_len
+        texts = self.tok.tokenizer(list(batch["text"]))["input_ids"]
+        return {"input_ids": [(ids + [eos])[:limit] for ids in texts], "label": list(batch["label"])}
+
+
 # -- caching --------------------------------------------------------------------------------
 def local_rank():
     return int(os.environ.get("LOCAL_RANK", "0"))
