@@ -66,3 +66,31 @@ def test_imdb_readme(tmp_path, tiny_model):
     points = load(tmp_path / "figures" / "imdb_frontier.json")
     assert sorted(points) == ["align_dpo-pref_nc2", "align_exo-rw_nc2"]
     assert (tmp_path / "figures" / "imdb_frontier.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_pythia(tmp_path_factory):
+    """A tiny GPT-NeoX (Pythia's architecture) with a tokenizer trained on the fixtures' words."""
+    from make_tiny_model import make_tiny_model
+
+    texts = [" ".join(recipe_fixtures.NEUTRAL + recipe_fixtures.POSITIVE + recipe_fixtures.NEGATIVE)] * 4
+    texts += ["SUBREDDIT: r/tifu\nTITLE: x\nPOST: y\nTL;DR:", "\n\nHuman: hi\n\nAssistant: hello"] * 4
+    return make_tiny_model(str(tmp_path_factory.mktemp("pythia") / "neox"), texts, arch="gpt_neox", seed=0)
+
+
+def test_tldr_readme(tmp_path, tiny_pythia):
+    comparisons, filtered = recipe_fixtures.write_tldr(str(tmp_path / "raw"))
+    result = run_readme("tldr", tmp_path, {"PYTHIA": tiny_pythia, "COMPARISONS": comparisons,
+                                           "FILTERED": filtered, "LOSSES": "dpo-rw"})
+    assert "skipped 1: no reddit post (a news article comparison)" in result.stdout
+    results = tmp_path / "data" / "tldr_infer_res" / "pythia-2.8b_tldr" / "align_dpo-rw_nc2" / "ckpt1"
+    assert len(load(results / "test.json")) == 6  # every kept test prompt (fewer than 512)
+    assert load(results / "test_reward_eval.json")["n"] == 6 * 4
+
+
+def test_hh_readme(tmp_path, tiny_pythia):
+    raw = recipe_fixtures.write_hh(str(tmp_path / "raw"))
+    result = run_readme("hh", tmp_path, {"PYTHIA": tiny_pythia, "HH_RAW": raw, "LOSSES": "exo-pref"})
+    assert "skipped 1: chosen and rejected differ before the last turn" in result.stdout
+    results = tmp_path / "data" / "hh_infer_res" / "pythia-2.8b_hh" / "align_exo-pref_nc2" / "ckpt1"
+    assert load(results / "test_reward_eval.json")["n"] == 6 * 4
