@@ -14,7 +14,7 @@
 # the distribution the samples were drawn from.
 set -euo pipefail
 if [ "$#" -lt 4 ]; then
-    sed -n '2,15p' "$0"; exit 2
+    sed -n '2,14p' "$0"; exit 2
 fi
 DEVICE_IDS=$1; SAMPLES_DIR=${2%/}; MODEL_PATH=$3; LABEL=$4
 shift 4

@@ -12,7 +12,7 @@
 #   extra flags  passed on to src/inference_class.py and override the defaults below
 set -euo pipefail
 if [ "$#" -lt 4 ]; then
-    sed -n '2,13p' "$0"; exit 2
+    sed -n '2,12p' "$0"; exit 2
 fi
 DEVICE_IDS=$1; DATA_PATH=$2; SPLIT=$3; MODEL_PATH=$4
 shift 4
