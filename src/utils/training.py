@@ -300,8 +300,9 @@ def evaluate(engine, loader, compute_loss, device, summarize_metrics=None):
 # step directory holds run_state.json (step, data position, the batch layout it assumes) and
 # rng_rank{r}.json (each rank's python, numpy, torch and accelerator RNG states), all JSON, so
 # nothing but DeepSpeed's own files is unpickled. A checkpoint is written into a hidden
-# temporary directory by every rank, renamed into place once all ranks are done, and only then
-# named in `latest`: a run killed at any moment leaves `latest` on a complete checkpoint.
+# temporary directory by every rank; once all ranks are done rank 0 adds run_state.json, renames
+# the directory into place and only then names it in `latest`: a run killed at any moment leaves
+# `latest` on a complete checkpoint, and an unfinished one is never taken for one.
 CHECKPOINT_DIR = "ds_checkpoints"
 RUN_STATE_FILE = "run_state.json"
 # What must match for the data order, and so the resumed run, to be the one interrupted.
@@ -323,6 +324,9 @@ class RunState:
 def checkpoint_location(path):
     """(checkpoint directory, tag) that PATH names: a ds_checkpoints directory (its `latest`) or
     one of its step directories."""
+    if os.path.basename(os.path.abspath(path)).startswith("."):
+        raise InputError(f"--resume {path}: an unfinished checkpoint (its save was interrupted); pass the "
+                         "directory that holds it to resume from its `latest`")
     if os.path.isfile(os.path.join(path, RUN_STATE_FILE)):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
     latest = os.path.join(path, "latest")
@@ -410,11 +414,11 @@ def save_resumable_checkpoint(engine, args, state, layout):
     engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
     rank = torch.distributed.get_rank()
     atomic_write_json(os.path.join(root, tmp_tag, rng_file(rank)), rng_states(), indent=None)
-    if rank == 0:
-        atomic_write_json(os.path.join(root, tmp_tag, RUN_STATE_FILE),
-                          {"state": dataclasses.asdict(state), "layout": layout})
     torch.distributed.barrier()  # every rank's files are written
     if rank == 0:
+        # written last: a directory with run_state.json is a complete checkpoint
+        atomic_write_json(os.path.join(root, tmp_tag, RUN_STATE_FILE),
+                          {"state": dataclasses.asdict(state), "layout": layout})
         commit_dir(os.path.join(root, tmp_tag), os.path.join(root, tag))
         atomic_write_text(os.path.join(root, "latest"), tag)
         prune_checkpoints(root, args.keep_last_n, keep=tag)
