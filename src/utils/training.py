@@ -525,9 +525,10 @@ class NonFiniteGuard:
         step = optimizer.step
 
         def guarded_step(optimizer, *args, **kwargs):
-            self.skipped = self.skip_requested or not all(
-                torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
-                if p.grad is not None)
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            # one device sync for all tensors, not one per tensor
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            self.skipped = self.skip_requested or not finite
             if not self.skipped:
                 return step(*args, **kwargs)
             return None
