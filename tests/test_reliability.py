@@ -254,3 +254,14 @@ def test_a_prompt_longer_than_max_seq_len_is_cut_counted_and_reported(tiny_model
     assert len(dataset) == 3 and max(len(ids) for ids in dataset["input_ids"]) == 32
     assert re.search(r"train\.json: 2 sequences of 3 records had their prompt cut on the left to fit --max_seq_len 32",
                      capsys.readouterr().out)
+
+
+def test_pruning_keeps_the_last_n_up_to_the_step_just_written(tmp_path):
+    """Checkpoints after the one just written belong to a run this one replaced: they go too."""
+    from utils.training import prune_checkpoints
+
+    for step in (1, 2, 3, 4, 5, 12):
+        (tmp_path / f"global_step{step}").mkdir()
+    (tmp_path / ".global_step6.tmp").mkdir()  # an unfinished save: the next save of step 6 replaces it
+    prune_checkpoints(str(tmp_path), 2, 4)
+    assert sorted(os.listdir(tmp_path)) == [".global_step6.tmp", "global_step3", "global_step4"]

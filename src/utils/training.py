@@ -2,12 +2,12 @@
 
 A stage contributes a model, datasets, a collator and `compute_loss(model, batch) ->
 (loss, metrics)`; everything else — DeepSpeed, accumulation, scheduling, evaluation, logging,
-checkpoint exports — lives here. Read `train()` top to bottom.
+checkpoint exports, exact resume, preemption and non-finite steps — lives here. Read `train()`
+top to bottom; the checkpoint mechanics are the small functions above it.
 """
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -29,7 +29,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
 from utils.ds_utils import make_optimizer, train_ds_config
-from utils.fileio import InputError, TrainingStopped, atomic_dir, atomic_write_json, atomic_write_text, commit_dir
+from utils.fileio import InputError, TrainingStopped, atomic_write_json, atomic_write_text, commit_dir
 from utils.model_utils import load_tokenizer, save_hf_model
 
 
@@ -421,16 +421,19 @@ def save_resumable_checkpoint(engine, args, state, layout):
                           {"state": dataclasses.asdict(state), "layout": layout})
         commit_dir(os.path.join(root, tmp_tag), os.path.join(root, tag))
         atomic_write_text(os.path.join(root, "latest"), tag)
-        prune_checkpoints(root, args.keep_last_n, keep=tag)
+        prune_checkpoints(root, args.keep_last_n, state.step)
     torch.distributed.barrier()
     return os.path.join(root, tag)
 
 
-def prune_checkpoints(root, keep_last_n, keep):
+def prune_checkpoints(root, keep_last_n, step):
+    """Keep the last `keep_last_n` checkpoints up to `step`, the one just written. Any later one
+    is left from a run this one replaces (a fresh start, or a resume from an older step)."""
     steps = sorted((int(m.group(1)), name) for name in os.listdir(root)
                    if (m := re.fullmatch(r"global_step(\d+)", name)))
-    for _, name in steps[:-keep_last_n]:
-        if name != keep:
+    kept = [name for s, name in steps if s <= step][-keep_last_n:]
+    for _, name in steps:
+        if name not in kept:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
