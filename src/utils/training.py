@@ -658,7 +658,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
                 if stopping:
                     bar.close()
                     logger.close()
-                    end_early(args, state, checkpoint, preempted=totals["_stop"] > 0)
+                    end_early(state, checkpoint, preempted=totals["_stop"] > 0)
                 if step >= total_steps:
                     break
             else:
@@ -673,7 +673,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     return final_metrics
 
 
-def end_early(args, state, checkpoint, preempted):
+def end_early(state, checkpoint, preempted):
     """Leave the run after a preemption signal (exit code 0) or too many non-finite steps."""
     if preempted:
         print_rank0(f"stopped by a signal after step {state.step}; resumable checkpoint in {checkpoint} "
