@@ -68,15 +68,18 @@ def label_pref(records, scores):
     return pairs, skipped
 
 
+def check_pairable(records, data_file):
+    for index, record in enumerate(records):
+        if len(record["completions"]) < 2:
+            raise InputError(f"{where(data_file, index, 'completions')}: {len(record['completions'])} "
+                             "completion; label_pref needs at least 2 per prompt (sample with --return_num 2+)")
+
+
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, tok, records, data_file, device = start_scoring(args, load_reward_model)
-    if args.mode == "label_pref":
-        for index, record in enumerate(records):
-            if len(record["completions"]) < 2:
-                raise InputError(f"{where(data_file, index, 'completions')}: {len(record['completions'])} "
-                                 "completion; label_pref needs at least 2 per prompt (sample with --return_num 2+)")
+    model, tokenizer, tok, records, data_file, device = start_scoring(
+        args, load_reward_model, check_pairable if args.mode == "label_pref" else None)
 
     def score(batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]

@@ -166,6 +166,13 @@ CATALOGUE = {
                                                lambda c: gen_dir(c, lambda r: r[2]["completions"].append(3)),
                                                "--split", "test", "--output_path", "{case}/out/o.json"),
                                           r"record 2 field \"completions\"\[2\]: expected str, got int"),
+    "classifier label not 0 or 1": (train("train_class.py", lambda c: "bad/class:" + str(data_dir(
+                                        c, [{"text": "good fun", "label": 1}, {"text": "dull", "label": 2}]))),
+                                    r"train\.json record 1 field \"label\": expected 0 or 1, got 2"),
+    "oracle pairs from one completion": (tool("inference_class.py", "--model_name_or_path", "{tiny}", "--data_path",
+                                              lambda c: gen_dir(c, lambda r: r[1].__setitem__("completions", ["x"])),
+                                              "--split", "test", "--output_path", "{case}/out"),
+                                         r"record 1 field \"completions\": 1 completion; label_pref needs at least 2"),
     "kl of a missing file": (tool("eval_kl.py", "{case}/policy.json", "{case}/sft.json"),
                              r"policy\.json: cannot read \(No such file or directory\)"),
     "kl logps not finite": (tool("eval_kl.py", _file("policy.json", '[{"prompt": "p", "completions": ["a"], '
@@ -213,7 +220,7 @@ def test_the_catalogue_covers_every_entry_script_with_at_least_25_cases(catalogu
     scripts = {result[0] for result in catalogue_results.values()}
     assert scripts >= {"src/train_sft.py", "src/train_rm.py", "src/train_exo.py", "src/inference_sft.py",
                        "src/inference_rm.py", "src/calc_logprobs.py", "src/eval_kl.py", "src/utils/data/pref_to_rw.py",
-                       "src/make_tiny_model.py"}
+                       "src/make_tiny_model.py", "src/train_class.py", "src/inference_class.py"}
 
 
 @pytest.mark.parametrize("name", list(CATALOGUE))

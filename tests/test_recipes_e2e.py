@@ -5,7 +5,6 @@ The README's setup block reads its paths and extra flags from the environment, s
 run here is the README's text itself; the tiny sizes ride in TRAIN / SAMPLE / SCORE.
 """
 import json
-import os
 import re
 
 import pytest
