@@ -53,8 +53,9 @@ def add_training_args(parser):
     g.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory (or hub name) to train")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code shipped inside the checkpoint directory to run")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, ~30%% more compute")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in the backward pass: less memory, ~30%% more compute "
+                        "(--no-gradient_checkpointing undoes a launcher's default)")
     g.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; 0 trains the full model without adapters")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scaling alpha / rank); default = rank")
     g.add_argument("--lora_module_name", default="all-linear",
