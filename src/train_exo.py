@@ -23,7 +23,7 @@ from utils.data.collators import AlignmentCollator
 from utils.data.data_utils import AlignmentEncoder
 from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
-from utils.fileio import InputError, cli_main
+from utils.fileio import InputError, atomic_file, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
 from utils.model_utils import apply_lora, load_causal_lm, model_fingerprint, model_sequence_logprobs
 from utils.training import Stage, add_training_args, base_parser, check_training_args, distributed_loader, is_rank0, train
@@ -127,12 +127,11 @@ def cached_reference_logps(reference, dataset, data_key, collator, args, device)
     key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}".encode())
     path = os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
     if os.path.exists(path):
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     values = reference_logps(reference(), dataset, collator, args, device)
     if is_rank0():
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
-        np.save(tmp, values)
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".tmp.npy") as tmp:  # np.save appends .npy to other names
+            np.save(tmp, values, allow_pickle=False)
     return values
 
 

@@ -1,7 +1,8 @@
 # Sourced by the launchers in this directory: the deepspeed command for this machine.
 #
 #   DEVICE_IDS=0,1,2,3   GPUs to use (default: every visible GPU). Without a GPU the same
-#                        code runs on CPU ranks, one per listed id (default 2 ranks).
+#                        code runs on CPU ranks, one per listed id (default 2 ranks; a
+#                        single CPU rank runs as plain `python`).
 #   MASTER_PORT=29500    rendezvous port (default: a free one, so runs can share a node)
 #
 # Sets DEEPSPEED (an array: the launcher with its device flags), ON_GPU (1/0) and DTYPE
@@ -20,7 +21,13 @@ else
     ON_GPU=0
     DEVICE_IDS="${DEVICE_IDS:-0,1}"
     NUM_CPU_RANKS="$(echo "${DEVICE_IDS}" | tr ',' '\n' | grep -c .)"
-    DEEPSPEED=(deepspeed --num_gpus "${NUM_CPU_RANKS}" --master_port "${MASTER_PORT}")
+    if [ "${NUM_CPU_RANKS}" -eq 1 ]; then
+        # One CPU rank needs no launcher: every script makes its own one-process group, and
+        # the launcher's extra interpreter start costs ~10 s per stage on a laptop.
+        DEEPSPEED=(python)
+    else
+        DEEPSPEED=(deepspeed --num_gpus "${NUM_CPU_RANKS}" --master_port "${MASTER_PORT}")
+    fi
     DTYPE="${DTYPE:-fp32}"
 fi
 

@@ -3,6 +3,7 @@
 A bad input must end a run with one line that names the file, the record and the field,
 exit code 2 and no traceback; everything a stage writes appears whole or not at all.
 """
+import contextlib
 import functools
 import json
 import os
@@ -11,10 +12,16 @@ import sys
 import tempfile
 
 INPUT_ERROR_EXIT_CODE = 2
+STOPPED_EXIT_CODE = 1
 
 
 class InputError(Exception):
     """A problem with the user's data, flags or paths: reported as one line, never a traceback."""
+
+
+class TrainingStopped(Exception):
+    """A run that cannot usefully go on (e.g. its loss keeps diverging), stopped on purpose after
+    writing what is needed to continue: one line and exit code 1, never a traceback."""
 
 
 def where(path, record=None, field=None):
@@ -37,6 +44,9 @@ def cli_main(main):
         except InputError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(INPUT_ERROR_EXIT_CODE)
+        except TrainingStopped as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(STOPPED_EXIT_CODE)
 
     return wrapper
 
@@ -78,15 +88,19 @@ def read_json_records(path):
     return records
 
 
-def atomic_write_json(path, obj, indent=1):
-    """Write JSON to a temporary file in the same directory, fsync, then rename into place."""
+@contextlib.contextmanager
+def atomic_file(path, suffix=".tmp"):
+    """Yield a temporary path beside `path` to write; on success it is fsynced and renamed onto
+    `path`, on any error removed. A run killed meanwhile leaves the old `path` (or none) and a
+    hidden `.NAME.*.tmp` file that nothing reads."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent, allow_nan=False)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -95,11 +109,31 @@ def atomic_write_json(path, obj, indent=1):
         raise
 
 
+def atomic_write_json(path, obj, indent=1):
+    """Write JSON to a temporary file in the same directory, fsync, then rename into place."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False)  # fails before any file exists
+    atomic_write_text(path, text)
+
+
+def atomic_write_text(path, text):
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def atomic_dir(final_dir):
     """A fresh temporary sibling of `final_dir`; pass it to `commit_dir` once fully written."""
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.", suffix=".tmp")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    return tmp
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def commit_dir(tmp_dir, final_dir):

@@ -233,14 +233,18 @@ def _remove_shards(output_file):
 
 
 # -- gen data, scored by the training rule ------------------------------------------------
-def start_scoring(args, load_model):
-    """What calc_logprobs and inference_rm do first: join the ranks, load the tokenizer, the
-    `gen` records (under the training tokenisation rule) and the frozen model, on its device.
-    Returns (model, tokenizer, tok, records, data_file, device)."""
+def start_scoring(args, load_model, check_records=None):
+    """What calc_logprobs, inference_rm and inference_class do first: join the ranks, load the
+    tokenizer, the `gen` records (under the training tokenisation rule) and the frozen model, on
+    its device. `check_records(records, data_file)` is a stage's own validation, run before the
+    model loads so that bad data fails fast. Returns (model, tokenizer, tok, records, data_file,
+    device)."""
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
     records, data_file = load_gen_records(args.data_path, args.split, tok)
+    if check_records is not None:
+        check_records(records, data_file)
     model = load_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                        disable_dropout=True).to(device).eval()
     return model, tokenizer, tok, records, data_file, device

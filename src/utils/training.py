@@ -2,13 +2,21 @@
 
 A stage contributes a model, datasets, a collator and `compute_loss(model, batch) ->
 (loss, metrics)`; everything else — DeepSpeed, accumulation, scheduling, evaluation, logging,
-checkpoint exports — lives here. Read `train()` top to bottom.
+checkpoint exports, exact resume, preemption and non-finite steps — lives here. Read `train()`
+top to bottom; the checkpoint mechanics are the small functions above it.
 """
 import argparse
+import dataclasses
+import json
 import os
 import random
+import re
+import shutil
+import signal
 import socket
+import threading
 import time
+import types
 
 import deepspeed
 import numpy as np
@@ -22,7 +30,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
 from utils.data.samplers import length_grouped_loader
 from utils.ds_utils import make_optimizer, train_ds_config
-from utils.fileio import InputError
+from utils.fileio import InputError, TrainingStopped, atomic_write_json, atomic_write_text, commit_dir
 from utils.model_utils import load_tokenizer, save_hf_model
 
 
@@ -46,8 +54,9 @@ def add_training_args(parser):
     g.add_argument("--model_name_or_path", required=True, help="Hugging Face model directory (or hub name) to train")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code shipped inside the checkpoint directory to run")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, ~30%% more compute")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in the backward pass: less memory, ~30%% more compute "
+                        "(--no-gradient_checkpointing undoes a launcher's default)")
     g.add_argument("--lora_dim", type=int, default=0, help="LoRA rank; 0 trains the full model without adapters")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scaling alpha / rank); default = rank")
     g.add_argument("--lora_module_name", default="all-linear",
@@ -93,6 +102,18 @@ def add_training_args(parser):
     g.add_argument("--tensorboard_name_path", default=None,
                    help="RUN_NAME:LOG_DIR for TensorBoard (logs go to LOG_DIR/RUN_NAME); default OUTPUT_DIR/tensorboard")
     g.add_argument("--print_loss", action="store_true", help="print a line of metrics at every optimizer step")
+
+    g = parser.add_argument_group("reliability")
+    g.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue an interrupted run exactly (weights, optimizer, scheduler, step, data order, RNG) "
+                        f"from a DeepSpeed checkpoint: auto = OUTPUT_DIR/{CHECKPOINT_DIR} if it holds one, else start "
+                        "fresh; PATH = such a directory (its `latest`) or one of its step directories")
+    g.add_argument("--keep_last_n", type=int, default=2,
+                   help=f"resumable DeepSpeed checkpoints kept in OUTPUT_DIR/{CHECKPOINT_DIR}; one is written with "
+                        "every ckptN export and on SIGTERM/SIGINT (which end the run with exit code 0)")
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="an optimizer step whose loss or gradient norm is not finite is skipped; after this many in "
+                        "a row the run stops with a resumable checkpoint")
     return parser
 
 
@@ -109,6 +130,14 @@ def check_training_args(args):
         raise InputError(f"--output_dir {args.output_dir}: exists and is not a directory")
     if args.tensorboard_name_path and ":" not in args.tensorboard_name_path:
         raise InputError(f"--tensorboard_name_path {args.tensorboard_name_path!r}: expected RUN_NAME:LOG_DIR")
+    if args.offload and args.zero_stage == 0:
+        raise InputError("--offload needs --zero_stage 1, 2 or 3: without ZeRO there is no partitioned optimizer "
+                         "state to move to CPU memory")
+    for name in ("keep_last_n", "max_nonfinite_steps"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.resume not in (None, "auto"):
+        checkpoint_location(args.resume)  # raises if PATH holds no checkpoint
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -192,9 +221,12 @@ def to_device(batch, device):
 
 
 def distributed_loader(dataset, batch_size, collator, shuffle, seed):
-    sampler = DistributedSampler(dataset, num_replicas=torch.distributed.get_world_size(),
-                                 rank=torch.distributed.get_rank(), shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    sampler = ResumableSampler(dataset, num_replicas=torch.distributed.get_world_size(),
+                               rank=torch.distributed.get_rank(), shuffle=shuffle, seed=seed)
+    # A private generator: otherwise every pass over a loader draws a seed from the global torch
+    # RNG, and a resumed run (which starts a pass mid-epoch) would drift from the interrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def sum_across_ranks(values):
@@ -246,7 +278,7 @@ class Logger:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
         if (self.print_loss or prefix == "eval") and is_rank0():
-            tqdm.write(f"[{prefix} step {step}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            tqdm.write(f"[{prefix} step {step}] " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
 
     def close(self):
         if self.writer:
@@ -267,6 +299,259 @@ def evaluate(engine, loader, compute_loss, device, summarize_metrics=None):
     return summarize_metrics(metrics) if summarize_metrics else metrics
 
 
+# -- resumable checkpoints ----------------------------------------------------------------
+# DeepSpeed's own checkpoints (weights, optimizer and scheduler state, per rank) live in
+# OUTPUT_DIR/ds_checkpoints/global_stepN, apart from the HF exports. Beside DeepSpeed's files a
+# step directory holds run_state.json (step, data position, the batch layout it assumes) and
+# rng_rank{r}.json (each rank's python, numpy, torch and accelerator RNG states), all JSON, so
+# nothing but DeepSpeed's own files is unpickled. A checkpoint is written into a hidden
+# temporary directory by every rank; once all ranks are done rank 0 adds run_state.json, renames
+# the directory into place and only then names it in `latest`: a run killed at any moment leaves
+# `latest` on a complete checkpoint, and an unfinished one is never taken for one.
+CHECKPOINT_DIR = "ds_checkpoints"
+RUN_STATE_FILE = "run_state.json"
+# What must match for the data order, and so the resumed run, to be the one interrupted.
+LAYOUT_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+               "num_train_epochs", "num_examples", "total_steps")
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run is: what a resumed run needs besides the weights and optimizer."""
+    step: int = 0                 # optimizer steps taken (skipped ones included)
+    epoch: int = 0                # the epoch being read
+    batches_done: int = 0         # micro batches of `epoch` already consumed on each rank
+    micro_step: int = 0           # micro batches consumed in all
+    skipped_steps: int = 0        # steps skipped for a non-finite loss or gradient norm
+    nonfinite_in_row: int = 0
+
+
+def checkpoint_location(path):
+    """(checkpoint directory, tag) that PATH names: a ds_checkpoints directory (its `latest`) or
+    one of its step directories."""
+    if os.path.basename(os.path.abspath(path)).startswith("."):
+        raise InputError(f"--resume {path}: an unfinished checkpoint (its save was interrupted); pass the "
+                         "directory that holds it to resume from its `latest`")
+    if os.path.isfile(os.path.join(path, RUN_STATE_FILE)):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
+        if os.path.isfile(os.path.join(path, tag, RUN_STATE_FILE)):
+            return path, tag
+        raise InputError(f"--resume {path}: `latest` names {tag!r}, which is not a complete checkpoint")
+    raise InputError(f"--resume {path}: not a resumable checkpoint (no `latest` file and no {RUN_STATE_FILE}); "
+                     f"pass OUTPUT_DIR/{CHECKPOINT_DIR}, one of its global_stepN directories, or auto")
+
+
+def find_resume_checkpoint(args):
+    """(directory, tag) to resume from, or None to start fresh."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        auto = os.path.join(args.output_dir, CHECKPOINT_DIR)
+        if not os.path.isfile(os.path.join(auto, "latest")):
+            print_rank0(f"--resume auto: no checkpoint in {auto} yet, starting from scratch")
+            return None
+        return checkpoint_location(auto)
+    return checkpoint_location(args.resume)
+
+
+def run_layout(args, world_size, num_examples, total_steps):
+    return {"world_size": world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+            "num_train_epochs": args.num_train_epochs, "num_examples": num_examples, "total_steps": total_steps}
+
+
+def read_run_state(location, layout):
+    """The RunState saved at `location`, after checking the run being resumed reads the same data
+    in the same order (otherwise the resume would silently be a different run)."""
+    path = os.path.join(*location, RUN_STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        state = RunState(**saved["state"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: unreadable run state ({err}); resume from another checkpoint") from None
+    for key in LAYOUT_KEYS:
+        if saved["layout"].get(key) != layout[key]:
+            raise InputError(f"--resume {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
+                             f"this run has {layout[key]}; resume with the flags, data and ranks of that run")
+    return state
+
+
+def rng_states():
+    return {"python": _jsonable(random.getstate()),
+            "numpy": _jsonable(np.random.get_state()),
+            "torch": torch.get_rng_state().tolist(),
+            "accelerator": get_accelerator().get_rng_state().tolist()}
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def set_rng_states(states):
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    get_accelerator().set_rng_state(torch.tensor(states["accelerator"], dtype=torch.uint8))
+
+
+def rng_file(rank):
+    return f"rng_rank{rank}.json"
+
+
+def save_resumable_checkpoint(engine, args, state, layout):
+    """Write OUTPUT_DIR/ds_checkpoints/global_stepN (all ranks call this), point `latest` at it
+    and keep the last --keep_last_n. Returns the step directory."""
+    root = os.path.join(args.output_dir, CHECKPOINT_DIR)
+    tag = f"global_step{state.step}"
+    tmp_tag = f".{tag}.tmp"  # one name on every rank: DeepSpeed writes each rank's files into it
+    if is_rank0():
+        shutil.rmtree(os.path.join(root, tmp_tag), ignore_errors=True)  # left by a killed save
+    torch.distributed.barrier()
+    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
+    rank = torch.distributed.get_rank()
+    atomic_write_json(os.path.join(root, tmp_tag, rng_file(rank)), rng_states(), indent=None)
+    torch.distributed.barrier()  # every rank's files are written
+    if rank == 0:
+        # written last: a directory with run_state.json is a complete checkpoint
+        atomic_write_json(os.path.join(root, tmp_tag, RUN_STATE_FILE),
+                          {"state": dataclasses.asdict(state), "layout": layout})
+        commit_dir(os.path.join(root, tmp_tag), os.path.join(root, tag))
+        atomic_write_text(os.path.join(root, "latest"), tag)
+        prune_checkpoints(root, args.keep_last_n, state.step)
+    torch.distributed.barrier()
+    return os.path.join(root, tag)
+
+
+def prune_checkpoints(root, keep_last_n, step):
+    """Keep the last `keep_last_n` checkpoints up to `step`, the one just written. Any later one
+    is left from a run this one replaces (a fresh start, or a resume from an older step)."""
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root)
+                   if (m := re.fullmatch(r"global_step(\d+)", name)))
+    kept = [name for s, name in steps if s <= step][-keep_last_n:]
+    for _, name in steps:
+        if name not in kept:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_resumable_checkpoint(engine, location):
+    """Restore weights, optimizer and scheduler into `engine` (all ranks); returns this rank's RNG
+    states, to be set right before training continues."""
+    directory, tag = location
+    load_path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    path = os.path.join(directory, tag, rng_file(torch.distributed.get_rank()))
+    if load_path is None or not os.path.isfile(path):
+        raise InputError(f"--resume {os.path.join(directory, tag)}: incomplete checkpoint (no DeepSpeed states or "
+                         f"no {os.path.basename(path)}); resume from another one")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next pass can start part-way, at the exact sample a resumed run
+    stopped at (the order itself is still a function of seed and epoch only)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        self.start = 0
+        return iter(indices)
+
+
+# -- preemption and non-finite steps ------------------------------------------------------
+class StopRequest:
+    """SIGTERM and SIGINT, while training, only raise a flag: the loop finishes the step, ranks
+    agree on it in their per-step all-reduce (so all of them stop at the same step and meet in
+    the checkpoint's collectives), write a resumable checkpoint and exit 0. Further signals are
+    absorbed too: DeepSpeed's launcher answers a signal with its own SIGTERM to every rank,
+    then waits 30 s before SIGKILL."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals can only be set there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class SkipAwareScheduler:
+    """The LR scheduler as DeepSpeed drives it: it does not advance on updates the guard skipped."""
+
+    def __init__(self, scheduler, guard):
+        self.scheduler, self.guard = scheduler, guard
+
+    def step(self, *args, **kwargs):
+        if not self.guard.skipped:
+            self.scheduler.step(*args, **kwargs)
+
+    def state_dict(self):
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.scheduler.load_state_dict(state_dict)
+
+    def get_last_lr(self):
+        return self.scheduler.get_last_lr()
+
+
+class NonFiniteGuard:
+    """Skips an optimizer update whose loss or gradients are not finite, on every rank alike.
+
+    DeepSpeed skips a step with a non-finite gradient norm itself under ZeRO 1-3 (its overflow
+    check); without ZeRO it applies it. The guard wraps the optimizer DeepSpeed drives, so the
+    update is skipped in every configuration: when the loop reports a non-finite loss on any
+    rank (`skip_requested`, from the all-reduce every rank takes part in) or when a gradient
+    it would apply is not finite (without ZeRO, gradients are already all-reduced, so every rank
+    sees the same). The scheduler wrapper keeps the LR schedule on updates actually applied,
+    as DeepSpeed does for the steps it skips."""
+
+    def __init__(self, optimizer):
+        self.skip_requested = False
+        self.skipped = False
+        step = optimizer.step
+
+        def guarded_step(optimizer, *args, **kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            # one device sync for all tensors, not one per tensor
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            self.skipped = self.skip_requested or not finite
+            if not self.skipped:
+                return step(*args, **kwargs)
+            return None
+
+        # a bound method, as torch's LR schedulers expect to find (and wrap) there
+        optimizer.step = types.MethodType(guarded_step, optimizer)
+
+    def step(self, engine, skip):
+        """engine.step() at an accumulation boundary; True if the update was applied."""
+        self.skip_requested, self.skipped = skip, False
+        engine.step()
+        return not self.skipped and engine.was_step_applied()
+
+
+
 # -- the loop -----------------------------------------------------------------------------
 def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute_loss, device,
           summarize_metrics=None):
@@ -278,6 +563,11 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     and evaluations alike: metrics that are ratios of totals, like SFT's perplexity, are
     returned by `compute_loss` as per-batch numerator and denominator (their means share one
     divisor, so their ratio is total / total) and combined there.
+
+    With `--resume` the run continues from a DeepSpeed checkpoint exactly where it was
+    written. On SIGTERM or SIGINT it checkpoints after the current step and exits with code 0
+    (SystemExit); after --max_nonfinite_steps skipped steps in a row it checkpoints and raises
+    TrainingStopped.
     """
     world_size = torch.distributed.get_world_size()
     train_loader = (length_grouped_loader(train_dataset, args.per_device_train_batch_size, collator, args.seed)
@@ -293,68 +583,112 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
                          f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} "
                          f"x {world_size} ranks; use smaller batches or more data")
     exports = export_steps(total_steps, args.num_save_checkpoint, args.save_step_interval)
+    layout = run_layout(args, world_size, len(train_dataset), total_steps)
+    resume_from = find_resume_checkpoint(args)
+    state = read_run_state(resume_from, layout) if resume_from else RunState()
 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, args)
+    guard = NonFiniteGuard(optimizer)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=total_steps)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=SkipAwareScheduler(scheduler, guard),
                                       config=train_ds_config(args, world_size))
     logger = Logger(args)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: ds_numel
     print_rank0(f"training {trainable:,} parameters for "
                 f"{total_steps} optimizer steps ({len(train_dataset)} examples, {world_size} ranks)")
 
-    logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
-    step, micro_step = 0, 0
-    sums, tokens, started = {}, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", disable=not is_rank0(), dynamic_ncols=True)
+    if resume_from:
+        rng = load_resumable_checkpoint(engine, resume_from)
+        print_rank0(f"resumed from {os.path.join(*resume_from)} at step {state.step}")
+    else:
+        rng = None
+        logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
+    sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
     engine.train()
-    for epoch in range(args.num_train_epochs):
-        train_loader.sampler.set_epoch(epoch)
-        for batch in train_loader:
-            batch = to_device(batch, device)
-            loss, metrics = compute_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed updates only at accumulation boundaries
-            micro_step += 1
-            add_metrics(sums, loss, metrics)
-            tokens += int(batch["attention_mask"].sum())
-            if micro_step % args.gradient_accumulation_steps:
-                continue
+    if rng:
+        set_rng_states(rng)  # last, so that nothing between here and the next batch draws from them
+    with StopRequest() as stop:
+        while state.step < total_steps and state.epoch < args.num_train_epochs:
+            train_loader.sampler.set_epoch(state.epoch)
+            train_loader.sampler.start = state.batches_done * args.per_device_train_batch_size
+            for batch in train_loader:
+                batch = to_device(batch, device)
+                loss, metrics = compute_loss(engine, batch)
+                engine.backward(loss)
+                state.batches_done += 1
+                state.micro_step += 1
+                add_metrics(sums, loss, metrics)
+                tokens += int(batch["attention_mask"].sum())
+                nonfinite_loss = nonfinite_loss or not bool(torch.isfinite(loss.detach()).all())
+                if state.micro_step % args.gradient_accumulation_steps:
+                    engine.step()  # DeepSpeed only counts the micro step
+                    continue
 
-            step += 1
-            elapsed = time.perf_counter() - started
-            totals = sum_across_ranks({**sums, "tokens": tokens})
-            train_metrics = {name: totals[name] / (world_size * args.gradient_accumulation_steps) for name in sums}
-            if summarize_metrics:
-                train_metrics = summarize_metrics(train_metrics)
-            train_metrics["tokens_per_s"] = totals["tokens"] / elapsed
-            train_metrics["lr"] = scheduler.get_last_lr()[0]
-            logger.log("train", train_metrics, step)
-            bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", lr=f"{train_metrics['lr']:.2e}",
-                            tok_s=f"{train_metrics['tokens_per_s']:.0f}")
-            bar.update()
-            sums, tokens, started = {}, 0, time.perf_counter()
+                # One all-reduce per step gives every rank the metrics and the same verdicts.
+                totals = sum_across_ranks({**sums, "tokens": tokens, "_nonfinite_loss": nonfinite_loss,
+                                           "_stop": stop.signum is not None})
+                applied = guard.step(engine, skip=totals["_nonfinite_loss"] > 0)
+                state.step += 1
+                if applied:
+                    state.nonfinite_in_row = 0
+                else:
+                    state.skipped_steps += 1
+                    state.nonfinite_in_row += 1
+                    print_rank0(f"step {state.step}: non-finite loss or gradient norm, update skipped "
+                                f"({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+                elapsed = time.perf_counter() - started
+                train_metrics = {name: totals[name] / (world_size * args.gradient_accumulation_steps) for name in sums}
+                if summarize_metrics:
+                    train_metrics = summarize_metrics(train_metrics)
+                train_metrics["tokens_per_s"] = totals["tokens"] / elapsed
+                train_metrics["lr"] = scheduler.get_last_lr()[0]
+                train_metrics["skipped_steps"] = state.skipped_steps
+                logger.log("train", train_metrics, state.step)
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", lr=f"{train_metrics['lr']:.2e}",
+                                tok_s=f"{train_metrics['tokens_per_s']:.0f}")
+                bar.update()
+                sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
 
-            if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
-                logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), step)
-            if step in exports:
-                save_hf_model(engine, tokenizer, os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}"),
-                              args.zero_stage)
-            if step >= total_steps:
-                break
-        if step >= total_steps:
-            break
+                step = state.step
+                if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
+                    logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), step)
+                if step in exports:
+                    save_hf_model(engine, tokenizer, os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}"),
+                                  args.zero_stage)
+                stopping = totals["_stop"] > 0 or state.nonfinite_in_row >= args.max_nonfinite_steps
+                if step in exports or stopping:
+                    checkpoint = save_resumable_checkpoint(engine, args, state, layout)
+                if stopping:
+                    bar.close()
+                    logger.close()
+                    end_early(state, checkpoint, preempted=totals["_stop"] > 0)
+                if step >= total_steps:
+                    break
+            else:
+                state.epoch, state.batches_done = state.epoch + 1, 0
     bar.close()
 
     final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
-    logger.log("eval", final_metrics, step)
+    logger.log("eval", final_metrics, state.step)
     save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False)
     print_rank0(f"saved the final model to {args.output_dir}")
     logger.close()
     return final_metrics
+
+
+def end_early(state, checkpoint, preempted):
+    """Leave the run after a preemption signal (exit code 0) or too many non-finite steps."""
+    if preempted:
+        print_rank0(f"stopped by a signal after step {state.step}; resumable checkpoint in {checkpoint} "
+                    f"(continue with --resume auto)")
+        raise SystemExit(0)
+    raise TrainingStopped(f"{state.nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                          f"norm (last at step {state.step}); resumable checkpoint in {checkpoint}; lower "
+                          f"--learning_rate or check the data, then continue with --resume")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -56,3 +56,15 @@ class AlignmentCollator(PairCollator):
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)
         return batch
+
+
+class ClassCollator:
+    """{input_ids, label} examples -> one padded batch plus `labels` [N] (float, for BCE)."""
+
+    def __init__(self, pad_token_id):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples):
+        batch = pad_sequences([e["input_ids"] for e in examples], [0] * len(examples), self.pad_token_id)
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.float32)
+        return batch

@@ -69,6 +69,7 @@ class Tokenisation:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
+        self.prompts_cut = 0  # sequences whose prompt `join` cut, reported once a split is tokenised
         # Tokens the tokenizer puts in front of every text (a BOS); left cuts keep them.
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         special = tokenizer("a")["input_ids"]
@@ -91,6 +92,7 @@ class Tokenisation:
         completion_ids = completion_ids[:self.max_gen_len]
         room = self.max_seq_len - len(completion_ids)
         if len(prompt_ids) > room:
+            self.prompts_cut += 1
             prefix = prompt_ids[:self.num_prefix]
             prompt_ids = prefix + prompt_ids[len(prompt_ids) - (room - len(prefix)):]
         return prompt_ids + completion_ids, len(prompt_ids)
@@ -193,6 +195,28 @@ class PairEncoder(Encoder):
                 "prompt_lens": [[c, r] for (_, c), (_, r) in zip(chosen, rejected)]}
 
 
+class ClassEncoder(Encoder):
+    """class record -> {input_ids, label}: the text + EOS, cut on the right to max_seq_len.
+
+    The EOS ends the text as it ends every completion the classifier later scores (scoring
+    joins prompt + completion + EOS by the training rule), so the classifier sees texts the
+    way it will be asked about them. Labels are 0 or 1 (1 = positive)."""
+
+    def __init__(self, tok, source, kind):
+        if kind != "class":
+            raise InputError(f"{source}: a classifier trains on class data (text, label), got kind {kind!r}")
+        super().__init__(tok, source, kind)
+
+    def check(self, record, index):
+        if record["label"] not in (0, 1):
+            raise InputError(f"{where(self.source, index, 'label')}: expected 0 or 1, got {record['label']}")
+
+    def __call__(self, batch, indices):
+        eos, limit = self.tok.tokenizer.eos_token_id, self.tok.max_seq_len
+        texts = self.tok.tokenizer(list(batch["text"]))["input_ids"]
+        return {"input_ids": [(ids + [eos])[:limit] for ids in texts], "label": list(batch["label"])}
+
+
 # -- caching --------------------------------------------------------------------------------
 def local_rank():
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -242,8 +266,13 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
             for index, record in enumerate(records):
                 encoder.check(record, index)
             records = datasets.Dataset.from_list(records)
+            cut_before = tok.prompts_cut
             encoded = records.map(encoder, batched=True, with_indices=True,
                                   remove_columns=records.column_names, desc=f"tokenising {raw.name}/{raw.kind} {split}")
+            if tok.prompts_cut > cut_before:
+                # Never dropped: a prompt cut on the left still conditions the completion.
+                print(f"{raw.source(split)}: {tok.prompts_cut - cut_before} sequences of {len(records)} records had "
+                      f"their prompt cut on the left to fit --max_seq_len {tok.max_seq_len}", flush=True)
             tmp = atomic_dir(path)
             encoded.save_to_disk(tmp)
             commit_dir(tmp, path)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# IMDB alignment: EXO or DPO from the SFT model on rw data (reward-model or converted pref data).
+#
+#   bash exp/imdb_exp/train_exo.sh NAME INIT_PATH DATA_PATH LOSS_TYPE NUM_CONTRASTIVE [extra flags]
+#
+#   NAME INIT_PATH   e.g. gpt2-large models/gpt2-large_imdb/sft (also the frozen reference)
+#   DATA_PATH        rw data: data/imdb_prefix10_rw or data/imdb_prefix10_pref_p2r
+#   LOSS_TYPE        exo-pref | exo-rw | dpo-pref | dpo-rw
+#   NUM_CONTRASTIVE  K, candidates per group (at most the completions per prompt)
+#   extra flags      override the defaults below (the original EXO code's, see README.md)
+#
+# Writes models/NAME_imdb/align_LOSS_ncK/ckpt1..20 and the final model.
+set -euo pipefail
+if [ "$#" -lt 5 ]; then
+    sed -n '2,12p' "$0"; exit 2
+fi
+NAME=$1; INIT_PATH=$2; DATA_PATH=$3; LOSS_TYPE=$4; NUM_CONTRASTIVE=$5
+shift 5
+bash "$(dirname "$0")/../custom_exp/train_exo.sh" "${NAME}" "${INIT_PATH}" sft imdb/rw "${DATA_PATH}" \
+    "${LOSS_TYPE}" "${NUM_CONTRASTIVE}" \
+    --beta_r 0.1 \
+    --beta_pi 0.1 \
+    --temp 0.8 \
+    --per_device_train_batch_size 8 \
+    --per_device_eval_batch_size 8 \
+    --gradient_accumulation_steps 4 \
+    --max_seq_len 512 \
+    --max_gen_len 500 \
+    --learning_rate 1e-6 \
+    --max_iter_step 800 \
+    --num_save_checkpoint 20 \
+    "$@"

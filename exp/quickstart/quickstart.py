@@ -1,0 +1,343 @@
+"""The paper's IMDB experiment in miniature, on a laptop CPU, through the real pipeline.
+
+    bash exp/quickstart/run.sh                 # ~10 minutes on 2 cores; results/quickstart/results.md
+    bash exp/quickstart/run.sh --force         # redo every stage
+    bash exp/quickstart/run.sh --force align_exo-rw   # redo one stage (and what depends on it)
+
+Stages, each through the launcher or entry point a GPU user runs:
+  corpus       a seeded synthetic corpus of short movie reviews (corpus.py); prompts are their first words
+  base_model   a tiny GPT-2 and BPE tokenizer trained on it (src/make_tiny_model.py)
+  sft          SFT on the reviews (exp/custom_exp/train_sft.sh)
+  sample       completions of the train and test prompts from the SFT model (inference_sft.sh)
+  oracle_pref  best-vs-worst preference pairs by the oracle, VADER's sentiment score (oracle.py)
+  rm           a reward model on those pairs (train_rm.sh)
+  rm_label     the samples scored by the reward model: rw data (inference_rm.sh)
+  pref_to_rw   the oracle pairs as rw data with rewards [1, 0] (src/utils/data/pref_to_rw.py)
+  align_M      EXO / DPO from the SFT model, saving checkpoints (train_exo.sh): the -rw losses on the
+               reward model's rw data with K = --num_samples, the -pref losses on the oracle pairs (K = 2)
+  eval_M       every checkpoint's test samples: oracle reward and KL(pi || pi_sft) (evaluate.py)
+  report       results.md (the table), results.json and reward_vs_kl.png (the frontier per method)
+
+A stage is skipped when it finished before with the same settings and nothing it depends on
+was redone; each stage's console output goes to WORKDIR/logs/STAGE.log. Everything is written
+under --workdir (default results/quickstart).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parent
+REPO_ROOT = QUICKSTART.parents[1]
+sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(QUICKSTART))
+
+from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
+
+METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
+# Every sampled completion fits the training and scoring cuts with its EOS: the prompts are a
+# few words and completions at most MAX_NEW_TOKENS tokens (+ slack for re-tokenisation).
+MAX_NEW_TOKENS, MAX_LENGTH = 64, 96
+LENGTHS = ["--max_seq_len", str(MAX_LENGTH + 8), "--max_gen_len", str(MAX_NEW_TOKENS + 8)]
+SAMPLING_TEMP = 0.8
+MODEL_NAME, DATA_NAME = "tiny", "review"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="results/quickstart",
+                        help="where data, models, logs and the results go")
+    parser.add_argument("--force", nargs="*", default=None, metavar="STAGE",
+                        help="redo these stages (and every stage that depends on them); no name: redo all")
+    g = parser.add_argument_group("sizes (the defaults take ~10 minutes on 2 CPU cores)")
+    g.add_argument("--num_reviews", type=int, default=2000, help="reviews in the SFT corpus (train split)")
+    g.add_argument("--num_train_prompts", type=int, default=512,
+                   help="train prompts sampled, labelled and aligned on (the corpus's first ones)")
+    g.add_argument("--num_test_prompts", type=int, default=100, help="test prompts: alignment eval and the results")
+    g.add_argument("--num_samples", type=int, default=4,
+                   help="completions per train prompt, K of the -rw losses (the -pref losses use K = 2)")
+    g.add_argument("--eval_samples", type=int, default=4, help="completions per test prompt for each checkpoint")
+    g.add_argument("--sft_epochs", type=int, default=2, help="SFT passes over the corpus")
+    g.add_argument("--rm_epochs", type=int, default=3, help="reward-model passes over the preference pairs")
+    g.add_argument("--align_steps", type=int, default=48, help="optimizer steps of each alignment run")
+    g.add_argument("--num_checkpoints", type=int, default=3, help="checkpoints saved (and evaluated) per method")
+    g.add_argument("--hidden_size", type=int, default=128, help="width of the tiny GPT-2")
+    g.add_argument("--num_layers", type=int, default=2, help="layers of the tiny GPT-2")
+    g = parser.add_argument_group("alignment")
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="loss types to run")
+    g.add_argument("--align_lr", type=float, default=1e-4, help="learning rate of the alignment runs")
+    g.add_argument("--beta", type=float, default=0.5, help="beta_pi = beta_r of the alignment losses")
+    g.add_argument("--seed", type=int, default=0, help="seeds the corpus, the model and every stage")
+    args = parser.parse_args(argv)
+    for name in ("num_reviews", "num_train_prompts", "num_test_prompts", "eval_samples", "sft_epochs", "rm_epochs",
+                 "align_steps", "num_checkpoints", "hidden_size", "num_layers"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_samples < 2:
+        raise InputError(f"--num_samples must be at least 2 (preferences compare completions), got {args.num_samples}")
+    if args.num_train_prompts > args.num_reviews:
+        raise InputError(f"--num_train_prompts {args.num_train_prompts} exceeds --num_reviews {args.num_reviews}")
+    if args.align_lr <= 0 or args.beta <= 0:
+        raise InputError("--align_lr and --beta must be positive")
+    return args
+
+
+# -- running a stage ------------------------------------------------------------------------
+_PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
+_NOT_PROGRESS = ("Loading weights", "Writing model shards")  # sub-second bars of transformers
+
+
+class StageFailed(Exception):
+    pass
+
+
+def run_command(cmd, log_path, env=None):
+    """Run `cmd` with its output in `log_path`, showing the latest progress bar it prints.
+
+    The command gets its own process group, killed whole on failure or Ctrl-C: the deepspeed
+    launcher does not take its ranks down with it."""
+    tty = sys.stdout.isatty()
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+                **(env or {})}
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
+        log.flush()
+        process = subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        last_shown, pending = time.monotonic(), b""
+        try:
+            for chunk in iter(lambda: process.stdout.read1(4096), b""):
+                log.write(chunk)
+                pending += chunk
+                *segments, pending = re.split(rb"[\r\n]", pending)
+                bars = [s.decode(errors="replace") for s in segments]
+                bars = [s for s in bars if _PROGRESS.search(s) and not s.lstrip().startswith(_NOT_PROGRESS)]
+                now = time.monotonic()
+                # on a terminal the bar is redrawn in place; in a log (CI) one line every 20 s
+                if bars and (tty or now - last_shown > 20):
+                    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", bars[-1]).strip()  # tqdm's cursor moves
+                    width = shutil.get_terminal_size().columns - 5
+                    print(f"\r    {text[:width]}\033[K" if tty else f"    {text}", end="" if tty else "\n", flush=True)
+                    last_shown = now
+            process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        finally:
+            if tty:
+                print("\r\033[K", end="", flush=True)
+    if process.returncode != 0:
+        tail = Path(log_path).read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
+        raise StageFailed("\n".join(["    " + line for line in tail]) +
+                          f"\n  exit code {process.returncode}; the whole output is in {log_path}")
+
+
+class Pipeline:
+    """Stages in order, each with the stages it depends on, the settings that shape its output
+    and the paths it writes; a marker file records what a finished stage was run with."""
+
+    def __init__(self, workdir, force):
+        self.workdir = Path(workdir)
+        self.force = force
+        self.stages = []
+        self.redone = set()
+
+    def stage(self, name, description, deps, settings, outputs, run, always=False):
+        self.stages.append(dict(name=name, description=description, deps=deps, settings=settings,
+                                outputs=[Path(p) for p in outputs], run=run, always=always))
+
+    def marker(self, name):
+        return self.workdir / "stages" / f"{name}.json"
+
+    def check_force(self):
+        known = {s["name"] for s in self.stages}
+        unknown = [name for name in self.force or () if name not in known]
+        if unknown:
+            raise InputError(f"--force {' '.join(unknown)}: no such stage; stages: {', '.join(sorted(known))}")
+
+    def run(self):
+        self.check_force()
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        for number, stage in enumerate(self.stages, start=1):
+            name, marker = stage["name"], self.marker(stage["name"])
+            recorded = json.loads(marker.read_text()) if marker.exists() else None
+            reason, clean = None, True
+            if stage["always"]:
+                reason = "every run"
+            elif self.force is not None and (not self.force or name in self.force):
+                reason = "forced"
+            elif any(dep in self.redone for dep in stage["deps"]):
+                reason = "its inputs were redone"
+            elif recorded is None:
+                reason, clean = "not done yet", False  # keep a crashed run's partial work: entry points resume
+            elif recorded != stage["settings"]:
+                reason = "settings changed"
+            header = f"[{number}/{len(self.stages)}] {name}: {stage['description']}"
+            if reason is None:
+                print(f"{header} -- done before, skipped", flush=True)
+                continue
+            print(f"{header} ({reason})", flush=True)
+            if marker.exists():
+                marker.unlink()
+            if clean:
+                for path in stage["outputs"]:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            stage_started = time.monotonic()
+            stage["run"](self.workdir / "logs" / f"{name}.log")
+            atomic_write_json(marker, stage["settings"])
+            self.redone.add(name)
+            print(f"    done in {time.monotonic() - stage_started:.0f} s", flush=True)
+        return time.monotonic() - started
+
+
+# -- the experiment -------------------------------------------------------------------------
+def build(args):
+    from corpus import make_corpus
+    from oracle import label_pref
+
+    w = Path(args.workdir).resolve()
+    data, models = w / "data", w / "models"
+    # the launchers' naming: sampling PATH writes PATH_sft, scoring PATH_sft writes PATH_rw
+    corpus_dir, prompts_dir = data / DATA_NAME, data / "prompts"
+    gen_dir, rw_dir = data / "prompts_sft", data / "prompts_rw"
+    pref_dir, p2r_dir = data / "prompts_pref", data / "prompts_pref_p2r"
+    base, run_root = models / MODEL_NAME, models / f"{MODEL_NAME}_{DATA_NAME}"
+    sft, rm = run_root / "sft", run_root / "rm"
+    env = {"OUTPUT_ROOT": str(models), "TB_ROOT": str(w / "tb_logs")}
+    # The launchers recompute activations to fit large models; a tiny one fits anyway, and the
+    # recompute would cost a third more time.
+    common = [*LENGTHS, "--data_output_path", str(w / "cache"), "--seed", str(args.seed), "--zero_stage", "0",
+              "--no-gradient_checkpointing"]
+    sampling = ["--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--temp", str(SAMPLING_TEMP),
+                "--batch_size", "64", "--seed", str(args.seed)]
+    device_ids = os.environ.get("DEVICE_IDS", "")  # empty: the launchers' default
+    pipe = Pipeline(w, args.force)
+
+    def launch(script, *script_args):
+        return lambda log: run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / script, *script_args], log, env)
+
+    def write_corpus(log):
+        corpus = make_corpus(args.num_reviews, args.num_test_prompts, args.seed)
+        # the prompts sampled, labelled and aligned on: those of the first --num_train_prompts reviews
+        prompts = {"train": corpus["train"][:args.num_train_prompts], "test": corpus["test"]}
+        for directory, splits in ((corpus_dir, corpus), (prompts_dir, prompts)):
+            tmp = atomic_dir(directory)
+            for split, records in splits.items():
+                atomic_write_json(os.path.join(tmp, f"{split}.json"), records)
+            commit_dir(tmp, directory)
+        print(f"    {len(corpus['train'])} train and {len(corpus['test'])} test reviews in {corpus_dir}")
+
+    def write_pref(log):
+        counts = label_pref(str(gen_dir), str(pref_dir))
+        print(f"    {counts['train']} train and {counts['test']} test preference pairs in {pref_dir}")
+
+    sizes = {k: getattr(args, k) for k in ("num_reviews", "num_train_prompts", "num_test_prompts", "seed")}
+    pipe.stage("corpus", "synthetic movie reviews", [], sizes, [corpus_dir, prompts_dir], write_corpus)
+    pipe.stage("base_model", "a tiny GPT-2 and tokenizer made locally", ["corpus"],
+               {"hidden_size": args.hidden_size, "num_layers": args.num_layers}, [base],
+               lambda log: run_command([sys.executable, REPO_ROOT / "src" / "make_tiny_model.py", "--out", base,
+                                        "--text_file", corpus_dir / "train.json", "--vocab_size", "1024",
+                                        "--hidden_size", str(args.hidden_size), "--num_layers", str(args.num_layers),
+                                        "--seed", str(args.seed)], log))
+    pipe.stage("sft", "supervised fine-tuning on the reviews", ["base_model"], {"epochs": args.sft_epochs}, [sft],
+               launch("train_sft.sh", MODEL_NAME, base, "base", f"{DATA_NAME}/sft", corpus_dir, *common,
+                      "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                      "--gradient_accumulation_steps", "1", "--learning_rate", "2e-3", "--num_warmup_steps", "10",
+                      "--num_train_epochs", str(args.sft_epochs)))
+
+    def sample_splits(log):
+        for split in ("train", "test"):
+            run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / "inference_sft.sh", device_ids,
+                         f"{DATA_NAME}/sft:{prompts_dir}", split, sft, *sampling,
+                         "--return_num", str(args.num_samples)], log, env)
+
+    pipe.stage("sample", f"{args.num_samples} completions per prompt from the SFT model", ["sft"],
+               {"num_samples": args.num_samples}, [gen_dir], sample_splits)
+    pipe.stage("oracle_pref", "oracle (VADER) preference pairs, best vs worst completion", ["sample"], {},
+               [pref_dir], write_pref)
+    pipe.stage("rm", "reward model on the oracle pairs", ["oracle_pref"], {"epochs": args.rm_epochs}, [rm],
+               launch("train_rm.sh", MODEL_NAME, sft, "sft", f"{DATA_NAME}/pref", pref_dir, *common,
+                      "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                      "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--num_warmup_steps", "5",
+                      "--num_train_epochs", str(args.rm_epochs)))
+
+    def rm_label(log):
+        for split in ("train", "test"):
+            run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / "inference_rm.sh", device_ids,
+                         gen_dir, split, rm, "label", *LENGTHS, "--batch_size", "64"], log, env)
+
+    pipe.stage("rm_label", "reward-model rewards of the samples (rw data)", ["rm"], {}, [rw_dir], rm_label)
+    pipe.stage("pref_to_rw", "the oracle pairs as rw data", ["oracle_pref"], {}, [p2r_dir],
+               lambda log: run_command([sys.executable, REPO_ROOT / "src" / "utils" / "data" / "pref_to_rw.py",
+                                        pref_dir, "--output_dir", p2r_dir], log))
+
+    align_dirs = {}
+    for method in args.methods:
+        on_pref = method.endswith("-pref")
+        k = 2 if on_pref else args.num_samples
+        align_dirs[method] = run_root / f"align_{method}_nc{k}"
+        settings = {"steps": args.align_steps, "checkpoints": args.num_checkpoints, "lr": args.align_lr,
+                    "beta": args.beta}
+        pipe.stage(f"align_{method}", f"{method} from the SFT model, K = {k}", ["pref_to_rw" if on_pref else "rm_label"],
+                   settings, [align_dirs[method]],
+                   launch("train_exo.sh", MODEL_NAME, sft, "sft", f"{DATA_NAME}/rw", p2r_dir if on_pref else rw_dir,
+                          method, str(k), *common, "--beta_pi", str(args.beta), "--beta_r", str(args.beta),
+                          "--temp", str(SAMPLING_TEMP), "--per_device_train_batch_size", str(max(1, 32 // k)),
+                          "--per_device_eval_batch_size", str(max(1, 64 // k)), "--gradient_accumulation_steps", "1",
+                          "--learning_rate", str(args.align_lr), "--max_iter_step", str(args.align_steps),
+                          "--num_train_epochs", "100", "--num_save_checkpoint", str(args.num_checkpoints)))
+
+    eval_root = w / "eval"
+    eval_settings = {"eval_samples": args.eval_samples}
+
+    def evaluate(name, models_to_eval):
+        def run(log):
+            run_command([sys.executable, QUICKSTART / "evaluate.py", "--prompts", f"{DATA_NAME}/sft:{prompts_dir}",
+                         "--sft_model", sft, *[f"--model={n}={p}" for n, p in models_to_eval],
+                         "--output_dir", eval_root / name, "--return_num", str(args.eval_samples),
+                         "--temp", str(SAMPLING_TEMP), "--max_new_tokens", str(MAX_NEW_TOKENS),
+                         "--max_length", str(MAX_LENGTH), "--batch_size", "128", "--seed", str(args.seed + 1)], log)
+        return run
+
+    pipe.stage("eval_sft", "the SFT model's test samples: oracle reward", ["sft"], eval_settings, [eval_root / "sft"],
+               evaluate("sft", [("sft", sft)]))
+    for method, directory in align_dirs.items():
+        ckpts = [(f"ckpt{i}", directory / f"ckpt{i}") for i in range(1, args.num_checkpoints + 1)]
+        pipe.stage(f"eval_{method}", f"{method} checkpoints: oracle reward and KL(pi || pi_sft)",
+                   [f"align_{method}"], eval_settings, [eval_root / method], evaluate(method, ckpts))
+
+    def report(log):
+        from report import write_report
+        write_report(str(w), {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)]
+                                            for m in align_dirs}}, vars(args))
+
+    # cheap, and it reads every evaluation: redone on every run
+    pipe.stage("report", "results.md, results.json and reward_vs_kl.png", [], {}, [], report, always=True)
+    return pipe
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    pipe = build(args)
+    try:
+        elapsed = pipe.run()
+    except StageFailed as err:
+        print(f"error: the stage failed; its last lines:\n{err}", file=sys.stderr)
+        sys.exit(1)
+    print(Path(args.workdir, "results.md").read_text())
+    print(f"quickstart finished in {elapsed / 60:.1f} min; results in {args.workdir}/results.md and "
+          f"{args.workdir}/reward_vs_kl.png")
+
+
+if __name__ == "__main__":
+    main()

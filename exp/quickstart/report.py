@@ -1,0 +1,84 @@
+"""The quickstart's results: a reward/KL table and the reward-KL frontier per method.
+
+Reads WORKDIR/eval/METHOD/CHECKPOINT/{reward,kl}.json (evaluate.py) and writes, each whole or
+not at all, WORKDIR/results.json, WORKDIR/results.md and WORKDIR/reward_vs_kl.png.
+"""
+import json
+import math
+import os
+import tempfile
+
+from utils.fileio import InputError, atomic_write_json
+
+
+def collect(workdir, runs):
+    """One row per (method, checkpoint) of `runs` ({method: [checkpoint, ...]}), in that order."""
+    rows = []
+    for method, checkpoints in runs.items():
+        for checkpoint in checkpoints:
+            directory = os.path.join(workdir, "eval", method, checkpoint)
+            try:
+                with open(os.path.join(directory, "reward.json")) as f:
+                    reward = json.load(f)
+                with open(os.path.join(directory, "kl.json")) as f:
+                    kl = json.load(f)
+            except OSError as err:
+                raise InputError(f"{directory}: no evaluation ({err.strerror}); rerun its eval stage") from None
+            rows.append({"method": method, "checkpoint": checkpoint, "reward": reward["mean"],
+                         "reward_se": reward["std"] / math.sqrt(reward["n"]), "kl": kl["kl"], "n": reward["n"]})
+    return rows
+
+
+def markdown_table(rows):
+    lines = ["| method | checkpoint | oracle reward | KL(pi ‖ pi_sft) |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['checkpoint']} | {row['reward']:.3f} ± {row['reward_se']:.3f} "
+                     f"| {row['kl']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Oracle reward against KL(pi || pi_sft): each method's checkpoints in training order, from
+    the SFT model at KL 0, as the paper's IMDB figure draws the frontier."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sft = [r for r in rows if r["method"] == "sft"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "sft"):
+        points = sft + [r for r in rows if r["method"] == method]
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], marker="o", label=method,
+                linestyle="-" if method.startswith("exo") else "--")
+    for row in sft:
+        ax.plot(row["kl"], row["reward"], marker="*", markersize=14, color="black", linestyle="none", label="SFT")
+    ax.set_xlabel("KL(π ‖ π_sft)")
+    ax.set_ylabel("oracle reward (VADER compound)")
+    ax.set_title("Reward–KL frontier (quickstart)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_report(workdir, runs, settings):
+    rows = collect(workdir, runs)
+    table = markdown_table(rows)
+    atomic_write_json(os.path.join(workdir, "results.json"), {"rows": rows, "settings": settings})
+    plot(rows, os.path.join(workdir, "reward_vs_kl.png"))
+    text = (f"# Quickstart results\n\nOracle reward (VADER compound of prompt + completion, mean ± standard error) "
+            f"and KL(pi ‖ pi_sft) (mean log-ratio, nats per completion) of each policy's samples on the "
+            f"{rows[0]['n']} test completions. Frontier plot: reward_vs_kl.png.\n\n{table}\n")
+    fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".md")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(workdir, "results.md"))
+    return rows

@@ -1,0 +1,235 @@
+"""The catalogue of bad inputs, across every entry script: each case exits with code 2 and one
+`error:` line on stderr that names the file, record and field (or the flag) and what to do,
+with no traceback and nothing written.
+
+The cases run as real processes forked from one process that imported torch, transformers
+and DeepSpeed once (tests/forked_cli.py), so 35 cases cost seconds, not minutes.
+"""
+import json
+import os
+import re
+import shutil
+
+import pytest
+from conftest import REPO_ROOT, run, write_split
+
+RW = [{"prompt": "the movie", "completions": ["good fun", "bad", "great", "dull"], "rewards": [2.0, -1.0, 1.0, -0.5]}
+      for _ in range(4)]
+PREF = [{"prompt": "the movie", "chosen": "good fun", "rejected": "dull"} for _ in range(4)]
+GEN = [{"prompt": "the movie", "completions": ["good fun", "bad"]} for _ in range(3)]
+
+
+def records(base, mutate=None):
+    out = json.loads(json.dumps(base))
+    if mutate:
+        mutate(out)
+    return out
+
+
+def data_dir(case_dir, train, test=None, name="data"):
+    """A data directory with train/test splits; `train` may be records or raw text for train.json(l)."""
+    directory = case_dir / name
+    for split, content in (("train", train), ("test", train if test is None else test)):
+        if isinstance(content, tuple):  # (file name, raw bytes)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / content[0]).write_bytes(content[1])
+        else:
+            write_split(directory, split, content)
+    return directory
+
+
+def rw(case, mutate=None):
+    return f"bad/rw:{data_dir(case, records(RW, mutate))}"
+
+
+def pref(case, mutate=None, kind="pref"):
+    return f"bad/{kind}:{data_dir(case, records(PREF, mutate))}"
+
+
+def raw(case, kind, file_name, content):
+    directory = data_dir(case, (file_name, content), (file_name.replace("train", "test"), content))
+    return f"bad/{kind}:{directory}"
+
+
+def no_eos_model(case, model):
+    """A copy of the tiny model whose tokenizer has no pad, BOS or EOS token."""
+    path = case / "no_eos_model"
+    shutil.copytree(model, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    config.pop("bos_token", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def train(script, data, *flags, model=None):
+    """argv of a training stage writing into the case directory."""
+    return lambda case, tiny: [f"src/{script}", "--model_name_or_path", model(case, tiny) if model else tiny,
+                               "--data_name_path", data(case) if callable(data) else data,
+                               "--output_dir", str(case / "out"), "--data_output_path", str(case / "cache"),
+                               *[f.format(case=case) for f in flags]]
+
+
+def exo(data, *flags, **kwargs):
+    return train("train_exo.py", data, "--loss_type", "exo-rw", "--num_contrastive", "2", *flags, **kwargs)
+
+
+def gen_dir(case, mutate=None):
+    directory = case / "gen_sft"
+    write_split(directory, "test", records(GEN, mutate))
+    return str(directory)
+
+
+def tool(script, *args):
+    return lambda case, tiny: [f"src/{script}", *[a(case) if callable(a) else a.format(case=case, tiny=tiny)
+                                                  for a in args]]
+
+
+def _file(path_in_case, text):
+    def make(case):
+        path = case / path_in_case
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return str(path)
+    return make
+
+
+# name -> (argv maker (case dir, tiny model) -> argv, regex the one stderr line must match)
+CATALOGUE = {
+    # -- files --------------------------------------------------------------------------------
+    "missing data dir": (exo("x/rw:/nonexistent/dir"), r"/nonexistent/dir: no train\.json or train\.jsonl .*check the path"),
+    "not UTF-8": (exo(lambda c: raw(c, "rw", "train.json", b"[\xff\xfe]")), r"train\.json: not UTF-8 text"),
+    "malformed JSON": (exo(lambda c: raw(c, "rw", "train.json", b'[{"prompt": "a",\n "completions": [}]')),
+                       r"train\.json line 2: malformed JSON"),
+    "malformed JSONL": (train("train_rm.py", lambda c: raw(c, "pref", "train.jsonl",
+                                                           b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')),
+                        r"train\.jsonl line 2: malformed JSON"),
+    "JSON not a list": (exo(lambda c: raw(c, "rw", "train.json", b'{"prompt": "a"}')),
+                        r"train\.json: expected a JSON list of records, got dict"),
+    "record not an object": (exo(lambda c: rw(c, lambda r: r.__setitem__(1, ["a", "b"]))),
+                             r"train\.json record 1: expected a JSON object, got list"),
+    "no records": (exo(lambda c: f"bad/rw:{data_dir(c, [])}"), r"train\.json: no records"),
+    # -- fields -------------------------------------------------------------------------------
+    "missing field": (exo(lambda c: rw(c, lambda r: r[3].pop("rewards"))), r"record 3 field \"rewards\": missing field"),
+    "mistyped field": (exo(lambda c: rw(c, lambda r: r[1].__setitem__("prompt", 5))),
+                       r"record 1 field \"prompt\": expected str, got int"),
+    "empty completions": (exo(lambda c: rw(c, lambda r: r[2].update(completions=[], rewards=[]))),
+                          r"record 2 field \"completions\": empty list"),
+    "empty completion": (exo(lambda c: rw(c, lambda r: r[0]["completions"].__setitem__(2, ""))),
+                         r"record 0 field \"completions\"\[2\]: empty completion"),
+    "ragged rewards": (exo(lambda c: rw(c, lambda r: r[1]["rewards"].pop())),
+                       r"record 1 field \"rewards\": 3 rewards for 4 completions"),
+    "non-finite reward": (exo(lambda c: rw(c, lambda r: r[2]["rewards"].__setitem__(1, float("nan")))),
+                          r"record 2 field \"rewards\"\[1\]: non-finite reward"),
+    "reward not a number": (exo(lambda c: rw(c, lambda r: r[0]["rewards"].__setitem__(0, "2"))),
+                            r"record 0 field \"rewards\"\[0\]: expected a number, got str"),
+    "tie in pref mode": (exo(lambda c: rw(c, lambda r: r[0]["rewards"].__setitem__(1, 2.0)), "--loss_type", "dpo-pref"),
+                         r"record 0 field \"rewards\": candidates 0\.\.1 tie for the best reward"),
+    "C not a multiple of K": (exo(lambda c: rw(c), "--num_contrastive", "3"),
+                              r"record 0 field \"completions\": 4 candidates is not a multiple of --num_contrastive 3"),
+    "K above C": (exo(lambda c: rw(c), "--num_contrastive", "8"), r"fewer than --num_contrastive 8"),
+    "sft empty chosen": (train("train_sft.py", lambda c: pref(c, lambda r: r[1].update(chosen=""), "sft")),
+                         r"train\.json record 1 field \"chosen\": empty text"),
+    "rm missing rejected": (train("train_rm.py", lambda c: pref(c, lambda r: r[2].pop("rejected"))),
+                            r"train\.json record 2 field \"rejected\": missing field"),
+    "sft on rw data": (train("train_sft.py", "x/rw:/nonexistent"), r"SFT trains on sft data .* got kind 'rw'"),
+    # -- models -------------------------------------------------------------------------------
+    "model path not a model": (exo(lambda c: rw(c), model=lambda c, t: str(c)), r"cannot load .*pass a Hugging Face model"),
+    "tokenizer without pad or EOS": (train("train_sft.py", lambda c: pref(c), model=lambda c, t: no_eos_model(c, t)),
+                                     r"no_eos_model: the tokenizer has neither a pad nor an EOS token"),
+    # -- flags --------------------------------------------------------------------------------
+    "dataset spec without colon": (exo("x/rw"), r"--data_name_path 'x/rw': expected NAME/KIND:PATH"),
+    "unknown dataset": (exo(lambda c: f"imdb:{c}"), r"unknown dataset 'imdb' \(registered: "),
+    "missing dataset module": (exo(lambda c: rw(c), "--dataset_module", "{case}/nowhere.py"),
+                               r"--dataset_module .*nowhere\.py: no such file"),
+    "max_gen_len not below max_seq_len": (train("train_sft.py", lambda c: pref(c, kind="sft"), "--max_seq_len", "16",
+                                                "--max_gen_len", "16"), r"--max_gen_len 16 must be smaller than --max_seq_len"),
+    "offload without ZeRO": (exo(lambda c: rw(c), "--offload", "--zero_stage", "0"), r"--offload needs --zero_stage"),
+    "exo-pref with eps 0": (exo(lambda c: rw(c), "--loss_type", "exo-pref", "--pref_epsilon", "0"),
+                            r"KL\(q \|\| p\) is infinite"),
+    "keep_last_n 0": (exo(lambda c: rw(c), "--keep_last_n", "0"), r"--keep_last_n must be at least 1, got 0"),
+    "max_nonfinite_steps 0": (exo(lambda c: rw(c), "--max_nonfinite_steps", "0"), r"--max_nonfinite_steps must be at least 1"),
+    "resume from a non-checkpoint": (exo(lambda c: rw(c), "--resume", "{case}"), r"--resume .*: not a resumable checkpoint"),
+    "bad tensorboard name": (train("train_rm.py", lambda c: pref(c), "--tensorboard_name_path", "run"),
+                             r"--tensorboard_name_path 'run': expected RUN_NAME:LOG_DIR"),
+    "output dir is a file": (exo(lambda c: rw(c), "--output_dir", "{case}/data/train.json"),
+                             r"--output_dir .*train\.json: exists and is not a directory"),
+    # -- the other entry scripts ----------------------------------------------------------------
+    "sampling greedy with 2 returns": (tool("inference_sft.py", "--model_name_or_path", "{tiny}", "--data_name_path",
+                                            lambda c: pref(c, kind="sft"), "--output_path", "{case}/out",
+                                            "--temp", "0", "--return_num", "2"), r"--temp 0 is greedy decoding"),
+    "scoring completions not a list": (tool("inference_rm.py", "--model_name_or_path", "{tiny}", "--data_path",
+                                            lambda c: gen_dir(c, lambda r: r[1].__setitem__("completions", "x")),
+                                            "--split", "test", "--output_path", "{case}/out"),
+                                       r"gen_sft/test\.json record 1 field \"completions\": expected list, got str"),
+    "log-probs completion not a string": (tool("calc_logprobs.py", "--model_name_or_path", "{tiny}", "--data_path",
+                                               lambda c: gen_dir(c, lambda r: r[2]["completions"].append(3)),
+                                               "--split", "test", "--output_path", "{case}/out/o.json"),
+                                          r"record 2 field \"completions\"\[2\]: expected str, got int"),
+    "classifier label not 0 or 1": (train("train_class.py", lambda c: "bad/class:" + str(data_dir(
+                                        c, [{"text": "good fun", "label": 1}, {"text": "dull", "label": 2}]))),
+                                    r"train\.json record 1 field \"label\": expected 0 or 1, got 2"),
+    "oracle pairs from one completion": (tool("inference_class.py", "--model_name_or_path", "{tiny}", "--data_path",
+                                              lambda c: gen_dir(c, lambda r: r[1].__setitem__("completions", ["x"])),
+                                              "--split", "test", "--output_path", "{case}/out"),
+                                         r"record 1 field \"completions\": 1 completion; label_pref needs at least 2"),
+    "kl of a missing file": (tool("eval_kl.py", "{case}/policy.json", "{case}/sft.json"),
+                             r"policy\.json: cannot read \(No such file or directory\)"),
+    "kl logps not finite": (tool("eval_kl.py", _file("policy.json", '[{"prompt": "p", "completions": ["a"], '
+                                                                    '"logps": [NaN]}]'),
+                                 _file("sft.json", '[{"prompt": "p", "completions": ["a"], "logps": [-1.0]}]')),
+                            r"policy\.json record 0 field \"logps\"\[0\]: expected a finite number"),
+    "pref_to_rw malformed JSONL": (tool("utils/data/pref_to_rw.py", lambda c: raw(c, "pref", "train.jsonl",
+                                                                                  b'{"prompt": "a"\n').split(":", 1)[1]),
+                                   r"train\.jsonl line 1: malformed JSON"),
+    "tiny model from unreadable text": (tool("make_tiny_model.py", "--out", "{case}/out", "--text_file",
+                                             lambda c: str(data_dir(c, ("corpus.txt", b"\xff\xfe")) / "corpus.txt")),
+                                        r"corpus\.txt: cannot read as UTF-8 text"),
+}
+
+
+def snapshot(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def catalogue_results(tiny_model, tmp_path_factory):
+    """Build every case's inputs in its own directory and run them all:
+    {name: (script, exit code, stdout, stderr, files before, files after)}."""
+    root = tmp_path_factory.mktemp("catalogue")
+    argvs, before = [], {}
+    for index, (name, (make_argv, _)) in enumerate(CATALOGUE.items()):
+        case = root / f"case{index}"
+        case.mkdir()
+        argvs.append({"argv": make_argv(case, tiny_model)})
+        before[name] = snapshot(case)
+    (root / "cases.json").write_text(json.dumps(argvs))
+    results_dir = root / "results"
+    results_dir.mkdir()
+    result = run(["python", str(REPO_ROOT / "tests" / "forked_cli.py"), str(root / "cases.json"), str(results_dir)],
+                 timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    codes = json.loads((results_dir / "results.json").read_text())
+    return {name: (argvs[i]["argv"][0], codes[i], (results_dir / f"{i}.out").read_text(), (results_dir / f"{i}.err").read_text(),
+                   before[name], snapshot(root / f"case{i}"))
+            for i, name in enumerate(CATALOGUE)}
+
+
+def test_the_catalogue_covers_every_entry_script_with_at_least_25_cases(catalogue_results):
+    assert len(CATALOGUE) >= 25
+    scripts = {result[0] for result in catalogue_results.values()}
+    assert scripts >= {"src/train_sft.py", "src/train_rm.py", "src/train_exo.py", "src/inference_sft.py",
+                       "src/inference_rm.py", "src/calc_logprobs.py", "src/eval_kl.py", "src/utils/data/pref_to_rw.py",
+                       "src/make_tiny_model.py", "src/train_class.py", "src/inference_class.py"}
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(catalogue_results, name):
+    _, code, stdout, stderr, before, after = catalogue_results[name]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert code == 2, stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    assert re.search(CATALOGUE[name][1], lines[0]), lines[0]
+    assert after == before, f"wrote {sorted(set(after) - set(before))}"
+    assert not any(os.path.basename(p).startswith(".") for p in after)  # no temporary leftovers either

@@ -1,0 +1,50 @@
+"""The quickstart (exp/quickstart/run.sh), shortened through its size flags: every stage runs
+through its launcher or entry point, the table and the plot appear, and a rerun skips every
+stage that is already done."""
+import json
+import math
+
+from conftest import run
+
+SMALL = ["--num_reviews", "200", "--num_train_prompts", "64", "--num_test_prompts", "16", "--sft_epochs", "1",
+         "--rm_epochs", "1", "--align_steps", "3", "--num_checkpoints", "2", "--eval_samples", "2",
+         "--methods", "exo-rw", "dpo-pref"]
+ENV = {"DEVICE_IDS": "0"}  # one CPU rank: the suite's budget is start-up bound
+
+
+def quickstart(*args, timeout=600):
+    return run(["bash", "exp/quickstart/run.sh", *args], env=ENV, timeout=timeout)
+
+
+def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
+    workdir = tmp_path / "quickstart"
+    first = quickstart("--workdir", str(workdir), *SMALL)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+
+    rows = json.loads((workdir / "results.json").read_text())["rows"]
+    assert [(r["method"], r["checkpoint"]) for r in rows] == [
+        ("sft", "sft"), ("exo-rw", "ckpt1"), ("exo-rw", "ckpt2"), ("dpo-pref", "ckpt1"), ("dpo-pref", "ckpt2")]
+    for row in rows:
+        assert -1 <= row["reward"] <= 1 and math.isfinite(row["kl"]) and row["n"] == 16 * 2, row
+    assert rows[0]["kl"] == 0
+    table = (workdir / "results.md").read_text()
+    assert "| method | checkpoint | oracle reward | KL(pi ‖ pi_sft) |" in table
+    assert f"| exo-rw | ckpt2 | {rows[2]['reward']:.3f}" in table
+    assert table in first.stdout  # printed at the end
+    assert (workdir / "reward_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    # the stages wrote where the launchers put them
+    assert (workdir / "models" / "tiny_review" / "align_exo-rw_nc4" / "ckpt2" / "config.json").exists()
+    assert (workdir / "models" / "tiny_review" / "align_dpo-pref_nc2" / "ckpt2" / "config.json").exists()
+    assert len(json.loads((workdir / "data" / "prompts_rw" / "train.json").read_text())) == 64
+
+    again = quickstart("--workdir", str(workdir), *SMALL, timeout=120)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert again.stdout.count("done before, skipped") == 13  # every stage but the report
+    assert table in again.stdout
+
+
+def test_quickstart_bad_flag_is_one_line(tmp_path):
+    result = quickstart("--workdir", str(tmp_path), "--force", "no_such_stage", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --force no_such_stage: no such stage")
+    assert not (tmp_path / "stages").exists()
