@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import json  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
@@ -71,6 +72,16 @@ def tiny_model(tmp_path_factory, align_data):
         for record in json.load(f):
             texts += [record["prompt"], *record["completions"]]
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "gpt2"), texts, arch="gpt2", seed=0)
+
+
+def launcher(ranks):
+    """`python`, or deepspeed on `ranks` CPU ranks with a free rendezvous port (runs may overlap)."""
+    if ranks == 1:
+        return ["python"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
 
 
 def run(cmd, timeout=600, env=None, **kwargs):

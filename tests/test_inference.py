@@ -6,11 +6,10 @@ import json
 import os
 import re
 import shutil
-import socket
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, WORDS, run, write_split
+from conftest import NEGATIVE, POSITIVE, WORDS, launcher, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from utils.data.collators import pad_sequences
@@ -40,16 +39,6 @@ def prompts_dir(tmp_path_factory):
     write_split(directory, "test", records)
     write_split(directory, "train", records[:3])
     return str(directory)
-
-
-def launcher(ranks):
-    """`python`, or deepspeed on `ranks` CPU ranks with a free rendezvous port (runs may overlap)."""
-    if ranks == 1:
-        return ["python"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
 
 
 def sample_cli(model, data_dir, out, *flags, ranks=1, script="src/inference_sft.py"):

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, SRC
+from conftest import REPO_ROOT, SRC, launcher
 from safetensors.torch import load_file
 
 COMMON = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
@@ -31,17 +31,9 @@ STAGES = {
 
 def command(stage, model, data, out, cache, *flags, ranks=2):
     script, kind, stage_flags = STAGES[stage]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), f"src/{script}",
+    return [*launcher(ranks), f"src/{script}",
             "--model_name_or_path", model, "--data_name_path", f"toy/{kind}:{data[kind]}", "--output_dir", str(out),
             "--data_output_path", str(cache), *COMMON, *stage_flags, *flags]
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, run, write_split
+from conftest import REPO_ROOT, launcher, run, write_split
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,8 +22,7 @@ def eval_losses(stdout):
 
 
 def train_exo(model, data_name_path, out, cache, *flags, ranks=2):
-    launcher = ["deepspeed", "--num_gpus", str(ranks)] if ranks > 1 else ["python"]
-    cmd = [*launcher, "src/train_exo.py", "--model_name_or_path", model, "--data_name_path", data_name_path,
+    cmd = [*launcher(ranks), "src/train_exo.py", "--model_name_or_path", model, "--data_name_path", data_name_path,
            "--output_dir", str(out), "--data_output_path", str(cache), *TINY_FLAGS, *flags]
     result = run(cmd, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run, write_split
+from conftest import launcher, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.data.collators import PairCollator, SFTCollator
@@ -25,8 +25,7 @@ def eval_metrics(stdout):
 
 
 def train_stage(script, model, data_name_path, out, cache, *flags, ranks=1):
-    launcher = ["deepspeed", "--num_gpus", str(ranks)] if ranks > 1 else ["python"]
-    cmd = [*launcher, f"src/{script}", "--model_name_or_path", model, "--data_name_path", data_name_path,
+    cmd = [*launcher(ranks), f"src/{script}", "--model_name_or_path", model, "--data_name_path", data_name_path,
            "--output_dir", str(out), "--data_output_path", str(cache), *TINY_FLAGS, *flags]
     result = run(cmd, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

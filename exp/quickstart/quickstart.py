@@ -24,7 +24,6 @@ under --workdir (default results/quickstart).
 """
 import argparse
 import json
-import math
 import os
 import re
 import shutil
