@@ -67,19 +67,23 @@ def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi):
 
     rewards/chosen, rewards/rejected: implicit reward beta_pi * h of the best- and
     worst-labelled candidate; rewards/accuracies: how often the policy ranks the best-labelled
-    candidate first; kl: sum over y of e^h h - e^h + 1, an unbiased non-negative estimate of
-    KL(pi || pi_ref) when the candidates were sampled from pi_ref (per sequence).
+    candidate strictly above every other; kl: sum over y of e^h h - e^h + 1, an unbiased
+    non-negative estimate of KL(pi || pi_ref) when the candidates were sampled from pi_ref
+    (per sequence).
     """
     h = (policy_logps - ref_logps).double()
     best, worst = rewards.argmax(-1, keepdim=True), rewards.argmin(-1, keepdim=True)
     chosen = beta_pi * h.gather(-1, best).squeeze(-1)
     rejected = beta_pi * h.gather(-1, worst).squeeze(-1)
     ratio = h.clamp(max=50).exp()
+    # Strictly above every other candidate, as TRL's chosen > rejected: at step 0 h is 0
+    # everywhere, and an argmax would break the tie towards the first (often the chosen) one.
+    others = h.scatter(-1, best, float("-inf")).amax(-1)
     return {
         "rewards/chosen": chosen.mean(),
         "rewards/rejected": rejected.mean(),
         "rewards/margins": (chosen - rejected).mean(),
-        "rewards/accuracies": (h.argmax(-1) == best.squeeze(-1)).double().mean(),
+        "rewards/accuracies": (h.gather(-1, best).squeeze(-1) > others).double().mean(),
         "logps/policy": policy_logps.mean(),
         "kl": (ratio * h - ratio + 1).mean(),
     }

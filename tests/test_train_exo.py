@@ -239,3 +239,14 @@ def test_single_process_precision_and_checkpointing_options(tiny_model, align_da
     train_exo(tiny_model, f"toy/rw:{align_data['rw']}", tmp_path / "out", tmp_path / "cache", "--loss_type", "exo-rw",
               "--max_iter_step", "2", *flags, ranks=1)
     assert {t.dtype for t in weights(tmp_path / "out").values()} == {dtype}
+
+
+def test_accuracy_counts_only_a_strict_win_of_the_best_labelled_candidate():
+    from train_exo import alignment_metrics
+
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])
+    same = torch.zeros(2, 3)
+    # at the start policy == reference: every h ties, so no group is ranked right yet
+    assert alignment_metrics(same, same, rewards, 0.1)["rewards/accuracies"] == 0
+    policy = torch.tensor([[2.0, 1.0, 2.0], [0.0, 3.0, 1.0]])  # group 0 ties at the top, group 1 wins
+    assert alignment_metrics(policy, same, rewards, 0.1)["rewards/accuracies"] == 0.5
