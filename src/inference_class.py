@@ -22,35 +22,13 @@ import os
 
 from inference_rm import reward_summary
 from utils.fileio import InputError, atomic_write_json, cli_main, where
-from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, check_output_dir,
-                             score_completions, start_scoring)
+from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
-from utils.training import base_parser
-
-
-def pref_dir(data_path):
-    """data/imdb_prefix10_sft -> data/imdb_prefix10_pref; any other name just gains _pref."""
-    path = os.path.normpath(data_path)
-    return (path[:-len("_sft")] if path.endswith("_sft") else path) + "_pref"
 
 
 def parse_args(argv=None):
-    parser = add_gen_data_args(add_inference_args(base_parser(__doc__.split("\n\n")[0])))
-    g = parser.add_argument_group("oracle")
-    g.add_argument("--model_name_or_path", required=True,
-                   help="oracle classifier directory (train_class.py output: one logit = log-odds of positive)")
-    g.add_argument("--mode", default="label_pref", choices=["label_pref", "eval"],
-                   help="label_pref: write pref data by the oracle; eval: write the mean and std of the oracle reward")
-    g.add_argument("--output_path", default=None,
-                   help="output directory; default DATA_PATH minus _sft plus _pref (label_pref) or DATA_PATH (eval)")
-    args = parser.parse_args(argv)
-    check_inference_args(args, "max_seq_len", "max_gen_len")
-    if args.output_path is None:
-        args.output_path = pref_dir(args.data_path) if args.mode == "label_pref" else args.data_path
-    check_output_dir(args.output_path)
-    if args.mode == "label_pref" and os.path.abspath(args.output_path) == os.path.abspath(args.data_path):
-        raise InputError(f"--output_path {args.output_path}: would overwrite the gen data being scored")
-    return args
+    return parse_scoring_args(__doc__, "oracle classifier directory (train_class.py output: one logit = log-odds "
+                              "of positive)", "label_pref", "pref", argv)
 
 
 def label_pref(records, scores):

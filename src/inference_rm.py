@@ -19,36 +19,14 @@ Both modes print the mean and std.
 import math
 import os
 
-from utils.fileio import InputError, atomic_write_json, cli_main
-from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, check_output_dir,
-                             score_completions, start_scoring)
+from utils.fileio import atomic_write_json, cli_main
+from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
-from utils.training import base_parser
-
-
-def rw_dir(data_path):
-    """data/imdb_sft -> data/imdb_rw (DESIGN section 3); any other name just gains _rw."""
-    path = os.path.normpath(data_path)
-    return (path[:-len("_sft")] if path.endswith("_sft") else path) + "_rw"
 
 
 def parse_args(argv=None):
-    parser = add_gen_data_args(add_inference_args(base_parser(__doc__.split("\n\n")[0])))
-    g = parser.add_argument_group("scoring")
-    g.add_argument("--model_name_or_path", required=True,
-                   help="reward model directory (AutoModelForSequenceClassification with one label)")
-    g.add_argument("--mode", default="label", choices=["label", "eval"],
-                   help="label: write rw data; eval: write the mean and std of the rewards")
-    g.add_argument("--output_path", default=None,
-                   help="output directory; default DATA_PATH minus _sft plus _rw (label) or DATA_PATH (eval)")
-    args = parser.parse_args(argv)
-    check_inference_args(args, "max_seq_len", "max_gen_len")
-    if args.output_path is None:
-        args.output_path = rw_dir(args.data_path) if args.mode == "label" else args.data_path
-    check_output_dir(args.output_path)
-    if args.mode == "label" and os.path.abspath(args.output_path) == os.path.abspath(args.data_path):
-        raise InputError(f"--output_path {args.output_path}: would overwrite the gen data being scored")
-    return args
+    return parse_scoring_args(__doc__, "reward model directory (AutoModelForSequenceClassification with one label)",
+                              "label", "rw", argv)
 
 
 def reward_summary(rewards):

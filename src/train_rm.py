@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from utils.data.collators import PairCollator
 from utils.data.data_utils import PairEncoder
 from utils.fileio import cli_main
-from utils.model_utils import apply_lora, load_reward_model
+from utils.model_utils import trainable_reward_model
 from utils.training import Stage, add_training_args, base_parser, check_training_args, train
 
 
@@ -64,11 +64,7 @@ def main(argv=None):
     stage = Stage(args)
     splits = stage.datasets({"stage": "rm"}, PairEncoder)
 
-    model = load_reward_model(args.model_name_or_path, stage.tokenizer, args.dtype, args.trust_remote_code,
-                              disable_dropout=args.disable_dropout)
-    if args.lora_dim > 0:  # SEQ_CLS: peft keeps the fresh score head fully trainable
-        model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora,
-                           task_type="SEQ_CLS")
+    model = trainable_reward_model(args, stage.tokenizer)
 
     train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0],
           PairCollator(stage.tokenizer.pad_token_id), pairwise_loss, stage.device)

@@ -51,12 +51,8 @@ def cli_main(main):
     return wrapper
 
 
-def read_json_records(path):
-    """Records of a `.json` file (one JSON list) or a `.jsonl` file (one object per line).
-
-    Malformed JSON is reported with its line (and column); a record that is not an object
-    with its index.
-    """
+def read_text(path):
+    """The whole of a UTF-8 text file, or one InputError line saying why it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -64,6 +60,16 @@ def read_json_records(path):
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return text
+
+
+def read_json_records(path):
+    """Records of a `.json` file (one JSON list) or a `.jsonl` file (one object per line).
+
+    Malformed JSON is reported with its line (and column); a record that is not an object
+    with its index.
+    """
+    text = read_text(path)
     if str(path).endswith(".jsonl"):
         records = []
         # split on "\n" only: str.splitlines() would also split inside JSON strings that hold

@@ -33,7 +33,7 @@ from utils.data.data_utils import Encoder, Tokenisation
 from utils.data.raw_datasets import JsonDataset
 from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import load_tokenizer
-from utils.training import init_distributed, to_device
+from utils.training import base_parser, init_distributed, to_device
 
 SHARD_DIR = ".shards"
 # Ranks reach the merge at very different times (a resumed rank may have nothing left to do
@@ -233,6 +233,35 @@ def _remove_shards(output_file):
 
 
 # -- gen data, scored by the training rule ------------------------------------------------
+def labelled_dir(data_path, kind):
+    """Where labelled data goes beside the `gen` data it came from (DESIGN section 3): a
+    trailing `_sft` gives way to `_KIND` (data/imdb_sft -> data/imdb_rw); other names gain it."""
+    path = os.path.normpath(data_path)
+    return (path[:-len("_sft")] if path.endswith("_sft") else path) + f"_{kind}"
+
+
+def parse_scoring_args(doc, model_help, label_mode, label_kind, argv=None):
+    """Flags of a scoring stage (inference_rm, inference_class): the inference and data flags,
+    the scorer, `--mode LABEL_MODE|eval` and `--output_path`, which defaults to the data's
+    `_LABEL_KIND` sibling when labelling and to the data directory itself for eval."""
+    parser = add_gen_data_args(add_inference_args(base_parser(doc.split("\n\n")[0])))
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--model_name_or_path", required=True, help=model_help)
+    g.add_argument("--mode", default=label_mode, choices=[label_mode, "eval"],
+                   help=f"{label_mode}: write {label_kind} data; eval: write the mean and std of the scores")
+    g.add_argument("--output_path", default=None,
+                   help=f"output directory; default DATA_PATH minus _sft plus _{label_kind} ({label_mode}) "
+                        "or DATA_PATH (eval)")
+    args = parser.parse_args(argv)
+    check_inference_args(args, "max_seq_len", "max_gen_len")
+    if args.output_path is None:
+        args.output_path = labelled_dir(args.data_path, label_kind) if args.mode == label_mode else args.data_path
+    check_output_dir(args.output_path)
+    if args.mode == label_mode and os.path.abspath(args.output_path) == os.path.abspath(args.data_path):
+        raise InputError(f"--output_path {args.output_path}: would overwrite the gen data being scored")
+    return args
+
+
 def start_scoring(args, load_model, check_records=None):
     """What calc_logprobs, inference_rm and inference_class do first: join the ranks, load the
     tokenizer, the `gen` records (under the training tokenisation rule) and the frozen model, on

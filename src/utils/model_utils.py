@@ -90,6 +90,18 @@ def load_reward_model(path, tokenizer, dtype="fp32", trust_remote_code=False, di
                        trust_remote_code, disable_dropout, num_labels=1, pad_token_id=tokenizer.pad_token_id)
 
 
+def trainable_reward_model(args, tokenizer):
+    """The one-logit sequence classifier that train_rm and train_class train, from the training
+    flags: the backbone, its dropout as --disable_dropout says, and LoRA when --lora_dim > 0
+    (as SEQ_CLS, so that peft keeps the freshly initialised score head fully trainable)."""
+    model = load_reward_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                              disable_dropout=args.disable_dropout)
+    if args.lora_dim > 0:
+        model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora,
+                           task_type="SEQ_CLS")
+    return model
+
+
 def prepare_for_tokenizer(model, tokenizer):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # no KV cache when training: it only costs memory

@@ -11,19 +11,13 @@ import os
 from collections import Counter
 
 from utils.data.raw_datasets import validate_record
-from utils.fileio import InputError, atomic_dir, atomic_write_json, commit_dir, where
+from utils.fileio import InputError, atomic_dir, atomic_write_json, commit_dir, read_text, where
 
 
 def read_json_lines(path):
     """Records of a JSON-lines file, whatever its extension: `datasets`' `to_json` writes JSON
     lines into `.json` files too. A file that is one JSON list is read as such."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
