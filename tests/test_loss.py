@@ -379,10 +379,12 @@ def test_sequence_logprobs_mask_dtypes(mask_dtype):
     torch.testing.assert_close(out, _naive_loop(logits, labels, mask, 1.0), **F64_TOL)
 
 
+@pytest.mark.parametrize("overwrite_logits", [False, True])
 @pytest.mark.parametrize("chunk_steps", [None, 1, 2, 3])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sequence_logprobs_grad_matches_naive(monkeypatch, temperature, chunk_steps):
-    """The custom backward equals autograd through the naive float64 log_softmax+gather."""
+def test_sequence_logprobs_grad_matches_naive(monkeypatch, temperature, chunk_steps, overwrite_logits):
+    """The custom backward equals autograd through the naive float64 log_softmax+gather, also
+    when it builds the gradient inside the logits (positions it skips must come out 0)."""
     n, t, v = 3, 9, 11
     logits, labels, mask = _seq_inputs(40 + (chunk_steps or 0), n, t, v)
     if chunk_steps is not None:
@@ -391,7 +393,9 @@ def test_sequence_logprobs_grad_matches_naive(monkeypatch, temperature, chunk_st
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
 
     a = logits.clone().requires_grad_(True)
-    (g_impl,) = torch.autograd.grad((sequence_logprobs(a, labels, mask, temperature) * upstream).sum(), a)
+    # a fresh non-leaf, as a model's output is: only those may be overwritten
+    out = sequence_logprobs(a * 1.0, labels, mask, temperature, overwrite_logits=overwrite_logits)
+    (g_impl,) = torch.autograd.grad((out * upstream).sum(), a)
     b = logits.clone().requires_grad_(True)
     (g_ref,) = torch.autograd.grad((_naive_torch(b, labels, mask, temperature) * upstream).sum(), b)
 
@@ -412,6 +416,15 @@ def test_sequence_logprobs_gradcheck(monkeypatch, temperature, chunk_steps):
     logits.requires_grad_(True)
     fn = lambda x: sequence_logprobs(x, labels, mask, temperature)
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_overwriting_logits_that_another_op_saved_fails_loudly():
+    """exp saves its output for its own backward: overwriting it must raise, never corrupt."""
+    logits, labels, mask = _seq_inputs(50)
+    x = logits.clone().requires_grad_(True)
+    out = sequence_logprobs(torch.exp(x), labels, mask, overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_sequence_logprobs_float32_dtype():
@@ -444,6 +457,40 @@ def test_sequence_logprobs_bf16(monkeypatch, chunk_steps):
     b = logits_bf16.detach().float().requires_grad_(True)
     (g_ref,) = torch.autograd.grad(_naive_torch(b, labels, mask, 0.7).sum(), b)
     torch.testing.assert_close(g.float(), g_ref, rtol=2e-2, atol=2e-2)
+    # built inside the bf16 logits instead: the same float32 chunks, the same bf16 rounding
+    x = logits_bf16.detach().clone().requires_grad_(True)
+    out_ow = sequence_logprobs(x * 1.0, labels, mask, temperature=0.7, overwrite_logits=True)
+    (g_ow,) = torch.autograd.grad(out_ow.sum(), x)
+    assert torch.equal(g_ow, g)
+
+
+def test_model_sequence_logprobs_grad_matches_full_log_softmax(tiny_model):
+    """Through a real model (float64, shared prompt prefix trimmed with logits_to_keep, logits
+    overwritten by their gradient): weight gradients equal those of a full log_softmax."""
+    from transformers import AutoModelForCausalLM
+
+    from utils.model_utils import model_sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=gen)
+    loss_mask = torch.zeros(3, 12)
+    loss_mask[0, 5:] = loss_mask[1, 7:11] = loss_mask[2, 4:9] = 1
+    attention = torch.ones(3, 12, dtype=torch.long)
+    attention[1, 11:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+    upstream = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+
+    def grads(logps):
+        model.zero_grad()
+        (logps * upstream).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    ours = grads(model_sequence_logprobs(model, batch, temperature=0.7))
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    reference = grads(_naive_torch(logits, ids, loss_mask, 0.7))
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], **F64_TOL, msg=name)
 
 
 def test_sequence_logprobs_single_position():

@@ -29,19 +29,21 @@ class _SequenceLogprobs(torch.autograd.Function):
     Backward writes d/d logits = mask * g * (onehot(label) - softmax(logits / tau)) / tau
     straight into the gradient buffer, built in place from exp(logits / tau - logsumexp), so
     it needs no memory beyond the gradient it returns (one chunk for half-precision logits,
-    whose softmax is taken in float32 first).
+    whose softmax is taken in float32 first). With `overwrite_logits` the gradient buffer is
+    the logits tensor itself, so backward needs no logits-sized memory at all.
     """
 
     @staticmethod
     def _chunks(logits, loss_mask):
+        """(start, stop, mask) for every time chunk; mask is None where no position in the
+        chunk predicts a loss token (nothing to compute there, its gradient is 0)."""
         n, t, v = logits.shape
         step = max(1, _CHUNK_ELEMENTS // max(1, n * v))
         for start in range(0, t - 1, step):
             stop = min(start + step, t - 1)
             # logits at positions start..stop-1 predict tokens start+1..stop
             mask = loss_mask[:, start + 1:stop + 1]
-            if mask.any():
-                yield start, stop, mask
+            yield start, stop, (mask if mask.any() else None)
 
     @staticmethod
     def _scaled(logits, compute_dtype, temperature):
@@ -49,12 +51,14 @@ class _SequenceLogprobs(torch.autograd.Function):
         return scaled if temperature == 1.0 else scaled / temperature  # no copy at tau = 1 in fp32
 
     @staticmethod
-    def forward(ctx, logits, labels, loss_mask, temperature):
+    def forward(ctx, logits, labels, loss_mask, temperature, overwrite_logits):
         # half-precision logits are reduced in float32; float64 stays float64
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         out = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
         lse = torch.zeros(logits.shape[:2], dtype=compute_dtype, device=logits.device)
         for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
+            if mask is None:
+                continue
             scaled = _SequenceLogprobs._scaled(logits[:, start:stop], compute_dtype, temperature)
             target = labels[:, start + 1:stop + 1].unsqueeze(-1)
             lse[:, start:stop] = scaled.logsumexp(-1)
@@ -62,15 +66,22 @@ class _SequenceLogprobs(torch.autograd.Function):
             out += (token_logps * mask).sum(-1)
         ctx.save_for_backward(logits, labels, loss_mask, lse)
         ctx.temperature = temperature
+        ctx.overwrite_logits = overwrite_logits
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, labels, loss_mask, lse = ctx.saved_tensors
         tau = ctx.temperature
-        grad = torch.zeros_like(logits)
+        grad = logits if ctx.overwrite_logits else torch.zeros_like(logits)
         in_place = logits.dtype == lse.dtype  # fp32/fp64: softmax can be built inside the gradient
+        if ctx.overwrite_logits:
+            grad[:, -1] = 0  # the last position predicts nothing
         for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
+            if mask is None:
+                if ctx.overwrite_logits:
+                    grad[:, start:stop] = 0
+                continue
             if in_place:
                 chunk_grad = grad[:, start:stop]
                 torch.div(logits[:, start:stop], tau, out=chunk_grad)
@@ -82,10 +93,10 @@ class _SequenceLogprobs(torch.autograd.Function):
             chunk_grad.mul_((grad_out[:, None] * mask / tau).unsqueeze(-1))
             if not in_place:
                 grad[:, start:stop] = chunk_grad
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def sequence_logprobs(logits, labels, loss_mask, temperature=1.0):
+def sequence_logprobs(logits, labels, loss_mask, temperature=1.0, overwrite_logits=False):
     """Per-sequence log-probability of the labelled tokens at a sampling temperature.
 
         logp(y | x) = sum_t loss_mask[t] * log softmax(logits[t-1] / temperature)[labels[t]]
@@ -95,9 +106,15 @@ def sequence_logprobs(logits, labels, loss_mask, temperature=1.0):
     `loss_mask` is 1 on completion tokens. Returns [N] in float32 (float64 for float64
     logits). Computed as the gathered
     label logit minus logsumexp, in time chunks, never as a full-vocabulary log_softmax.
+
+    overwrite_logits: let the backward pass turn `logits` into their own gradient instead of
+    allocating one as large, for a caller that uses the logits for nothing else (a model's
+    fresh output, as in model_sequence_logprobs). Using them afterwards is an error: autograd
+    raises if anything saved them for its own backward.
     """
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    return _SequenceLogprobs.apply(logits, labels, loss_mask.to(compute_dtype), float(temperature))
+    return _SequenceLogprobs.apply(logits, labels, loss_mask.to(compute_dtype), float(temperature),
+                                   bool(overwrite_logits))
 
 
 def resolve_pref_epsilon(loss_type, pref_epsilon=None):

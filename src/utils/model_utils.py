@@ -153,7 +153,8 @@ def model_sequence_logprobs(model, batch, temperature=1.0):
         start = max(0, first_loss_pos - 1)  # the position before a token predicts it
         kwargs["logits_to_keep"] = input_ids.shape[1] - start
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs).logits
-    return sequence_logprobs(logits, input_ids[:, start:], loss_mask[:, start:], temperature)
+    # nothing else reads these logits, so backward may build their gradient in their place
+    return sequence_logprobs(logits, input_ids[:, start:], loss_mask[:, start:], temperature, overwrite_logits=True)
 
 
 def model_fingerprint(path):
