@@ -1,6 +1,6 @@
 """The paper's IMDB experiment in miniature, on a laptop CPU, through the real pipeline.
 
-    bash exp/quickstart/run.sh                 # ~10 minutes on 2 cores; results/quickstart/results.md
+    bash exp/quickstart/run.sh                 # ~6 minutes on 2 idle cores; results/quickstart/results.md
     bash exp/quickstart/run.sh --force         # redo every stage
     bash exp/quickstart/run.sh --force align_exo-rw   # redo one stage (and what depends on it)
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         help="where data, models, logs and the results go")
     parser.add_argument("--force", nargs="*", default=None, metavar="STAGE",
                         help="redo these stages (and every stage that depends on them); no name: redo all")
-    g = parser.add_argument_group("sizes (the defaults take ~10 minutes on 2 CPU cores)")
+    g = parser.add_argument_group("sizes (the defaults take ~6 minutes on 2 idle CPU cores)")
     g.add_argument("--num_reviews", type=int, default=2000, help="reviews in the SFT corpus (train split)")
     g.add_argument("--num_train_prompts", type=int, default=512,
                    help="train prompts sampled, labelled and aligned on (the corpus's first ones)")
