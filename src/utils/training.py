@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
 from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
-from utils.data.samplers import length_grouped_loader
+from utils.data.samplers import LengthGroupedSampler, StartPartWay, sequence_lengths
 from utils.ds_utils import make_optimizer, train_ds_config
 from utils.fileio import InputError, TrainingStopped, atomic_write_json, atomic_write_text, commit_dir
 from utils.model_utils import load_tokenizer, save_hf_model
@@ -220,9 +220,14 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def distributed_loader(dataset, batch_size, collator, shuffle, seed):
-    sampler = ResumableSampler(dataset, num_replicas=torch.distributed.get_world_size(),
-                               rank=torch.distributed.get_rank(), shuffle=shuffle, seed=seed)
+def distributed_loader(dataset, batch_size, collator, shuffle, seed, group_by_length=False):
+    """This rank's DataLoader: its share of (shuffled, or length-grouped) batches; the sampler's
+    `start` lets a resumed run begin a pass part-way."""
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if group_by_length:
+        sampler = LengthGroupedSampler(sequence_lengths(dataset), batch_size, world_size, rank, seed)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     # A private generator: otherwise every pass over a loader draws a seed from the global torch
     # RNG, and a resumed run (which starts a pass mid-epoch) would drift from the interrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
@@ -456,18 +461,11 @@ def load_resumable_checkpoint(engine, location):
         return json.load(f)
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler whose next pass can start part-way, at the exact sample a resumed run
-    stopped at (the order itself is still a function of seed and epoch only)."""
+class ResumableSampler(StartPartWay, DistributedSampler):
+    """DistributedSampler whose next pass can start part-way (StartPartWay)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
-        self.start = 0
-        return iter(indices)
+    def order(self):
+        return DistributedSampler.__iter__(self)
 
 
 # -- preemption and non-finite steps ------------------------------------------------------
@@ -570,9 +568,8 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     TrainingStopped.
     """
     world_size = torch.distributed.get_world_size()
-    train_loader = (length_grouped_loader(train_dataset, args.per_device_train_batch_size, collator, args.seed)
-                    if args.group_by_length else
-                    distributed_loader(train_dataset, args.per_device_train_batch_size, collator, True, args.seed))
+    train_loader = distributed_loader(train_dataset, args.per_device_train_batch_size, collator, True, args.seed,
+                                      group_by_length=args.group_by_length)
     eval_loader = distributed_loader(eval_dataset, args.per_device_eval_batch_size, collator, False, args.seed)
 
     total_steps = args.num_train_epochs * len(train_loader) // args.gradient_accumulation_steps

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.types as pat
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 
 def sequence_lengths(dataset, column="input_ids"):
@@ -28,7 +28,20 @@ def sequence_lengths(dataset, column="input_ids"):
     return pc.list_value_length(ids).to_numpy()
 
 
-class LengthGroupedSampler(Sampler):
+class StartPartWay:
+    """Sampler mixin over a class's `order()` (this epoch's indices): the next pass starts
+    `start` samples in, so a resumed run continues at the exact sample it stopped at; the order
+    itself stays a function of seed and epoch only."""
+
+    start = 0
+
+    def __iter__(self):
+        indices = list(self.order())[self.start:]
+        self.start = 0
+        return iter(indices)
+
+
+class LengthGroupedSampler(StartPartWay, Sampler):
     """A DistributedSampler that deals batches of similar length.
 
     Each rank gets ceil(N / world) examples per epoch (the first ones repeat to make the count
@@ -73,14 +86,8 @@ class LengthGroupedSampler(Sampler):
             shuffled.insert(0, shuffled.pop(longest))
         return shuffled + last
 
-    def __iter__(self):
+    def order(self):
         for batch in self.global_batches():
             share = len(batch) // self.num_replicas
             yield from batch[self.rank * share:(self.rank + 1) * share].tolist()
 
-
-def length_grouped_loader(dataset, batch_size, collator, seed):
-    """The training DataLoader with LengthGroupedSampler over this process group's ranks."""
-    sampler = LengthGroupedSampler(sequence_lengths(dataset), batch_size, torch.distributed.get_world_size(),
-                                   torch.distributed.get_rank(), seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
