@@ -6,7 +6,7 @@
 Each record of DATA_PATH/SPLIT.json[l] comes back as {prompt, completions, logps}, where
 logps[i] = log pi^temp(completion_i + EOS | prompt), summed over the completion's tokens, with
 the training rule's cuts (--max_gen_len on the right, the prompt on the left to fit
---max_seq_len), the log-probs whose differences are h in DESIGN section 1. Two such files over the same
+--max_seq_len), the log-probs whose differences are h in utils/loss.py. Two such files over the same
 samples give eval_kl.py its KL estimate. Batched, sharded across ranks and resumable
 (utils/inference.py).
 """
@@ -16,7 +16,7 @@ import re
 from utils.fileio import InputError, atomic_write_json, cli_main
 from utils.inference import add_gen_data_args, add_inference_args, check_inference_args, score_completions, start_scoring
 from utils.model_utils import load_causal_lm, model_fingerprint, model_sequence_logprobs
-from utils.training import base_parser
+from utils.args import base_parser
 
 
 def default_output(data_path, split, model_path):

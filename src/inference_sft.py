@@ -36,7 +36,8 @@ from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.fileio import InputError, cli_main
 from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, sharded_map
 from utils.model_utils import _accepts_logits_to_keep, load_causal_lm, load_tokenizer, model_fingerprint
-from utils.training import base_parser, init_distributed
+from utils.args import base_parser
+from utils.distributed import init_distributed
 
 
 def parse_args(argv=None):

@@ -27,7 +27,9 @@ from utils.data.collators import ClassCollator
 from utils.data.data_utils import ClassEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
-from utils.training import Stage, add_training_args, base_parser, check_training_args, train
+from utils.args import add_training_args, base_parser, check_training_args
+from utils.distributed import Stage
+from utils.training import train
 
 
 def parse_args(argv=None):

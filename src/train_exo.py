@@ -1,4 +1,4 @@
-"""Alignment stage: EXO or DPO over K contrastive candidates per prompt (DESIGN.md section 1).
+"""Alignment stage: EXO or DPO over K contrastive candidates per prompt (the objective: utils/loss.py, README "The objective").
 
     deepspeed src/train_exo.py --model_name_or_path models/x_imdb/sft \\
         --data_name_path imdb/rw:data/imdb_rw --loss_type exo-rw --num_contrastive 4 \\
@@ -26,7 +26,9 @@ from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
 from utils.model_utils import apply_lora, load_causal_lm, model_fingerprint, model_sequence_logprobs
-from utils.training import Stage, add_training_args, base_parser, check_training_args, distributed_loader, is_rank0, train
+from utils.args import add_training_args, base_parser, check_training_args
+from utils.distributed import Stage, distributed_loader, is_rank0
+from utils.training import train
 
 
 def parse_args(argv=None):

@@ -19,7 +19,9 @@ from utils.data.collators import SFTCollator
 from utils.data.data_utils import SFTEncoder
 from utils.fileio import InputError, cli_main
 from utils.model_utils import apply_lora, load_causal_lm, model_sequence_logprobs
-from utils.training import Stage, add_training_args, base_parser, check_training_args, train
+from utils.args import add_training_args, base_parser, check_training_args
+from utils.distributed import Stage
+from utils.training import train
 
 SFT_KINDS = ("sft", "pref")
 

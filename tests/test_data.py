@@ -1,7 +1,7 @@
 """Tests for the data layer: tokenisation rule, encoders, caching, input errors, the dataset
-registry, collators and the pref_to_rw converter (DESIGN.md section 2).
+registry, collators and the pref_to_rw converter (README: Data formats).
 
-Expected values are derived from the written contract (DESIGN.md, module docstrings), using
+Expected values are derived from the written contract (README, module docstrings), using
 the tokenizer directly, not by re-running the code under test.
 """
 import copy

@@ -17,7 +17,7 @@ def launch(script, *args, env):
 
 
 def test_launchers_in_pipeline_order(tiny_model, easy_pref_data, tmp_path):
-    """Each stage's output appears where the next stage (and DESIGN section 3) expects it."""
+    """Each stage's output appears where the next stage (and the README's stage table) expects it."""
     env = {"OUTPUT_ROOT": str(tmp_path / "models"), "TB_ROOT": str(tmp_path / "tb"), "DEVICE_IDS": "0"}
     cache = ["--data_output_path", str(tmp_path / "cache")]
     sft_data = tmp_path / "toy"

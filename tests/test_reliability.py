@@ -124,7 +124,7 @@ def test_sft_killed_while_writing_a_checkpoint_resumes_exactly(tiny_model, align
     """SIGKILL while a checkpoint is half written: `latest` still names a complete one, the half
     one is refused, and the resumed run matches the uninterrupted one (dropout RNG included)."""
     from utils.fileio import InputError
-    from utils.training import checkpoint_location
+    from utils.checkpointing import checkpoint_location
 
     after_step = random.Random(7).randint(2, 6)
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -230,7 +230,7 @@ def test_atomic_writes_leave_the_old_or_the_new_file_when_killed(tmp_path):
 
 
 def test_a_prompt_longer_than_max_seq_len_is_cut_counted_and_reported(tiny_model, tmp_path, capsys):
-    """Not an error and not dropped: DESIGN section 2 cuts the prompt on the left, so every record
+    """Not an error and not dropped: the tokenisation rule cuts the prompt on the left, so every record
     still trains; how many were cut is reported once, when the split is tokenised."""
     from conftest import write_split
     from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
@@ -250,7 +250,7 @@ def test_a_prompt_longer_than_max_seq_len_is_cut_counted_and_reported(tiny_model
 
 def test_pruning_keeps_the_last_n_up_to_the_step_just_written(tmp_path):
     """Checkpoints after the one just written belong to a run this one replaced: they go too."""
-    from utils.training import prune_checkpoints
+    from utils.checkpointing import prune_checkpoints
 
     for step in (1, 2, 3, 4, 5, 12):
         (tmp_path / f"global_step{step}").mkdir()

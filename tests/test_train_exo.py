@@ -100,7 +100,7 @@ def test_cached_reference_logps_match_the_online_reference(tiny_model, align_dat
 
 
 def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path):
-    """exp/custom_exp/train_exo.sh with the DESIGN positional arguments trains and exports checkpoints."""
+    """exp/custom_exp/train_exo.sh with the README's positional arguments trains and exports checkpoints."""
     result = run(["bash", "exp/custom_exp/train_exo.sh", "tiny", tiny_model, "sft", "toy/rw", align_data["rw"],
                   "exo-rw", "2", "--max_iter_step", "2", "--num_save_checkpoint", "2", "--max_seq_len", "48",
                   "--max_gen_len", "16", "--data_output_path", str(tmp_path / "cache")],

@@ -218,7 +218,7 @@ def test_reward_is_read_where_from_pretrained_scorers_read_it(tiny_model):
 # -- launchers --------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path, stage):
-    """exp/custom_exp/train_{sft,rm}.sh with the DESIGN positional arguments write
+    """exp/custom_exp/train_{sft,rm}.sh with the README's positional arguments write
     models/NAME_DATA/{sft,rm} (one CPU rank from DEVICE_IDS; SFT here on pref data: prompt + chosen)."""
     result = run(["bash", f"exp/custom_exp/train_{stage}.sh", "tiny", tiny_model, "base", "toy/pref",
                   align_data["pref"], "--max_iter_step", "2", "--max_seq_len", "48", "--max_gen_len", "16",

@@ -54,12 +54,12 @@ class StepClock:
 
 def ours_align(cfg):
     import train_exo
-    from utils import training
+    from utils import tracking
     from utils.data import collators
 
     clock = StepClock()
     collate = collators.AlignmentCollator.__call__
-    log = training.Logger.log
+    log = tracking.Logger.log
     in_training = [False]
 
     def counting_collate(self, examples):
@@ -78,7 +78,7 @@ def ours_align(cfg):
         return log(self, prefix, metrics, step)
 
     collators.AlignmentCollator.__call__ = counting_collate
-    training.Logger.log = timed_log
+    tracking.Logger.log = timed_log
     started = time.perf_counter()
     train_exo.main(cfg["argv"])
     return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"])}
@@ -134,7 +134,7 @@ def _engine_and_batches(cfg):
     from utils.data.collators import AlignmentCollator
     from utils.ds_utils import make_optimizer, train_ds_config
     from utils.model_utils import load_causal_lm
-    from utils.training import Stage
+    from utils.distributed import Stage
 
     args = train_exo.parse_args(cfg["argv"])
     stage = Stage(args)

@@ -15,7 +15,7 @@ writes the final output atomically and deletes the shards. (On several nodes the
 directory must be on a filesystem every rank sees, as checkpoints are.)
 
 Scoring `gen` data (reward model, log-probs) tokenises every (prompt, completion) pair by the
-training rule of DESIGN.md section 2, so a score here is the score training computes.
+training rule of utils/data/data_utils.py, so a score here is the score training computes.
 """
 import glob
 import hashlib
@@ -33,7 +33,8 @@ from utils.data.data_utils import Encoder, Tokenisation
 from utils.data.raw_datasets import JsonDataset
 from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import load_tokenizer
-from utils.training import base_parser, init_distributed, to_device
+from utils.args import base_parser
+from utils.distributed import init_distributed, to_device
 
 SHARD_DIR = ".shards"
 # Ranks reach the merge at very different times (a resumed rank may have nothing left to do
@@ -234,7 +235,7 @@ def _remove_shards(output_file):
 
 # -- gen data, scored by the training rule ------------------------------------------------
 def labelled_dir(data_path, kind):
-    """Where labelled data goes beside the `gen` data it came from (DESIGN section 3): a
+    """Where labelled data goes beside the `gen` data it came from (README: The pipeline): a
     trailing `_sft` gives way to `_KIND` (data/imdb_sft -> data/imdb_rw); other names gain it."""
     path = os.path.normpath(data_path)
     return (path[:-len("_sft")] if path.endswith("_sft") else path) + f"_{kind}"

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities and the EXO / DPO alignment losses (DESIGN.md section 1).
+"""Sequence log-probabilities and the EXO / DPO alignment losses (README: The objective).
 
 Notation, for one prompt x with K candidates y_1..y_K and labels r_1..r_K:
 

@@ -1,4 +1,4 @@
-"""From `--data_name_path` to tokenised, cached `datasets.Dataset`s (DESIGN.md section 2).
+"""From `--data_name_path` to tokenised, cached `datasets.Dataset`s.
 
 Tokenisation rule: prompt and completion are tokenised separately; EOS is appended to the
 completion, which is then cut on the right to `max_gen_len`; the prompt is cut on the left so
@@ -58,7 +58,7 @@ def load_raw_datasets(data_name_paths, dataset_modules=()):
 
 # -- tokenisation ---------------------------------------------------------------------------
 class Tokenisation:
-    """The DESIGN section 2 rule for one tokenizer and pair of lengths."""
+    """The tokenisation rule above, for one tokenizer and pair of lengths."""
 
     def __init__(self, tokenizer, max_seq_len, max_gen_len):
         if max_gen_len >= max_seq_len:

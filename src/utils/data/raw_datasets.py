@@ -1,6 +1,6 @@
 """Raw datasets: where records come from, before tokenisation.
 
-Every dataset is addressed as `NAME/KIND:PATH` (DESIGN.md section 2). KIND is one of the
+Every dataset is addressed as `NAME/KIND:PATH` (README: Data formats). KIND is one of the
 standard record formats below; any NAME works with them (`JsonDataset` reads
 `PATH/{train,test}.json[l]`). A custom format is a `PromptRawDataset` subclass registered
 under its own name, in a module passed with `--dataset_module`:

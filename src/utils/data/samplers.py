@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.types as pat
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 def sequence_lengths(dataset, column="input_ids"):
@@ -91,3 +91,9 @@ class LengthGroupedSampler(StartPartWay, Sampler):
             share = len(batch) // self.num_replicas
             yield from batch[self.rank * share:(self.rank + 1) * share].tolist()
 
+
+class ResumableSampler(StartPartWay, DistributedSampler):
+    """DistributedSampler whose next pass can start part-way (StartPartWay)."""
+
+    def order(self):
+        return DistributedSampler.__iter__(self)

@@ -1,0 +1,121 @@
+"""Process setup: joining the ranks, seeding, rank-0 helpers, each rank's share of the data,
+and `Stage`, what every training stage sets up before its model.
+"""
+import os
+import random
+import socket
+
+import deepspeed
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
+
+from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
+from utils.data.samplers import LengthGroupedSampler, ResumableSampler, sequence_lengths
+from utils.ds_utils import train_ds_config
+from utils.model_utils import load_tokenizer
+
+
+def _skip_shm_allreduce():
+    """Keep DeepSpeed's CPU backend from loading its shared-memory allreduce op.
+
+    That op only speeds up `inference_all_reduce` (tensor-parallel inference), which no stage
+    uses: training collectives go through torch.distributed on gloo either way. Loading it costs
+    a JIT compile on first use, and a run killed mid-compile leaves a lock that makes every
+    later run wait forever. Each rank that loads it also maps a 69 MB /dev/shm buffer that is
+    never unlinked, so on a CPU box every run leaks RAM until /dev/shm fills."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    # DeepSpeed probes op compatibility once per process and keeps the answer in this dict.
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def init_distributed(args):
+    """Join the process group the launcher set up, or make a one-process group for plain
+    `python src/<stage>.py`. Seeds everything and returns the device."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accelerator.device_name() == "cpu":
+        # CPU ranks share the cores; oversubscribed threads would only thrash.
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        _skip_shm_allreduce()
+    else:
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed()
+    set_seed(args.seed)
+    return torch.device(accelerator.device_name(local_rank))
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    get_accelerator().manual_seed_all(seed)
+
+
+def is_rank0():
+    return torch.distributed.get_rank() == 0
+
+
+def print_rank0(*args):
+    if is_rank0():
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def distributed_loader(dataset, batch_size, collator, shuffle, seed, group_by_length=False):
+    """This rank's DataLoader: its share of (shuffled, or length-grouped) batches; the sampler's
+    `start` lets a resumed run begin a pass part-way."""
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if group_by_length:
+        sampler = LengthGroupedSampler(sequence_lengths(dataset), batch_size, world_size, rank, seed)
+    else:
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    # A private generator: otherwise every pass over a loader draws a seed from the global torch
+    # RNG, and a resumed run (which starts a pass mid-epoch) would drift from the interrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def sum_across_ranks(values):
+    """{name: this rank's number} -> {name: sum over ranks}, in one all-reduce."""
+    names = sorted(values)
+    device = get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))
+    totals = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return dict(zip(names, totals.tolist()))
+
+
+class Stage:
+    """What every training stage sets up first, in one place: the ranks, the device, the
+    tokenizer, the tokenisation rule and the raw datasets. Under ZeRO-3 it also holds the
+    `HfDeepSpeedConfig` that must stay alive while models load, so that transformers builds
+    their weights already partitioned across ranks instead of whole on every rank."""
+
+    def __init__(self, args):
+        self.device = init_distributed(args)
+        self.world_size = torch.distributed.get_world_size()
+        args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
+        self.hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, self.world_size)) if args.zero_stage == 3 else None
+        self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+        self.tok = Tokenisation(self.tokenizer, args.max_seq_len, args.max_gen_len)
+        self.raw = load_raw_datasets(args.data_name_path, args.dataset_module)
+        self.cache_dir = args.data_output_path
+
+    def datasets(self, encoding, make_encoder):
+        """{"train": (dataset, cache key), "test": (...)} tokenised by `make_encoder`."""
+        return {split: build_dataset(self.raw, split, self.tok, self.cache_dir, encoding, make_encoder)
+                for split in ("train", "test")}
