@@ -3,18 +3,24 @@
     python src/calc_logprobs.py --model_name_or_path models/x_imdb/sft --data_path results/policy_sft \\
         --split test --output_path results/policy_sft/test_logps_sft.json
 
-Each record of DATA_PATH/SPLIT.json[l] comes back as {prompt, completions, logps}, where
-logps[i] = log pi^temp(completion_i + EOS | prompt), summed over the completion's tokens, with
-the training rule's cuts (--max_gen_len on the right, the prompt on the left to fit
---max_seq_len), the log-probs whose differences are h in utils/loss.py. Two such files over the same
-samples give eval_kl.py its KL estimate. Batched, sharded across ranks and resumable
-(utils/inference.py).
+Each record of DATA_PATH/SPLIT.json[l] comes back with its fields (prompt, completions and the
+token-exact fields it carries) and "logps", "temp" and "scored_tokens": logps[i] = log
+pi^temp(completion_i | prompt) summed over the completion's tokens, the log-probs whose
+differences are EXO's h. The completion is its sampled ids as they are when the record carries
+them from this model's tokenizer (a tokenizer that differs falls back to text + EOS, with a
+warning), else its text + EOS; then the training rule's cuts (--max_gen_len on the right, the
+prompt on the left to fit --max_seq_len). "temp" is the --temp scored at and scored_tokens[i]
+a digest of the token sequence scored, so eval_kl.py can refuse two files that scored
+different tokens or temperatures. For a KL estimate score the samples at the temperature they
+were sampled at. Batched, sharded across ranks and resumable (utils/inference.py).
 """
 import os
 import re
 
 from utils.fileio import InputError, atomic_write_json, cli_main
-from utils.inference import add_gen_data_args, add_inference_args, check_inference_args, score_completions, start_scoring
+from utils.data.raw_datasets import token_fields
+from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, record_scored_tokens,
+                             score_completions, start_scoring)
 from utils.model_utils import load_causal_lm, model_fingerprint, model_sequence_logprobs
 from utils.args import base_parser
 
@@ -29,7 +35,8 @@ def parse_args(argv=None):
     parser = add_gen_data_args(add_inference_args(base_parser(__doc__.split("\n\n")[0])))
     g = parser.add_argument_group("log-probs")
     g.add_argument("--model_name_or_path", required=True, help="causal LM whose log-probs to compute")
-    g.add_argument("--temp", type=float, default=1.0, help="logits are divided by this temperature, as in sampling")
+    g.add_argument("--temp", type=float, default=1.0,
+                   help="logits are divided by this temperature; for a KL estimate, the --temp the samples were drawn at")
     g.add_argument("--output_path", default=None,
                    help="output JSON file; default DATA_PATH/SPLIT_logps_<MODEL PATH with / as _>.json")
     args = parser.parse_args(argv)
@@ -48,8 +55,9 @@ def main(argv=None):
     model, tokenizer, tok, records, _, device = start_scoring(args, load_causal_lm)
 
     def write(logps):
-        atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], "logps": v}
-                                             for r, v in zip(records, logps)])
+        atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], **token_fields(r),
+                                              "logps": v, "temp": args.temp, "scored_tokens": t}
+                                             for r, v, t in zip(records, logps, record_scored_tokens(tok, records))])
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
                 "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}

@@ -3,14 +3,16 @@
     deepspeed --include localhost:0,1 src/inference_rm.py --model_name_or_path models/x_imdb/rm \\
         --data_path data/imdb_sft --split train --mode label     # writes data/imdb_rw/train.json
 
-Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion + EOS is tokenised by the
-training rule (completion cut on the right to --max_gen_len, prompt on the left to fit
+Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion is tokenised by the
+training rule (the sampled ids where the record carries them from this model's tokenizer, else
+text + EOS; completion cut on the right to --max_gen_len, prompt on the left to fit
 --max_seq_len) and scored by the one-label sequence classifier at its last non-pad token, the
 way reward-model training scores it. Batched, sharded across ranks and resumable
 (utils/inference.py).
 
   label  writes `rw` records {prompt, completions, rewards} to DATA_PATH_rw/SPLIT.json, where a
-         trailing `_sft` is dropped from DATA_PATH first (data/imdb_sft -> data/imdb_rw).
+         trailing `_sft` is dropped from DATA_PATH first (data/imdb_sft -> data/imdb_rw); the
+         token-exact fields of a record (completion_ids, ...) are carried into it.
   eval   writes {mean, std, n, num_prompts, model, data} over all completions to
          DATA_PATH/SPLIT_reward_eval.json (std over completions, not of the mean).
 
@@ -19,6 +21,7 @@ Both modes print the mean and std.
 import math
 import os
 
+from utils.data.raw_datasets import token_fields
 from utils.fileio import atomic_write_json, cli_main
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
@@ -48,8 +51,8 @@ def main(argv=None):
         output_file = os.path.join(args.output_path, f"{args.split}.json")
 
         def write(rewards):
-            atomic_write_json(output_file, [{"prompt": r["prompt"], "completions": r["completions"], "rewards": v}
-                                            for r, v in zip(records, rewards)])
+            atomic_write_json(output_file, [{"prompt": r["prompt"], "completions": r["completions"], **token_fields(r),
+                                             "rewards": v} for r, v in zip(records, rewards)])
     else:
         output_file = os.path.join(args.output_path, f"{args.split}_reward_eval.json")
 

@@ -8,18 +8,23 @@ Only the records' prompts are used (any kind with a prompt: sft, pref, gen, rw).
 is tokenised as training tokenises it and cut on the left (keeping a BOS) to
 max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
 the full prompt text. Generation is batched with left padding and the KV cache, sharded across
-ranks and resumable (utils/inference.py). A completion is the decoded text of the tokens drawn
-before the first EOS; it never ends before its first token (EOS is barred at the first step,
-so no completion is empty). The checkpoint's generation_config is ignored: what is sampled is
-exactly what the flags say.
+ranks and resumable (utils/inference.py). The checkpoint's generation_config is ignored: what
+is sampled is exactly what the flags say.
 
---save_logps stores per completion "logps": log pi^temp(completion + EOS | prompt) under the
-model (EOS allowed at every step), summed over tokens, computed from the generation scores of
-the drawn ids, with the EOS term added by one extra forward where a completion was cut at
-max_new_tokens. It is what the alignment stage's reference pass computes for the same text
-when the text re-tokenises to the drawn ids, the prompt keeps the same tokens (a prompt
-shorter than max_length - max_new_tokens is never cut) and its --max_gen_len exceeds
---max_new_tokens (so the EOS is not cut off).
+Each record keeps what was sampled, token for token, beside the decoded text: per completion
+"completion_ids", the drawn ids up to and with the first EOS (or all --max_new_tokens of them
+when none was drawn), and "stop_token", that EOS id or null when --max_new_tokens cut the
+completion; per record "tokenizer_fingerprint" and "source_model". Every later stage scores
+these ids, not the re-tokenised text (decoding then encoding byte-level BPE is not the
+identity), and appends no EOS to a completion that did not draw one. Nothing is barred: EOS
+may be drawn at the first step, which is a legal, empty completion ("" with ids [EOS]), so a
+sample's log-prob is the model's own.
+
+--save_logps stores per completion "logps": log pi^temp(completion_ids | prompt) summed over
+exactly those ids, from the sampler's own distributions, with "temp" and "scored_tokens" as
+calc_logprobs writes them. calc_logprobs on the same model and --temp gives the same numbers
+when its --max_gen_len is at least --max_new_tokens and --max_seq_len at least --max_length
+(then it cuts nothing the sampler did not).
 
 Reproducible: a batch's seed comes from --seed and the position of its first prompt, so the
 same command (same --seed, --batch_size and number of ranks) gives the same file, also when
@@ -30,12 +35,12 @@ import os
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
 from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.fileio import InputError, cli_main
-from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, sharded_map
-from utils.model_utils import _accepts_logits_to_keep, load_causal_lm, load_tokenizer, model_fingerprint
+from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens,
+                             sharded_map)
+from utils.model_utils import load_causal_lm, load_tokenizer, model_fingerprint
 from utils.args import base_parser
 from utils.distributed import init_distributed
 
@@ -59,7 +64,7 @@ def parse_args(argv=None):
     g.add_argument("--max_length", type=int, default=512,
                    help="prompt + new tokens; longer prompts are cut on the left to max_length - max_new_tokens")
     g.add_argument("--save_logps", action="store_true",
-                   help="store each completion's log-prob at --temp, log pi^temp(completion + EOS | prompt), as "
+                   help="store each completion's log-prob at --temp, log pi^temp(completion_ids | prompt), as "
                         "\"logps\" (needs --top_k 0 and --top_p 1.0: then the sampler's distribution is the model's)")
     g.add_argument("--output_path", default=None, help="directory of the gen data (SPLIT.json in it); default PATH_sft")
     args = parser.parse_args(argv)
@@ -113,8 +118,8 @@ class CompletionLogprobs(LogitsProcessor):
 
     `generate` calls a processor once per step with the ids so far, before the temperature
     warper; the distribution of step t is kept until step t + 1 shows which token was drawn
-    from it, and `finish` reads the last step's token. Placed before the EOS bar of the first
-    step, it sees the model's distribution, the one training's log-probs use.
+    from it, and `finish` reads the last step's token. Nothing else changes the logits (no
+    filtering, no bar on EOS), so this is the distribution each token was drawn from.
     """
 
     def __init__(self, temperature):
@@ -133,56 +138,39 @@ class CompletionLogprobs(LogitsProcessor):
         return torch.stack(self.steps + [self.last.gather(-1, sequences[:, -1:]).squeeze(-1)], dim=1)
 
 
-def eos_logprobs(model, sequences, attention_mask, temperature, eos_token_id):
-    """log p^temp(EOS | prompt + completion) of left-padded rows: the term that completes the
-    log-prob of a completion cut at max_new_tokens, as training appends EOS to it."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, **kwargs).logits[:, -1]
-    return torch.log_softmax(logits.float() / temperature, dim=-1)[:, eos_token_id]
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
     """Draw config.num_return_sequences completions of each prompt (token ids, already fitted).
 
-    Returns (ids, texts, logps): per prompt, a list per completion of the drawn token ids
-    before the first EOS, their decoded text, and (with `save_logps`, else None) the log-prob
-    log p^temp(ids + [EOS] | prompt) summed over tokens, EOS included whether drawn or not.
+    Returns per prompt, a list per completion of: `ids`, the drawn token ids up to and with
+    the first EOS (all max_new_tokens of them when none was drawn); `stops`, that EOS id or
+    None; `texts`, the decoded ids before the EOS; and `logps` (with `save_logps`, else None),
+    log p^temp(ids | prompt) summed over exactly those ids.
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     prompt_len = batch["input_ids"].shape[1]
-    # never an empty completion (gen data has none): EOS is barred at the first step; the
-    # recorder comes before that bar, so it sees the model's own distribution
-    no_empty = MinNewTokensLengthLogitsProcessor(prompt_len, 1, eos, device=device)
     recorder = CompletionLogprobs(config.temperature) if save_logps else None
-    processors = LogitsProcessorList([recorder, no_empty] if recorder else [no_empty])
     torch.manual_seed(seed)
-    sequences = model.generate(**batch, generation_config=config, logits_processor=processors)
+    sequences = model.generate(**batch, generation_config=config,
+                               logits_processor=LogitsProcessorList([recorder] if recorder else []))
     drawn = sequences[:, prompt_len:]
 
     is_eos = drawn == eos
     ended = is_eos.any(-1)
-    length = torch.where(ended, is_eos.int().argmax(-1), drawn.shape[1])  # tokens before the first EOS
+    length = torch.where(ended, is_eos.int().argmax(-1) + 1, drawn.shape[1])  # the EOS counts when drawn
     ids = [row[:n] for row, n in zip(drawn.tolist(), length.tolist())]
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    stops = [eos if e else None for e in ended.tolist()]
+    texts = tokenizer.batch_decode([row[:-1] if stop is not None else row for row, stop in zip(ids, stops)],
+                                   skip_special_tokens=False, clean_up_tokenization_spaces=False)
     logps = None
     if save_logps:
-        token_logps = recorder.finish(sequences)
-        counted = torch.arange(drawn.shape[1], device=device)[None] <= length[:, None]  # up to the first EOS
-        logps = (token_logps * counted).sum(-1)
-        cut = ~ended
-        if cut.any():
-            mask = torch.cat([batch["attention_mask"].repeat_interleave(config.num_return_sequences, 0),
-                              torch.ones_like(drawn)], dim=1)
-            logps[cut] += eos_logprobs(model, sequences[cut], mask[cut], config.temperature, eos)
-        logps = logps.tolist()
+        counted = torch.arange(drawn.shape[1], device=device)[None] < length[:, None]
+        logps = (recorder.finish(sequences) * counted).sum(-1).tolist()
 
     k = config.num_return_sequences
-    return _per_prompt(ids, k), _per_prompt(texts, k), _per_prompt(logps, k)
+    return tuple(_per_prompt(rows, k) for rows in (ids, stops, texts, logps))
 
 
 def _per_prompt(rows, k):
@@ -210,11 +198,15 @@ def main(argv=None):
 
     def process(batch_prompts, first_index):
         prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
-        _, texts, logps = sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index),
-                                 args.save_logps)
-        out = [{"prompt": p, "completions": t} for p, t in zip(batch_prompts, texts)]
-        for record, values in zip(out, logps or ()):
-            record["logps"] = values
+        ids, stops, texts, logps = sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index),
+                                          args.save_logps)
+        out = [{"prompt": p, "completions": t, "completion_ids": i, "stop_token": s,
+                "tokenizer_fingerprint": tok.tokenizer_fingerprint, "source_model": args.model_name_or_path}
+               for p, t, i, s in zip(batch_prompts, texts, ids, stops)]
+        for record, prompt, values in zip(out, prompt_ids, logps or ()):
+            # what calc_logprobs writes for the same tokens, so eval_kl can take either file
+            record.update(logps=values, temp=args.temp,
+                          scored_tokens=[scored_tokens(prompt + c, len(prompt)) for c in record["completion_ids"]])
         return out
 
     settings = {"stage": "sample", "model": model_fingerprint(args.model_name_or_path),

@@ -15,7 +15,8 @@ writes the final output atomically and deletes the shards. (On several nodes the
 directory must be on a filesystem every rank sees, as checkpoints are.)
 
 Scoring `gen` data (reward model, log-probs) tokenises every (prompt, completion) pair by the
-training rule of utils/data/data_utils.py, so a score here is the score training computes.
+training rule (utils/data/data_utils.py), so a score here is the score training computes: a
+completion with its sampled ids (and the tokenizer that made them) is scored on those ids.
 """
 import glob
 import hashlib
@@ -286,10 +287,9 @@ def load_gen_records(data_path, split, tok):
     if not os.path.isdir(data_path):
         raise InputError(f"--data_path {data_path}: no such directory")
     source = JsonDataset(os.path.basename(os.path.normpath(data_path)), data_path, "gen")
-    try:
-        path = source.split_file(split)
-    except InputError:
-        raise InputError(f"--data_path {data_path}: no {split}.json or {split}.jsonl") from None
+    if not any(os.path.isfile(os.path.join(data_path, split + ext)) for ext in (".json", ".jsonl")):
+        raise InputError(f"--data_path {data_path}: no {split}.json or {split}.jsonl")
+    path = source.split_file(split)
     records = source.records(split)
     check_prompts(records, tok, path)
     return records, path
@@ -302,16 +302,33 @@ def check_prompts(records, tok, source):
         encoder.check(record, index)
 
 
-def completion_batch(tok, records):
-    """Every (prompt, completion) pair of `records`, record-major, as one right-padded batch
-    (input_ids, attention_mask, loss_mask on the completion + EOS), cut by the training rule."""
+def completion_sequences(tok, records):
+    """(token ids, prompt length) of every (prompt, completion) pair of `records`, record-major,
+    cut by the training rule: the sampled ids where a record carries them, else text + EOS."""
     sequences, prompt_lens = [], []
     for prompt_ids, record in zip(tok.prompts(r["prompt"] for r in records), records):
-        for completion_ids in tok.completions(record["completions"]):
+        for completion_ids in tok.record_completions(record):
             ids, prompt_len = tok.join(prompt_ids, completion_ids)
             sequences.append(ids)
             prompt_lens.append(prompt_len)
-    return pad_sequences(sequences, prompt_lens, tok.tokenizer.pad_token_id)
+    return sequences, prompt_lens
+
+
+def completion_batch(tok, records):
+    """completion_sequences as one right-padded batch (input_ids, attention_mask, loss_mask on
+    the completion's tokens)."""
+    return pad_sequences(*completion_sequences(tok, records), tok.tokenizer.pad_token_id)
+
+
+def scored_tokens(ids, prompt_len):
+    """16 hex digits naming a scored sequence: its token ids and where its completion starts, so
+    two files of log-probs can show they scored the same tokens."""
+    return hashlib.sha256(json.dumps([prompt_len, ids]).encode()).hexdigest()[:16]
+
+
+def record_scored_tokens(tok, records):
+    """scored_tokens of every completion of `records`, one list per record."""
+    return per_record([scored_tokens(ids, n) for ids, n in zip(*completion_sequences(tok, records))], records)
 
 
 def per_record(values, records):

@@ -3,7 +3,10 @@
 Tokenisation rule: prompt and completion are tokenised separately; EOS is appended to the
 completion, which is then cut on the right to `max_gen_len`; the prompt is cut on the left so
 the whole fits `max_seq_len` (a BOS the tokenizer puts in front is kept). Only completion
-tokens carry loss. The result is cached with `datasets` under a key made of the data files'
+tokens carry loss. A sampled completion that carries its exact token ids (`completion_ids`,
+from a tokenizer with the record's `tokenizer_fingerprint`) is not re-tokenised: its ids are
+the completion as they are, the stop token included only where one was sampled, and the
+same cuts apply. With another tokenizer its text is used instead, with a warning. The result is cached with `datasets` under a key made of the data files'
 content, the tokenizer, the lengths and the stage's encoding parameters.
 """
 import contextlib
@@ -57,6 +60,20 @@ def load_raw_datasets(data_name_paths, dataset_modules=()):
 
 
 # -- tokenisation ---------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer):
+    """16 hex digits identifying what token ids mean to `tokenizer`: its vocabulary, merges,
+    added tokens, normalisation and EOS id (not its padding or truncation settings, which
+    change while it runs)."""
+    if getattr(tokenizer, "is_fast", False):
+        backend = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend.pop("padding", None)
+        backend.pop("truncation", None)
+    else:
+        backend = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps([backend, tokenizer.eos_token_id], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 class Tokenisation:
     """The tokenisation rule above, for one tokenizer and pair of lengths."""
 
@@ -70,6 +87,7 @@ class Tokenisation:
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
         self.prompts_cut = 0  # sequences whose prompt `join` cut, reported once a split is tokenised
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         # Tokens the tokenizer puts in front of every text (a BOS); left cuts keep them.
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         special = tokenizer("a")["input_ids"]
@@ -86,6 +104,18 @@ class Tokenisation:
         eos = self.tokenizer.eos_token_id
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [c + [eos] for c in ids]
+
+    def uses_ids(self, record):
+        """Whether `record`'s completions are its exact sampled ids (from this tokenizer)."""
+        return record.get("completion_ids") is not None and \
+            record.get("tokenizer_fingerprint") == self.tokenizer_fingerprint
+
+    def record_completions(self, record, texts=None):
+        """The completion ids of a gen/rw record (or of `texts`, its candidates), uncut: the
+        sampled ids as they are when the record carries them from this tokenizer, else text + EOS."""
+        if self.uses_ids(record):
+            return [list(ids) for ids in record["completion_ids"]]
+        return self.completions(record["completions"] if texts is None else texts)
 
     def join(self, prompt_ids, completion_ids):
         """(input_ids, prompt_len) with the completion cut right, then the prompt cut left."""
@@ -113,11 +143,27 @@ class Encoder:
 
     def __init__(self, tok, source, kind):
         self.tok, self.source, self.kind = tok, source, kind
+        self.warned = False
 
     def check(self, record, index):
         if not record["prompt"].strip() and self.tok.num_prefix == 0:
             raise InputError(f"{where(self.source, index, 'prompt')}: empty prompt and the tokenizer adds no BOS; "
                              "give every record a prompt")
+        if record.get("completion_ids") is None:
+            return
+        if not self.tok.uses_ids(record):
+            if not self.warned:  # once per file: every record of it usually shares the reason
+                self.warned = True
+                print(f"warning: {where(self.source, index, 'tokenizer_fingerprint')}: the completion ids come from "
+                      f"tokenizer {record['tokenizer_fingerprint']} (of {record.get('source_model', '?')}), not "
+                      f"this one ({self.tok.tokenizer_fingerprint}); its records are scored from their text + EOS, "
+                      "which is not the sequence that was sampled", file=sys.stderr, flush=True)
+            return
+        vocab = len(self.tok.tokenizer)
+        for j, ids in enumerate(record["completion_ids"]):
+            if max(ids) >= vocab:
+                raise InputError(f"{where(self.source, index, 'completion_ids')}[{j}]: token id {max(ids)} is outside "
+                                 f"the tokenizer's vocabulary of {vocab}")
 
 
 class SFTEncoder(Encoder):
@@ -168,7 +214,7 @@ class AlignmentEncoder(Encoder):
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
         for prompt_ids, record in zip(self.tok.prompts(batch["prompt"]), records):
             texts, rewards = self.candidates(record)
-            joined = [self.tok.join(prompt_ids, c) for c in self.tok.completions(texts)]
+            joined = [self.tok.join(prompt_ids, c) for c in self.tok.record_completions(record, texts)]
             for start in range(0, len(texts), self.num_contrastive):
                 group = slice(start, start + self.num_contrastive)
                 out["input_ids"].append([ids for ids, _ in joined[group]])
@@ -265,7 +311,9 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
             encoder = make_encoder(tok, raw.source(split), raw.kind)
             for index, record in enumerate(records):
                 encoder.check(record, index)
-            records = datasets.Dataset.from_list(records)
+            # from_list takes its columns from the first record; optional fields may start later
+            fields = list(dict.fromkeys(field for record in records for field in record))
+            records = datasets.Dataset.from_list([{field: r.get(field) for field in fields} for r in records])
             cut_before = tok.prompts_cut
             encoded = records.map(encoder, batched=True, with_indices=True,
                                   remove_columns=records.column_names, desc=f"tokenising {raw.name}/{raw.kind} {split}")

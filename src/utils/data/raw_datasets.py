@@ -32,6 +32,13 @@ KIND_FIELDS = {
     "class": {"text": str, "label": int},
 }
 KINDS = tuple(KIND_FIELDS)
+# Optional fields of gen and rw records that tie each completion to the exact tokens sampled
+# (written by inference_sft, carried by inference_rm); records without them are scored from
+# their text. Per completion: completion_ids (the sampled ids, the stop token included when one
+# was sampled) and stop_token (that id, or None when --max_new_tokens cut the completion); per
+# record: tokenizer_fingerprint (of the tokenizer the ids belong to) and source_model.
+TOKEN_FIELDS = ("completion_ids", "stop_token", "tokenizer_fingerprint", "source_model")
+OPTIONAL_FIELDS = {"gen": TOKEN_FIELDS, "rw": TOKEN_FIELDS}
 SPLITS = ("train", "test")
 
 _REGISTRY = {}
@@ -105,6 +112,10 @@ class PromptRawDataset:
     def get_label(self, sample):
         return sample["label"]
 
+    def get_optional(self, sample, field):
+        """An optional field of a sample (OPTIONAL_FIELDS), or None when it has none."""
+        return sample.get(field) if isinstance(sample, dict) else None
+
     # -- DeepSpeed-Chat-style entry points -----------------------------------------------
     def get_train_data(self):
         return self.records("train")
@@ -123,6 +134,10 @@ class PromptRawDataset:
                     record[field] = getattr(self, f"get_{field}")(sample)
                 except (KeyError, IndexError, TypeError):
                     raise InputError(f"{where(source, index, field)}: missing field") from None
+            for field in OPTIONAL_FIELDS.get(self.kind, ()):
+                value = self.get_optional(sample, field)
+                if value is not None:
+                    record[field] = value
             validate_record(record, self.kind, source, index)
             out.append(record)
         if not out:
@@ -150,8 +165,10 @@ def validate_record(record, kind, source, index):
         for j, completion in enumerate(completions):
             if not isinstance(completion, str):
                 raise InputError(f"{at}[{j}]: expected str, got {type(completion).__name__}")
-            if completion == "":
+            # a sample that drew the stop token first is a legal empty completion: its ids say so
+            if completion == "" and "completion_ids" not in record:
                 raise InputError(f"{at}[{j}]: empty completion; drop it or fill it in")
+        validate_token_fields(record, source, index)
     if "rewards" in record:
         rewards = record["rewards"]
         at = where(source, index, "rewards")
@@ -169,14 +186,58 @@ def validate_record(record, kind, source, index):
         record["rewards"] = [float(r) for r in rewards]
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_token_fields(record, source, index):
+    """The optional TOKEN_FIELDS of a gen/rw record: one entry per completion, ids non-negative
+    integers, a stop token that is the last id. (That the ids are in the vocabulary is checked
+    where the tokenizer is known, utils.data.data_utils.Encoder.)"""
+    num = len(record["completions"])
+    for field in ("tokenizer_fingerprint", "source_model"):
+        if field in record and not isinstance(record[field], str):
+            raise InputError(f"{where(source, index, field)}: expected str, got {type(record[field]).__name__}")
+    if "completion_ids" in record and "tokenizer_fingerprint" not in record:
+        raise InputError(f"{where(source, index, 'tokenizer_fingerprint')}: missing field; completion_ids need the "
+                         "fingerprint of the tokenizer they come from")
+    for field in ("completion_ids", "stop_token"):
+        if field in record and (not isinstance(record[field], list) or len(record[field]) != num):
+            got = f"{len(record[field])} entries" if isinstance(record[field], list) else type(record[field]).__name__
+            raise InputError(f"{where(source, index, field)}: expected a list of one entry per completion "
+                             f"({num}), got {got}")
+    for j, ids in enumerate(record.get("completion_ids", ())):
+        at = f"{where(source, index, 'completion_ids')}[{j}]"
+        if not isinstance(ids, list) or not ids:
+            raise InputError(f"{at}: expected a non-empty list of token ids")
+        bad = next((i for i in ids if not _is_int(i) or i < 0), None)
+        if bad is not None:
+            raise InputError(f"{at}: expected non-negative integer token ids, got {bad!r:.40}")
+    for j, stop in enumerate(record.get("stop_token", ())):
+        at = f"{where(source, index, 'stop_token')}[{j}]"
+        if stop is not None and (not _is_int(stop) or stop < 0):
+            raise InputError(f"{at}: expected a token id or null, got {stop!r:.40}")
+        if stop is not None and "completion_ids" in record and record["completion_ids"][j][-1] != stop:
+            raise InputError(f"{at}: {stop} is not the last of completion_ids[{j}]; the stop token is part "
+                             "of the sampled ids")
+
+
+def token_fields(record):
+    """The TOKEN_FIELDS a record carries, to pass on into the records made from it."""
+    return {field: record[field] for field in TOKEN_FIELDS if record.get(field) is not None}
+
+
 class JsonDataset(PromptRawDataset):
     """Standard records in `PATH/train.json` / `PATH/test.json` (a JSON list) or `.jsonl`."""
 
     def split_file(self, split):
-        for ext in (".json", ".jsonl"):
-            candidate = os.path.join(self.path, split + ext)
-            if os.path.isfile(candidate):
-                return candidate
+        found = [os.path.join(self.path, split + ext) for ext in (".json", ".jsonl")
+                 if os.path.isfile(os.path.join(self.path, split + ext))]
+        if len(found) == 2:
+            raise InputError(f"{self.path}: both {split}.json and {split}.jsonl; keep one, so it is clear which "
+                             "one is the data")
+        if found:
+            return found[0]
         raise InputError(
             f"{self.path}: no {split}.json or {split}.jsonl for dataset {self.name}/{self.kind}; "
             f"check the path in --data_name_path")
