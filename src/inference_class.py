@@ -13,7 +13,8 @@ and resumable, on the same scoring path as inference_rm.py (utils/inference.py).
               where a trailing `_sft` is dropped from DATA_PATH first (data/x_sft ->
               data/x_pref): chosen is the completion with the highest log-odds, rejected the
               one with the lowest. A record whose completions all score the same (e.g.
-              identical samples) gives no preference; it is skipped and counted.
+              identical samples) gives no preference, and one whose best or worst is an
+              empty sample cannot be pref text; both are skipped and counted.
   eval        writes {mean, std, n, num_prompts, model, data} of the log-odds over all
               completions to DATA_PATH/SPLIT_oracle_eval.json (std over completions).
 
@@ -34,12 +35,13 @@ def parse_args(argv=None):
 
 def label_pref(records, scores):
     """(pref records, number skipped): chosen = highest log-odds, rejected = lowest; records
-    whose completions all tie are skipped (no preference to learn from)."""
+    whose completions all tie are skipped (no preference to learn from), and so are those whose
+    chosen or rejected is an empty sample (EOS drawn first), which `pref` text cannot hold."""
     pairs, skipped = [], 0
     for record, values in zip(records, scores):
         best = max(range(len(values)), key=values.__getitem__)
         worst = min(range(len(values)), key=values.__getitem__)
-        if values[best] == values[worst]:
+        if values[best] == values[worst] or not (record["completions"][best] and record["completions"][worst]):
             skipped += 1
             continue
         pairs.append({"prompt": record["prompt"], "chosen": record["completions"][best],
@@ -73,7 +75,8 @@ def main(argv=None):
             if not pairs:
                 raise InputError(f"{data_file}: every record's completions tie under the oracle; no preference pairs")
             atomic_write_json(output_file, pairs)
-            summary_line = f"wrote {len(pairs)} pref records to {output_file}; skipped {skipped} whose completions tie"
+            summary_line = (f"wrote {len(pairs)} pref records to {output_file}; skipped {skipped} whose completions "
+                            "tie or whose best or worst is empty")
     else:
         output_file = os.path.join(args.output_path, f"{args.split}_oracle_eval.json")
 

@@ -40,7 +40,7 @@ from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.fileio import InputError, cli_main
 from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens,
                              sharded_map)
-from utils.model_utils import load_causal_lm, load_tokenizer, model_fingerprint
+from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.args import base_parser
 from utils.distributed import init_distributed
 
@@ -90,6 +90,7 @@ def parse_args(argv=None):
     if args.output_path is None:
         args.output_path = args.data_name_path.partition(":")[2].rstrip("/") + "_sft"
     check_output_dir(args.output_path)
+    check_position_limit(args.model_name_or_path, args.max_length, "--max_length", args.trust_remote_code)
     return args
 
 

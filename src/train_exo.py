@@ -25,7 +25,8 @@ from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
-from utils.model_utils import apply_lora, load_causal_lm, model_fingerprint, model_sequence_logprobs
+from utils.model_utils import (apply_lora, check_position_limit, load_causal_lm, model_fingerprint,
+                               model_sequence_logprobs)
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.distributed import Stage, distributed_loader, is_rank0
 from utils.training import train
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_training_args(args)
     args.ref_name_or_path = args.ref_name_or_path or args.model_name_or_path
+    if args.ref_name_or_path != args.model_name_or_path:
+        check_position_limit(args.ref_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
     args.pref_epsilon = resolve_pref_epsilon(args.loss_type, args.pref_epsilon)
     if args.num_contrastive < 2:
         raise InputError(f"--num_contrastive {args.num_contrastive}: contrasting needs at least 2 candidates")

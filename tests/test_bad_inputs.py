@@ -62,12 +62,52 @@ def no_eos_model(case, model):
     return str(path)
 
 
+def no_tokenizer_model(case, model):
+    """A copy of the tiny model without its tokenizer files."""
+    path = case / "no_tokenizer_model"
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(model, name), path / name)
+    return str(path)
+
+
+def both_json_and_jsonl(case):
+    directory = data_dir(case, records(RW))
+    (directory / "train.jsonl").write_text("\n".join(json.dumps(r) for r in RW))
+    return f"bad/rw:{directory}"
+
+
+def logprobs_of_ids(mutate):
+    """calc_logprobs on gen data whose records carry the tiny tokenizer's token-exact fields, mutated."""
+    def make(case, tiny):
+        from utils.data.data_utils import tokenizer_fingerprint
+        from utils.model_utils import load_tokenizer
+
+        fingerprint = tokenizer_fingerprint(load_tokenizer(tiny))
+
+        def exact(rs):
+            for r in rs:
+                r.update(completion_ids=[[5, 6], [7]], stop_token=[None, None], tokenizer_fingerprint=fingerprint)
+            mutate(rs)
+        return ["src/calc_logprobs.py", "--model_name_or_path", tiny, "--data_path", gen_dir(case, exact),
+                "--split", "test", "--output_path", str(case / "out" / "o.json")]
+    return make
+
+
+def resume_state(case, layout):
+    """A run_state.json a checkpoint written with `layout` would hold: its directory."""
+    path = case / "ckpt"
+    path.mkdir()
+    (path / "run_state.json").write_text(json.dumps({"state": {"step": 1}, "layout": layout}))
+    return str(path)
+
+
 def train(script, data, *flags, model=None):
     """argv of a training stage writing into the case directory."""
     return lambda case, tiny: [f"src/{script}", "--model_name_or_path", model(case, tiny) if model else tiny,
                                "--data_name_path", data(case) if callable(data) else data,
                                "--output_dir", str(case / "out"), "--data_output_path", str(case / "cache"),
-                               *[f.format(case=case) for f in flags]]
+                               *[f(case) if callable(f) else f.format(case=case) for f in flags]]
 
 
 def exo(data, *flags, **kwargs):
@@ -98,6 +138,7 @@ def _file(path_in_case, text):
 CATALOGUE = {
     # -- files --------------------------------------------------------------------------------
     "missing data dir": (exo("x/rw:/nonexistent/dir"), r"/nonexistent/dir: no train\.json or train\.jsonl .*check the path"),
+    "both train.json and train.jsonl": (exo(both_json_and_jsonl), r"data: both train\.json and train\.jsonl; keep one"),
     "not UTF-8": (exo(lambda c: raw(c, "rw", "train.json", b"[\xff\xfe]")), r"train\.json: not UTF-8 text"),
     "malformed JSON": (exo(lambda c: raw(c, "rw", "train.json", b'[{"prompt": "a",\n "completions": [}]')),
                        r"train\.json line 2: malformed JSON"),
@@ -137,6 +178,24 @@ CATALOGUE = {
     "model path not a model": (exo(lambda c: rw(c), model=lambda c, t: str(c)), r"cannot load .*pass a Hugging Face model"),
     "tokenizer without pad or EOS": (train("train_sft.py", lambda c: pref(c), model=lambda c, t: no_eos_model(c, t)),
                                      r"no_eos_model: the tokenizer has neither a pad nor an EOS token"),
+    "model without tokenizer files": (train("train_sft.py", lambda c: pref(c, kind="sft"),
+                                            model=lambda c, t: no_tokenizer_model(c, t)),
+                                      r"no_tokenizer_model: the tokenizer encodes text to no tokens"),
+    "sampling without tokenizer files": (lambda c, t: ["src/inference_sft.py", "--model_name_or_path",
+                                                       no_tokenizer_model(c, t), "--data_name_path", pref(c, kind="sft"),
+                                                       "--output_path", str(c / "out")],
+                                         r"no_tokenizer_model: the tokenizer encodes text to no tokens"),
+    "max_seq_len beyond the model's positions": (exo(lambda c: rw(c), "--max_seq_len", "512"),
+                                                 r"--max_seq_len 512 is more than the 256 positions the model .*; "
+                                                 r"use --max_seq_len 256 or less"),
+    "scoring max_seq_len beyond the positions": (tool("calc_logprobs.py", "--model_name_or_path", "{tiny}",
+                                                      "--data_path", gen_dir, "--split", "test", "--max_seq_len", "300",
+                                                      "--output_path", "{case}/out/o.json"),
+                                                 r"--max_seq_len 300 is more than the 256 positions"),
+    "sampling max_length beyond the positions": (tool("inference_sft.py", "--model_name_or_path", "{tiny}",
+                                                      "--data_name_path", lambda c: pref(c, kind="sft"),
+                                                      "--output_path", "{case}/out", "--max_length", "512"),
+                                                 r"--max_length 512 is more than the 256 positions"),
     # -- flags --------------------------------------------------------------------------------
     "dataset spec without colon": (exo("x/rw"), r"--data_name_path 'x/rw': expected NAME/KIND:PATH"),
     "unknown dataset": (exo(lambda c: f"imdb:{c}"), r"unknown dataset 'imdb' \(registered: "),
@@ -150,6 +209,11 @@ CATALOGUE = {
     "keep_last_n 0": (exo(lambda c: rw(c), "--keep_last_n", "0"), r"--keep_last_n must be at least 1, got 0"),
     "max_nonfinite_steps 0": (exo(lambda c: rw(c), "--max_nonfinite_steps", "0"), r"--max_nonfinite_steps must be at least 1"),
     "resume from a non-checkpoint": (exo(lambda c: rw(c), "--resume", "{case}"), r"--resume .*: not a resumable checkpoint"),
+    "resume with another learning rate": (exo(lambda c: rw(c), "--resume", lambda c: resume_state(
+                                              c, {"learning_rate": 1e-3, "lr_scheduler_type": "cosine"}),
+                                              "--learning_rate", "2e-3"),
+                                          r"--resume .*ckpt: written with --learning_rate 0\.001, this run has "
+                                          r"--learning_rate 0\.002; .*resume with --learning_rate 0\.001"),
     "bad tensorboard name": (train("train_rm.py", lambda c: pref(c), "--tensorboard_name_path", "run"),
                              r"--tensorboard_name_path 'run': expected RUN_NAME:LOG_DIR"),
     "output dir is a file": (exo(lambda c: rw(c), "--output_dir", "{case}/data/train.json"),
@@ -166,6 +230,18 @@ CATALOGUE = {
                                                lambda c: gen_dir(c, lambda r: r[2]["completions"].append(3)),
                                                "--split", "test", "--output_path", "{case}/out/o.json"),
                                           r"record 2 field \"completions\"\[2\]: expected str, got int"),
+    "completion_ids not one per completion": (logprobs_of_ids(lambda r: r[1]["completion_ids"].pop()),
+                                              r"record 1 field \"completion_ids\": expected a list of one entry per "
+                                              r"completion \(2\), got 1 entries"),
+    "completion id outside the vocabulary": (logprobs_of_ids(lambda r: r[2]["completion_ids"][1].append(10 ** 6)),
+                                             r"record 2 field \"completion_ids\"\[1\]: token id 1000000 is outside "
+                                             r"the tokenizer's vocabulary"),
+    "completion id not an integer": (logprobs_of_ids(lambda r: r[0]["completion_ids"][0].__setitem__(0, 1.5)),
+                                     r"record 0 field \"completion_ids\"\[0\]: expected non-negative integer token ids"),
+    "stop token not the last id": (logprobs_of_ids(lambda r: r[1]["stop_token"].__setitem__(0, 9)),
+                                   r"record 1 field \"stop_token\"\[0\]: 9 is not the last of completion_ids\[0\]"),
+    "completion_ids without a fingerprint": (logprobs_of_ids(lambda r: r[0].pop("tokenizer_fingerprint")),
+                                             r"record 0 field \"tokenizer_fingerprint\": missing field"),
     "classifier label not 0 or 1": (train("train_class.py", lambda c: "bad/class:" + str(data_dir(
                                         c, [{"text": "good fun", "label": 1}, {"text": "dull", "label": 2}]))),
                                     r"train\.json record 1 field \"label\": expected 0 or 1, got 2"),
@@ -188,6 +264,12 @@ CATALOGUE = {
 }
 
 
+SCORING_LENGTHS = ["--max_seq_len", "64", "--max_gen_len", "16"]
+LENGTHS = {**dict.fromkeys(["train_sft.py", "train_rm.py", "train_exo.py", "train_class.py", "inference_rm.py",
+                            "calc_logprobs.py", "inference_class.py"], SCORING_LENGTHS),
+           "inference_sft.py": ["--max_length", "64", "--max_new_tokens", "16"]}
+
+
 def snapshot(directory):
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
@@ -201,7 +283,9 @@ def catalogue_results(tiny_model, tmp_path_factory):
     for index, (name, (make_argv, _)) in enumerate(CATALOGUE.items()):
         case = root / f"case{index}"
         case.mkdir()
-        argvs.append({"argv": make_argv(case, tiny_model)})
+        argv = make_argv(case, tiny_model)
+        # lengths within the tiny model's 256 positions (the defaults' 512 are refused); a case's own come later and win
+        argvs.append({"argv": argv[:1] + LENGTHS.get(os.path.basename(argv[0]), []) + argv[1:]})
         before[name] = snapshot(case)
     (root / "cases.json").write_text(json.dumps(argvs))
     results_dir = root / "results"

@@ -388,7 +388,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case)
     before = sorted(p for p in glob.glob(str(tmp_path / "**"), recursive=True))
     out = ["--output_path", str(tmp_path / "out" / "o.json")] if script.endswith("calc_logprobs.py") else \
         ["--output_path", str(tmp_path / "out")]
-    result = run(["python", script, "--model_name_or_path", tiny_model, "--split", "test", *flags, *out], timeout=300)
+    lengths = ["--max_length", "64", "--max_new_tokens", "16"] if script.endswith("inference_sft.py") else \
+        ["--max_seq_len", "64", "--max_gen_len", "16"]  # within the tiny model's 256 positions
+    result = run(["python", script, "--model_name_or_path", tiny_model, "--split", "test", *lengths, *flags, *out],
+                 timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]

@@ -80,9 +80,10 @@ def test_label_pref_takes_extremes_and_skips_ties():
     from inference_class import label_pref
     from utils.inference import labelled_dir
 
-    records = [{"prompt": "a", "completions": ["x", "y", "z"]}, {"prompt": "b", "completions": ["u", "v"]}]
-    pairs, skipped = label_pref(records, [[0.5, -2.0, 3.0], [1.0, 1.0]])
-    assert pairs == [{"prompt": "a", "chosen": "z", "rejected": "y"}] and skipped == 1
+    records = [{"prompt": "a", "completions": ["x", "y", "z"]}, {"prompt": "b", "completions": ["u", "v"]},
+               {"prompt": "c", "completions": ["", "w"]}]  # an empty sample cannot be pref text
+    pairs, skipped = label_pref(records, [[0.5, -2.0, 3.0], [1.0, 1.0], [2.0, 1.0]])
+    assert pairs == [{"prompt": "a", "chosen": "z", "rejected": "y"}] and skipped == 2
     assert labelled_dir("data/imdb_prefix10_sft/", "pref") == os.path.normpath("data/imdb_prefix10_pref")
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, SRC, launcher
+from conftest import REPO_ROOT, SRC, launcher, run
 from safetensors.torch import load_file
 
 COMMON = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
@@ -257,3 +257,26 @@ def test_pruning_keeps_the_last_n_up_to_the_step_just_written(tmp_path):
     (tmp_path / ".global_step6.tmp").mkdir()  # an unfinished save: the next save of step 6 replaces it
     prune_checkpoints(str(tmp_path), 2, 4)
     assert sorted(os.listdir(tmp_path)) == [".global_step6.tmp", "global_step3", "global_step4"]
+
+
+def test_last_step_export_evaluates_once_and_resume_refuses_another_learning_rate(tiny_model, align_data, tmp_path):
+    """When the final step is also an export, the final evaluation is that export's: one eval point
+    per step in the log and in TensorBoard. Resuming its checkpoint with another --learning_rate is
+    refused before any work (the optimizer state would silently keep the old one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    flags = ["src/train_sft.py", "--model_name_or_path", tiny_model, "--data_name_path", f"toy/sft:{align_data['pref']}",
+             "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "48",
+             "--max_gen_len", "16", "--max_iter_step", "2", "--num_save_checkpoint", "1", "--learning_rate", "1e-4"]
+    result = run(["python", *flags, "--enable_tensorboard"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.findall(r"\[eval step (\d+)\]", result.stdout) == ["0", "2"]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2]
+
+    refused = run(["python", *flags, "--learning_rate", "2e-4", "--resume", str(out / "ds_checkpoints")], timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert re.search(r"written with --learning_rate 0\.0001, this run has --learning_rate 0\.0002", lines[0])

@@ -182,7 +182,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case)
     out = tmp_path / "out"
     result = run(["python", "src/train_exo.py", "--model_name_or_path", tiny_model, "--data_name_path", data,
                   "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache"), "--loss_type", "exo-rw",
-                  "--num_contrastive", "2", *flags], timeout=300)
+                  "--num_contrastive", "2", "--max_seq_len", "64", "--max_gen_len", "16", *flags], timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]

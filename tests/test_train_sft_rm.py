@@ -265,7 +265,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case)
     flags = [f.format(tmp=tmp_path) for f in flags]
     out, cache = tmp_path / "out", tmp_path / "cache"
     result = run(["python", f"src/{script}", "--model_name_or_path", tiny_model, "--data_name_path", data,
-                  "--output_dir", str(out), "--data_output_path", str(cache), *flags], timeout=300)
+                  "--output_dir", str(out), "--data_output_path", str(cache), "--max_seq_len", "64", "--max_gen_len", "16",
+                  *flags], timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]

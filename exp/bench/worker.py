@@ -294,7 +294,7 @@ def sampling(cfg):
     for name, batch_size in (("batched", cfg["batch_size"]), ("one_at_a_time", 1)):
         tokens, started = 0, time.perf_counter()
         for i in range(0, len(prompt_ids), batch_size):
-            ids, _, _ = sample(model, tokenizer, prompt_ids[i:i + batch_size], config, i)
+            ids = sample(model, tokenizer, prompt_ids[i:i + batch_size], config, i)[0]
             tokens += sum(len(c) for per_prompt in ids for c in per_prompt)
         elapsed = time.perf_counter() - started
         result[name] = {"batch_size": batch_size, "tokens": tokens, "s": elapsed, "tokens_per_s": tokens / elapsed}

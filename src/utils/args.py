@@ -5,8 +5,9 @@ outputs and reliability flags, their checks, and the parser that turns a bad fla
 import argparse
 import os
 
-from utils.checkpointing import CHECKPOINT_DIR, checkpoint_location
+from utils.checkpointing import CHECKPOINT_DIR, check_optimizer_flags, checkpoint_location
 from utils.fileio import InputError
+from utils.model_utils import check_position_limit
 
 
 def add_training_args(parser):
@@ -111,7 +112,8 @@ def check_training_args(args):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.resume not in (None, "auto"):
-        checkpoint_location(args.resume)  # raises if PATH holds no checkpoint
+        check_optimizer_flags(checkpoint_location(args.resume), args)  # raises if PATH holds no checkpoint
+    check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

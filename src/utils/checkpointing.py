@@ -29,6 +29,11 @@ RUN_STATE_FILE = "run_state.json"
 # What must match for the data order, and so the resumed run, to be the one interrupted.
 LAYOUT_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
                "num_train_epochs", "num_examples", "total_steps")
+# Flags the optimizer and LR schedule are built from. Their state resumes from the checkpoint as
+# it was saved, so a changed value would silently not apply: a resume with another one is refused.
+# (Checkpoints written before these were recorded are not checked.)
+OPTIMIZER_FLAGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",
+                   "lr_scheduler_type", "num_warmup_steps")
 
 
 @dataclasses.dataclass
@@ -86,19 +91,38 @@ def find_resume_checkpoint(args):
 def run_layout(args, world_size, num_examples, total_steps):
     return {"world_size": world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-            "num_train_epochs": args.num_train_epochs, "num_examples": num_examples, "total_steps": total_steps}
+            "num_train_epochs": args.num_train_epochs, "num_examples": num_examples, "total_steps": total_steps,
+            **{flag: getattr(args, flag) for flag in OPTIMIZER_FLAGS}}
+
+
+def _saved_run_state(location):
+    """(run_state.json's content, RunState) at `location`, or one line saying it is unreadable."""
+    path = os.path.join(*location, RUN_STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return saved, RunState(**saved["state"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: unreadable run state ({err}); resume from another checkpoint") from None
+
+
+def check_optimizer_flags(location, values):
+    """Refuse to resume the checkpoint at `location` with an optimizer or schedule flag (of
+    `values`, a dict or the args) other than the one it was written with."""
+    layout = _saved_run_state(location)[0].get("layout", {})
+    get = values.get if isinstance(values, dict) else lambda flag: getattr(values, flag)
+    for flag in OPTIMIZER_FLAGS:
+        if flag in layout and layout[flag] != get(flag):
+            raise InputError(f"--resume {os.path.join(*location)}: written with --{flag} {layout[flag]}, this run has "
+                             f"--{flag} {get(flag)}; the optimizer and its schedule resume as saved, so resume with "
+                             f"--{flag} {layout[flag]} (or start a new run in another --output_dir)")
 
 
 def read_run_state(location, layout):
     """The RunState saved at `location`, after checking the run being resumed reads the same data
     in the same order (otherwise the resume would silently be a different run)."""
-    path = os.path.join(*location, RUN_STATE_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        state = RunState(**saved["state"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{path}: unreadable run state ({err}); resume from another checkpoint") from None
+    saved, state = _saved_run_state(location)
+    check_optimizer_flags(location, layout)
     for key in LAYOUT_KEYS:
         if saved["layout"].get(key) != layout[key]:
             raise InputError(f"--resume {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "

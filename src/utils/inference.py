@@ -33,7 +33,7 @@ from utils.data.collators import pad_sequences
 from utils.data.data_utils import Encoder, Tokenisation
 from utils.data.raw_datasets import JsonDataset
 from utils.fileio import InputError, atomic_write_json
-from utils.model_utils import load_tokenizer
+from utils.model_utils import check_position_limit, load_tokenizer
 from utils.args import base_parser
 from utils.distributed import init_distributed, to_device
 
@@ -270,6 +270,7 @@ def start_scoring(args, load_model, check_records=None):
     its device. `check_records(records, data_file)` is a stage's own validation, run before the
     model loads so that bad data fails fast. Returns (model, tokenizer, tok, records, data_file,
     device)."""
+    check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)

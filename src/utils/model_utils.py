@@ -26,6 +26,9 @@ def load_tokenizer(path, trust_remote_code=False):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise _not_a_model(path, "a tokenizer", err) from None
+    if not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise InputError(f"{path}: the tokenizer encodes text to no tokens (are its tokenizer files missing?); "
+                         "pass a model directory with the tokenizer it was trained with")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise InputError(f"{path}: the tokenizer has neither a pad nor an EOS token; add one to its config")
@@ -48,6 +51,24 @@ def load_config(path, trust_remote_code=False, disable_dropout=False):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
     return config
+
+
+def position_limit(config):
+    """The most positions a model config can embed, or None where it names no limit."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_position_limit(path, length, flag, trust_remote_code=False):
+    """Refuse a length flag beyond what the model at `path` can embed, before any work (its
+    forward would otherwise stop with an index error, or run on positions it never learnt)."""
+    limit = position_limit(load_config(path, trust_remote_code))
+    if limit is not None and length > limit:
+        raise InputError(f"{flag} {length} is more than the {limit} positions the model {path} has "
+                         f"(max_position_embeddings); use {flag} {limit} or less")
 
 
 def zero_dropout(model):

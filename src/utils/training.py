@@ -123,6 +123,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     else:
         rng = None
         logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
+    last_eval = (None, None)  # (step, metrics) of the latest evaluation
     sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
     engine.train()
@@ -168,7 +169,8 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
 
                 step = state.step
                 if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
-                    logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), step)
+                    last_eval = (step, evaluate(engine, eval_loader, compute_loss, device, summarize_metrics))
+                    logger.log("eval", last_eval[1], step)
                 if step in exports:
                     save_hf_model(engine, tokenizer, os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}"),
                                   args.zero_stage)
@@ -185,8 +187,11 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
                 state.epoch, state.batches_done = state.epoch + 1, 0
     bar.close()
 
-    final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
-    logger.log("eval", final_metrics, state.step)
+    if last_eval[0] == state.step:  # the last step was evaluated already (an export): one point per step
+        final_metrics = last_eval[1]
+    else:
+        final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
+        logger.log("eval", final_metrics, state.step)
     save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False)
     print_rank0(f"saved the final model to {args.output_dir}")
     logger.close()

@@ -10,6 +10,7 @@ same cuts apply. With another tokenizer its text is used instead, with a warning
 content, the tokenizer, the lengths and the stage's encoding parameters.
 """
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -87,7 +88,6 @@ class Tokenisation:
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
         self.prompts_cut = 0  # sequences whose prompt `join` cut, reported once a split is tokenised
-        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         # Tokens the tokenizer puts in front of every text (a BOS); left cuts keep them.
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         special = tokenizer("a")["input_ids"]
@@ -104,6 +104,10 @@ class Tokenisation:
         eos = self.tokenizer.eos_token_id
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [c + [eos] for c in ids]
+
+    @functools.cached_property
+    def tokenizer_fingerprint(self):
+        return tokenizer_fingerprint(self.tokenizer)
 
     def uses_ids(self, record):
         """Whether `record`'s completions are its exact sampled ids (from this tokenizer)."""
