@@ -189,7 +189,7 @@ def main(argv=None):
     records = raw.records(args.split)
     if args.prompt_num > 0:
         records = records[:args.prompt_num]
-    check_prompts(records, tok, raw.source(args.split))
+    check_prompts([{"prompt": r["prompt"]} for r in records], tok, raw.source(args.split))  # only prompts are used
     prompts = [r["prompt"] for r in records]
 
     model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,

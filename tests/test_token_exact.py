@@ -111,11 +111,16 @@ def forked(cases, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def sft_model(tmp_path_factory):
+    return tiny_vocab_model(tmp_path_factory.mktemp("tiny_vocab") / "sft", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, sft_model):
     """Sample from pi, score with pi and pi_sft on the ids and (a copy) on the text + EOS, estimate
     both KLs. Returns {name: path} of every file, plus the stage outputs."""
     root = tmp_path_factory.mktemp("token_exact")
-    sft = tiny_vocab_model(root / "sft", seed=0)
+    sft = sft_model
     policy = tiny_vocab_model(root / "policy", seed=1, noise_from=sft)
     write_split(root / "prompts", "test", [{"prompt": p, "chosen": "a"} for p in PROMPTS])
     (root / "as_text.py").write_text(AS_TEXT)
@@ -199,10 +204,10 @@ def test_eval_kl_refuses_files_that_scored_other_tokens_or_temperatures(pipeline
         pytest.approx(read(pipeline["gen_kl"])["kl"], abs=1e-5)  # --save_logps output is a policy file too
 
 
-def test_alignment_and_scoring_use_the_ids_and_append_no_eos(pipeline):
+def test_alignment_and_scoring_use_the_ids_and_append_no_eos(sft_model):
     """rw/gen records with ids: the training encoder and the scoring batch take them as they are
     (cut only by --max_gen_len); another tokenizer's ids fall back to the text + EOS."""
-    tokenizer = load_tokenizer(pipeline["sft"])
+    tokenizer = load_tokenizer(sft_model)
     tok = Tokenisation(tokenizer, 10, 3)
     # texts that are not the ids: which one is scored shows
     record = {"prompt": "a b", "completions": ["c", "d"], "rewards": [1.0, 0.0],
@@ -215,3 +220,20 @@ def test_alignment_and_scoring_use_the_ids_and_append_no_eos(pipeline):
     assert batch["loss_mask"][1].tolist() == [0, 0, 1, 1, 1]
     other = {**record, "tokenizer_fingerprint": "0" * 16}
     assert completion_batch(tok, [other])["input_ids"][1].tolist() == [1, 2, 4, EOS]
+
+
+def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
+    """Through the cached tokenisation: a record with ids (after one without: the columns come
+    from all records, not the first) trains on its ids, the other on its text + EOS."""
+    from utils.data.data_utils import tokenised_split
+    from utils.data.raw_datasets import JsonDataset
+
+    tokenizer = load_tokenizer(sft_model)
+    tok = Tokenisation(tokenizer, 10, 5)
+    plain = {"prompt": "a", "completions": ["b", "c d"], "rewards": [1.0, 0.0]}
+    exact = {"prompt": "a", "completions": ["", "e e e e"], "rewards": [0.0, 1.0], "completion_ids": [[EOS], [5] * 4],
+             "stop_token": [EOS, None], "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "source_model": "x"}
+    write_split(tmp_path / "rw", "train", [plain, exact])
+    dataset, _ = tokenised_split(JsonDataset("mixed", str(tmp_path / "rw"), "rw"), "train", tok, str(tmp_path / "cache"),
+                                 {"stage": "test"}, lambda t, s, k: AlignmentEncoder(t, s, k, 2, False))
+    assert dataset["input_ids"] == [[[1, 2, EOS], [1, 3, 4, EOS]], [[1, EOS], [1, 5, 5, 5, 5]]]

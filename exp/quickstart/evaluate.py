@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def evaluate(name, model_path, args):
     out = os.path.join(args.output_dir, name)
     samples = os.path.join(out, "test.json")
-    # scoring cuts: room for every sampled token plus the EOS that the log-probs append
+    # scoring cuts with room for every sampled token (the stop token included): nothing the sampler drew is cut
     lengths = ["--max_seq_len", str(args.max_length + 8), "--max_gen_len", str(args.max_new_tokens + 8)]
     if not os.path.exists(samples):
         inference_sft.main(["--model_name_or_path", model_path, "--data_name_path", args.prompts, "--split", "test",

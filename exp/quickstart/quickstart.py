@@ -41,8 +41,8 @@ sys.path.insert(0, str(QUICKSTART))
 from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
 
 METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
-# Every sampled completion fits the training and scoring cuts with its EOS: the prompts are a
-# few words and completions at most MAX_NEW_TOKENS tokens (+ slack for re-tokenisation).
+# Every sampled completion fits the training and scoring cuts whole: the prompts are a few
+# words and completions at most MAX_NEW_TOKENS tokens, stop token included (+ slack).
 MAX_NEW_TOKENS, MAX_LENGTH = 64, 96
 LENGTHS = ["--max_seq_len", str(MAX_LENGTH + 8), "--max_gen_len", str(MAX_NEW_TOKENS + 8)]
 SAMPLING_TEMP = 0.8

@@ -248,9 +248,10 @@ class PairEncoder(Encoder):
 class ClassEncoder(Encoder):
     """class record -> {input_ids, label}: the text + EOS, cut on the right to max_seq_len.
 
-    The EOS ends the text as it ends every completion the classifier later scores (scoring
-    joins prompt + completion + EOS by the training rule), so the classifier sees texts the
-    way it will be asked about them. Labels are 0 or 1 (1 = positive)."""
+    The EOS ends the text as it ends the completions the classifier later scores (scoring
+    joins prompt + completion + EOS by the training rule, or takes a sample's ids, which end
+    with EOS unless --max_new_tokens cut it), so the classifier sees texts much the way it will
+    be asked about them. Labels are 0 or 1 (1 = positive)."""
 
     def __init__(self, tok, source, kind):
         if kind != "class":
