@@ -5,18 +5,21 @@
         --max_new_tokens 200 --max_length 512           # writes data/imdb_sft/train.json
 
 Only the records' prompts are used (any kind with a prompt: sft, pref, gen, rw). Each prompt
-is tokenised as training tokenises it and cut on the left (keeping a BOS) to
+is tokenised as training tokenises it (a conversation rendered with the chat template and its
+generation prompt) and cut on the left (keeping a BOS) to
 max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
 the full prompt text. Generation is batched with left padding and the KV cache, sharded across
 ranks and resumable (utils/inference.py). A completion is the decoded text of the tokens drawn
-before the first EOS; it never ends before its first token (EOS is barred at the first step,
+before the first stop token: EOS, and for conversational prompts the chat template's
+end-of-turn token too (an assistant message {"role": "assistant", "content": text} is written
+then); it never ends before its first token (the stop tokens are barred at the first step,
 so no completion is empty). The checkpoint's generation_config is ignored: what is sampled is
 exactly what the flags say.
 
 --save_logps stores per completion "logps": log pi^temp(completion + EOS | prompt) under the
 model (EOS allowed at every step), summed over tokens, computed from the generation scores of
 the drawn ids, with the EOS term added by one extra forward where a completion was cut at
-max_new_tokens. It is what the alignment stage's reference pass computes for the same text
+max_new_tokens (for a conversation: the end-of-turn token drawn, or its term where cut). It is what the alignment stage's reference pass computes for the same text
 when the text re-tokenises to the drawn ids, the prompt keeps the same tokens (a prompt
 shorter than max_length - max_new_tokens is never cut) and its --max_gen_len exceeds
 --max_new_tokens (so the EOS is not cut off).
@@ -32,7 +35,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
+from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.data_utils import Tokenisation, load_raw_datasets
+from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
 from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, sharded_map
 from utils.model_utils import _accepts_logits_to_keep, load_causal_lm, load_tokenizer, model_fingerprint
@@ -48,6 +53,8 @@ def parse_args(argv=None):
                    help="NAME/KIND:PATH of the prompts; KIND is any kind with a prompt (sft, pref, gen, rw)")
     g.add_argument("--dataset_module", nargs="*", default=[],
                    help="python files or modules to import first, so their @register_dataset classes can be named")
+    add_source_args(g)
+    add_chat_template_arg(g)
     g.add_argument("--split", default="test", choices=["train", "test"], help="which split's prompts to sample for")
     g.add_argument("--prompt_num", type=int, default=-1, help="sample for the first N prompts of the split; -1: all")
     g.add_argument("--return_num", type=int, default=4, help="completions per prompt")
@@ -93,12 +100,27 @@ def batch_seed(seed, first_index):
     return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
 
 
-def sampling_config(args, tokenizer):
-    """The whole generation config, from the flags alone."""
+def sampling_config(args, tokenizer, stop_ids=None):
+    """The whole generation config, from the flags alone; `stop_ids` end a completion (default EOS)."""
     sampling = dict(do_sample=True, temperature=args.temp, top_k=args.top_k, top_p=args.top_p) if args.temp > 0 \
         else dict(do_sample=False)
     return GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=args.return_num,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                            eos_token_id=stop_ids[0] if stop_ids and len(stop_ids) == 1 else
+                            list(stop_ids) if stop_ids else tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def stop_token_ids(tok, prompts):
+    """The ids a completion stops at: EOS, and the chat template's end-of-turn ids when the
+    prompts are conversations (a chat model ends its turn with those, as it is served)."""
+    if any(is_conversation(p) for p in prompts):
+        return tok.chat.end_of_turn_ids
+    return [tok.tokenizer.eos_token_id]
+
+
+def turn_end_id(tok, prompts):
+    """The token that training appends to a completion: the template's end-of-turn, or EOS."""
+    return tok.chat.turn_end_id if any(is_conversation(p) for p in prompts) else tok.tokenizer.eos_token_id
 
 
 def fit_prompt(tok, prompt_ids):
@@ -144,27 +166,29 @@ def eos_logprobs(model, sequences, attention_mask, temperature, eos_token_id):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
+def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False, end_id=None):
     """Draw config.num_return_sequences completions of each prompt (token ids, already fitted).
 
     Returns (ids, texts, logps): per prompt, a list per completion of the drawn token ids
-    before the first EOS, their decoded text, and (with `save_logps`, else None) the log-prob
-    log p^temp(ids + [EOS] | prompt) summed over tokens, EOS included whether drawn or not.
+    before the first stop token (config.eos_token_id), their decoded text, and (with
+    `save_logps`, else None) the log-prob log p^temp(ids + [stop] | prompt) summed over tokens,
+    the stop token included: the one drawn, or `end_id` (default EOS) where none was.
     """
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    eos = tokenizer.eos_token_id if end_id is None else end_id
     batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     prompt_len = batch["input_ids"].shape[1]
     # never an empty completion (gen data has none): EOS is barred at the first step; the
     # recorder comes before that bar, so it sees the model's own distribution
-    no_empty = MinNewTokensLengthLogitsProcessor(prompt_len, 1, eos, device=device)
+    no_empty = MinNewTokensLengthLogitsProcessor(prompt_len, 1, stops, device=device)
     recorder = CompletionLogprobs(config.temperature) if save_logps else None
     processors = LogitsProcessorList([recorder, no_empty] if recorder else [no_empty])
     torch.manual_seed(seed)
     sequences = model.generate(**batch, generation_config=config, logits_processor=processors)
     drawn = sequences[:, prompt_len:]
 
-    is_eos = drawn == eos
+    is_eos = torch.isin(drawn, torch.tensor(stops, device=drawn.device))
     ended = is_eos.any(-1)
     length = torch.where(ended, is_eos.int().argmax(-1), drawn.shape[1])  # tokens before the first EOS
     ids = [row[:n] for row, n in zip(drawn.tolist(), length.tolist())]
@@ -195,8 +219,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens)
-    raw = load_raw_datasets([args.data_name_path], args.dataset_module)[0]
+    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template)
+    raw = load_raw_datasets([args.data_name_path], args.dataset_module, args.data_split_names, args.columns)[0]
     records = raw.records(args.split)
     if args.prompt_num > 0:
         records = records[:args.prompt_num]
@@ -205,14 +229,16 @@ def main(argv=None):
 
     model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                            disable_dropout=True).to(device).eval()
-    config = sampling_config(args, tokenizer)
+    config = sampling_config(args, tokenizer, stop_token_ids(tok, prompts))
+    end_id = turn_end_id(tok, prompts)
     model.generation_config = config  # nothing from the checkpoint's generation_config.json
 
     def process(batch_prompts, first_index):
         prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
         _, texts, logps = sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index),
-                                 args.save_logps)
-        out = [{"prompt": p, "completions": t} for p, t in zip(batch_prompts, texts)]
+                                 args.save_logps, end_id)
+        out = [{"prompt": p, "completions": [{"role": "assistant", "content": c} for c in t] if is_conversation(p)
+                else t} for p, t in zip(batch_prompts, texts)]
         for record, values in zip(out, logps or ()):
             record["logps"] = values
         return out

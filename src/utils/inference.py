@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from utils.data.collators import pad_sequences
 from utils.data.data_utils import Encoder, Tokenisation
+from utils.data.chat import add_chat_template_arg
 from utils.data.raw_datasets import JsonDataset
 from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import load_tokenizer
@@ -68,6 +69,7 @@ def add_gen_data_args(parser):
     g.add_argument("--max_seq_len", type=int, default=512,
                    help="prompt + completion tokens; the prompt is cut on the left")
     g.add_argument("--max_gen_len", type=int, default=256, help="completion tokens (EOS included); cut on the right")
+    add_chat_template_arg(g)
     return parser
 
 
@@ -271,7 +273,7 @@ def start_scoring(args, load_model, check_records=None):
     device)."""
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
     records, data_file = load_gen_records(args.data_path, args.split, tok)
     if check_records is not None:
         check_records(records, data_file)
@@ -307,7 +309,7 @@ def completion_batch(tok, records):
     (input_ids, attention_mask, loss_mask on the completion + EOS), cut by the training rule."""
     sequences, prompt_lens = [], []
     for prompt_ids, record in zip(tok.prompts(r["prompt"] for r in records), records):
-        for completion_ids in tok.completions(record["completions"]):
+        for completion_ids in tok.completions(record["completions"], [record["prompt"]] * len(record["completions"])):
             ids, prompt_len = tok.join(prompt_ids, completion_ids)
             sequences.append(ids)
             prompt_lens.append(prompt_len)
