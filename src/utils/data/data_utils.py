@@ -131,7 +131,7 @@ class Tokenisation:
         rule (prompt ids + completion ids = the conversation's ids), else one line naming the record."""
         self.chat.require(source, index)
         prompt_ids = self.chat.prompt_ids(record["prompt"])
-        for field in COMPLETION_FIELDS[kind]:
+        for field in (f for f in COMPLETION_FIELDS[kind] if f in record):  # sampling checks prompts alone
             values = record[field] if field == "completions" else [record[field]]
             for j, completion in enumerate(values):
                 try:

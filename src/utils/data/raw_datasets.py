@@ -314,6 +314,8 @@ class JsonDataset(PromptRawDataset):
         except InputError:
             raise
         except Exception as err:  # datasets raises many kinds; one line says which
+            while err.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the why
+                err = err.__cause__
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(f"{path}: cannot load split {name!r} with datasets ({reason}); check the path, "
                              "--data_split_names and that the dataset is downloaded or reachable") from None
