@@ -10,6 +10,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO_ROOT, run
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -167,6 +168,20 @@ def test_columns_map_fields_and_a_bad_mapping_is_one_line(tmp_path):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="answer=good")
 
 
+def test_pref_to_rw_keeps_conversations(chat_pref, tmp_path):
+    os.makedirs(tmp_path / "pref")
+    for ours, theirs in (("train", "train_prefs"), ("test", "test_prefs")):
+        rows = pq.read_table(os.path.join(chat_pref, f"{theirs}.parquet")).to_pylist()
+        write_parquet(tmp_path / "pref", ours, [{"prompt": r["question"], **{k: r[k] for k in ("chosen", "rejected")}}
+                                                for r in rows])
+    result = run(["python", "src/utils/data/pref_to_rw.py", str(tmp_path / "pref")])
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "pref_p2r" / "train.json").read_text())[0]
+    assert record == {"prompt": conversation(0)[0], "completions": [{"role": "assistant", "content": "good fun great"},
+                                                                    {"role": "assistant", "content": "awful dull"}],
+                      "rewards": [1.0, 0.0]}
+
+
 def test_get_raw_dataset_takes_an_entry_added_by_hand(tmp_path):
     """The seed's way: two lines added to get_raw_dataset in data_utils.py name a new dataset."""
     source = (REPO_ROOT / "src" / "utils" / "data" / "data_utils.py").read_text()
@@ -262,6 +277,14 @@ def test_conversational_pipeline_end_to_end(chat_models, chat_pref, tmp_path):
     assert label.returncode == 0, label.stderr[-3000:]
     rw_records = json.loads((tmp_path / "gen_rw" / "test.json").read_text())
     assert rw_records[0]["prompt"] == records[0]["prompt"] and rw_records[0]["completions"] == records[0]["completions"]
+    # the README's snippet scores a conversation with the exported RM as scoring did
+    rm_model, rm_tok = AutoModelForSequenceClassification.from_pretrained(rm_dir), AutoTokenizer.from_pretrained(rm_dir)
+    end = rm_tok.convert_tokens_to_ids("<|im_end|>")
+    ids = rm_tok.apply_chat_template(rw_records[0]["prompt"] + [rw_records[0]["completions"][0]])["input_ids"]
+    ids = ids[:len(ids) - ids[::-1].index(end)]
+    with torch.no_grad():
+        reward = rm_model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert reward == pytest.approx(rw_records[0]["rewards"][0], abs=1e-4)
     rw_dir = tmp_path / "rw"
     for split in ("train", "test"):
         write_parquet(rw_dir, split, [{k: r[k] for k in ("prompt", "completions", "rewards")} for r in rw_records])
