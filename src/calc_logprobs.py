@@ -3,7 +3,7 @@
     python src/calc_logprobs.py --model_name_or_path models/x_imdb/sft --data_path results/policy_sft \\
         --split test --output_path results/policy_sft/test_logps_sft.json
 
-Each record of DATA_PATH/SPLIT.json[l] comes back as {prompt, completions, logps}, where
+Each record of DATA_PATH/SPLIT.json[l] (or .parquet) comes back as {prompt, completions, logps}, where
 logps[i] = log pi^temp(completion_i + EOS | prompt), summed over the completion's tokens, with
 the training rule's cuts (--max_gen_len on the right, the prompt on the left to fit
 --max_seq_len), the log-probs whose differences are h in utils/loss.py. Two such files over the same

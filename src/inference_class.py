@@ -3,7 +3,7 @@
     deepspeed --include localhost:0,1 src/inference_class.py --model_name_or_path models/x_imdb/class \\
         --data_path data/imdb_prefix10_sft --split train --mode label_pref   # writes data/imdb_prefix10_pref
 
-Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion + EOS is tokenised by the
+Reads `gen` data (DATA_PATH/SPLIT.json[l] or .parquet). Each prompt + completion + EOS is tokenised by the
 training rule and scored by the one-logit classifier of train_class.py; its logit is the
 log-odds log p(positive) - log p(negative), the oracle reward. Batched, sharded across ranks
 and resumable, on the same scoring path as inference_rm.py (utils/inference.py).

@@ -3,7 +3,8 @@
     deepspeed --include localhost:0,1 src/inference_rm.py --model_name_or_path models/x_imdb/rm \\
         --data_path data/imdb_sft --split train --mode label     # writes data/imdb_rw/train.json
 
-Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion + EOS is tokenised by the
+Reads `gen` data (DATA_PATH/SPLIT.json[l] or .parquet). Each prompt + completion + EOS (a
+conversation: rendered with the chat template, up to the answer's end-of-turn token) is tokenised by the
 training rule (completion cut on the right to --max_gen_len, prompt on the left to fit
 --max_seq_len) and scored by the one-label sequence classifier at its last non-pad token, the
 way reward-model training scores it. Batched, sharded across ranks and resumable

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from utils.data.collators import pad_sequences
 from utils.data.data_utils import Encoder, Tokenisation
 from utils.data.chat import add_chat_template_arg
-from utils.data.raw_datasets import JsonDataset
+from utils.data.raw_datasets import JsonDataset, MissingSplit
 from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import load_tokenizer
 from utils.args import base_parser
@@ -64,7 +64,8 @@ def add_gen_data_args(parser):
     """Flags of the scripts that score `gen` data (a completion per sequence, training's cuts)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", required=True,
-                   help="directory of gen data (SPLIT.json[l] of {prompt, completions}), e.g. data/imdb_sft")
+                   help="directory of gen data (SPLIT.json, .jsonl or .parquet of {prompt, completions}), "
+                        "e.g. data/imdb_sft")
     g.add_argument("--split", default="test", choices=["train", "test"], help="which split file to score")
     g.add_argument("--max_seq_len", type=int, default=512,
                    help="prompt + completion tokens; the prompt is cut on the left")
@@ -283,15 +284,15 @@ def start_scoring(args, load_model, check_records=None):
 
 
 def load_gen_records(data_path, split, tok):
-    """Validated {prompt, completions} records of DATA_PATH/SPLIT.json[l] (other fields, such as
+    """Validated {prompt, completions} records of DATA_PATH/SPLIT.{json,jsonl,parquet} (other fields, such as
     rewards, are ignored), each prompt checked as training checks it."""
     if not os.path.isdir(data_path):
         raise InputError(f"--data_path {data_path}: no such directory")
     source = JsonDataset(os.path.basename(os.path.normpath(data_path)), data_path, "gen")
     try:
         path = source.split_file(split)
-    except InputError:
-        raise InputError(f"--data_path {data_path}: no {split}.json or {split}.jsonl") from None
+    except MissingSplit:
+        raise InputError(f"--data_path {data_path}: no {split}.json, {split}.jsonl or {split}.parquet") from None
     records = source.records(split)
     check_prompts(records, tok, path)
     return records, path
@@ -309,7 +310,8 @@ def completion_batch(tok, records):
     (input_ids, attention_mask, loss_mask on the completion + EOS), cut by the training rule."""
     sequences, prompt_lens = [], []
     for prompt_ids, record in zip(tok.prompts(r["prompt"] for r in records), records):
-        for completion_ids in tok.completions(record["completions"], [record["prompt"]] * len(record["completions"])):
+        prompts = [record["prompt"]] * len(record["completions"])
+        for completion_ids in tok.completions(record["completions"], prompts):
             ids, prompt_len = tok.join(prompt_ids, completion_ids)
             sequences.append(ids)
             prompt_lens.append(prompt_len)

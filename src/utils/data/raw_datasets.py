@@ -241,6 +241,10 @@ def validate_record(record, kind, source, index):
         record["rewards"] = [float(r) for r in rewards]
 
 
+class MissingSplit(InputError):
+    """No file or folder holds the split asked for."""
+
+
 class JsonDataset(PromptRawDataset):
     """Standard records of the files users have, one split at a time:
 
@@ -272,7 +276,7 @@ class JsonDataset(PromptRawDataset):
                                      or os.path.isdir(os.path.join(path, "data")))) \
                 or (not os.path.exists(path) and not path.startswith((".", "~")) and HUB_ID.match(path)):
             return "hub", path
-        raise InputError(
+        raise MissingSplit(
             f"{path}: no {name}.json, {name}.jsonl, {name}.parquet or save_to_disk folder for dataset "
             f"{self.name}/{self.kind}; check the path in --data_name_path (or --data_split_names)")
 
