@@ -19,7 +19,8 @@ exactly what the flags say.
 --save_logps stores per completion "logps": log pi^temp(completion + EOS | prompt) under the
 model (EOS allowed at every step), summed over tokens, computed from the generation scores of
 the drawn ids, with the EOS term added by one extra forward where a completion was cut at
-max_new_tokens (for a conversation: the end-of-turn token drawn, or its term where cut). It is what the alignment stage's reference pass computes for the same text
+max_new_tokens (for a conversation: the end-of-turn token drawn, or its term where cut). It
+is what the alignment stage's reference pass computes for the same text
 when the text re-tokenises to the drawn ids, the prompt keeps the same tokens (a prompt
 shorter than max_length - max_new_tokens is never cut) and its --max_gen_len exceeds
 --max_new_tokens (so the EOS is not cut off).
@@ -101,26 +102,22 @@ def batch_seed(seed, first_index):
 
 
 def sampling_config(args, tokenizer, stop_ids=None):
-    """The whole generation config, from the flags alone; `stop_ids` end a completion (default EOS)."""
+    """The whole generation config, from the flags alone; `stop_ids` end a completion (default EOS),
+    as the list `sample` reads."""
     sampling = dict(do_sample=True, temperature=args.temp, top_k=args.top_k, top_p=args.top_p) if args.temp > 0 \
         else dict(do_sample=False)
     return GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=args.return_num,
-                            eos_token_id=stop_ids[0] if stop_ids and len(stop_ids) == 1 else
-                            list(stop_ids) if stop_ids else tokenizer.eos_token_id,
+                            eos_token_id=list(stop_ids or [tokenizer.eos_token_id]),
                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
-def stop_token_ids(tok, prompts):
-    """The ids a completion stops at: EOS, and the chat template's end-of-turn ids when the
-    prompts are conversations (a chat model ends its turn with those, as it is served)."""
+def stop_tokens(tok, prompts):
+    """(the ids a completion stops at, the one training ends a completion with): EOS for text
+    prompts; for conversations also the chat template's end-of-turn token, which ends them
+    (a chat model ends its turn with it, as it is served)."""
     if any(is_conversation(p) for p in prompts):
-        return tok.chat.end_of_turn_ids
-    return [tok.tokenizer.eos_token_id]
-
-
-def turn_end_id(tok, prompts):
-    """The token that training appends to a completion: the template's end-of-turn, or EOS."""
-    return tok.chat.turn_end_id if any(is_conversation(p) for p in prompts) else tok.tokenizer.eos_token_id
+        return tok.chat.end_of_turn_ids, tok.chat.turn_end_id
+    return [tok.tokenizer.eos_token_id], tok.tokenizer.eos_token_id
 
 
 def fit_prompt(tok, prompt_ids):
@@ -175,7 +172,7 @@ def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False, end_id=
     the stop token included: the one drawn, or `end_id` (default EOS) where none was.
     """
     device = next(model.parameters()).device
-    stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = config.eos_token_id
     eos = tokenizer.eos_token_id if end_id is None else end_id
     batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     prompt_len = batch["input_ids"].shape[1]
@@ -229,8 +226,8 @@ def main(argv=None):
 
     model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                            disable_dropout=True).to(device).eval()
-    config = sampling_config(args, tokenizer, stop_token_ids(tok, prompts))
-    end_id = turn_end_id(tok, prompts)
+    stop_ids, end_id = stop_tokens(tok, prompts)
+    config = sampling_config(args, tokenizer, stop_ids)
     model.generation_config = config  # nothing from the checkpoint's generation_config.json
 
     def process(batch_prompts, first_index):

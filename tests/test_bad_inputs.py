@@ -129,7 +129,9 @@ def _file(path_in_case, text):
 # name -> (argv maker (case dir, tiny model) -> argv, regex the one stderr line must match)
 CATALOGUE = {
     # -- files --------------------------------------------------------------------------------
-    "missing data dir": (exo("x/rw:/nonexistent/dir"), r"/nonexistent/dir: no train\.json, train\.jsonl, train\.parquet or save_to_disk folder .*check the path"),
+    "missing data dir": (exo("x/rw:/nonexistent/dir"),
+                         r"/nonexistent/dir: no train\.json, train\.jsonl, train\.parquet or save_to_disk folder .*"
+                         r"check the path"),
     "not UTF-8": (exo(lambda c: raw(c, "rw", "train.json", b"[\xff\xfe]")), r"train\.json: not UTF-8 text"),
     "malformed JSON": (exo(lambda c: raw(c, "rw", "train.json", b'[{"prompt": "a",\n "completions": [}]')),
                        r"train\.json line 2: malformed JSON"),

@@ -79,15 +79,15 @@ def test_prompt_plus_completion_is_the_whole_conversation_token_for_token(chat_m
         assert completion_ids[-1] == end_id and tokenizer.eos_token_id not in completion_ids  # no EOS after it
         # what is left is the template's separator before a next turn: ChatML's newline, none for Llama 3
         assert tokenizer.decode(whole[len(prompt_ids) + len(completion_ids):]) == ("\n" if style == "chatml" else "")
-        assert tokenizer.decode(completion_ids) == ("good fun great" + END[style] if style == "chatml"
-                                                    else "good fun great" + END[style])
+        assert tokenizer.decode(completion_ids) == "good fun great" + END[style]
 
 
 def test_text_records_keep_todays_rule_with_a_chat_tokenizer(chat_models):
     tokenizer = AutoTokenizer.from_pretrained(chat_models["chatml"])
     tok = Tokenisation(tokenizer, 256, 64)
     assert tok.prompts(["the movie"]) == [tokenizer("the movie")["input_ids"]]
-    assert tok.completions([" good"]) == [tokenizer(" good", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    text_ids = tokenizer(" good", add_special_tokens=False)["input_ids"]
+    assert tok.completions([" good"]) == [text_ids + [tokenizer.eos_token_id]]
 
 
 def test_loss_mask_is_exactly_the_assistant_turn(chat_models, chat_pref, tmp_path):
@@ -134,11 +134,10 @@ def test_chat_template_none_and_a_template_file(chat_models, tmp_path):
 
 # -- the files users have ---------------------------------------------------------------------
 def test_every_file_format_reads_the_same_records(tmp_path):
-    records = {"train": [{"prompt": [SYSTEM, {"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}]}],
-               "test": [{"prompt": [{"role": "user", "content": "q2"}], "chosen": [{"role": "assistant", "content": "b"}]}]}
-    expect = {"train": [{"prompt": [SYSTEM, {"role": "user", "content": "q"}],
-                         "chosen": {"role": "assistant", "content": "a"}}],
-              "test": [{"prompt": [{"role": "user", "content": "q2"}], "chosen": {"role": "assistant", "content": "b"}}]}
+    answer = {"train": {"role": "assistant", "content": "a"}, "test": {"role": "assistant", "content": "b"}}
+    prompts = {"train": [SYSTEM, {"role": "user", "content": "q"}], "test": [{"role": "user", "content": "q2"}]}
+    records = {s: [{"prompt": prompts[s], "chosen": [answer[s]]}] for s in ("train", "test")}  # the Hub's shape
+    expect = {s: [{"prompt": prompts[s], "chosen": answer[s]}] for s in ("train", "test")}
     jsonl, parquet, disk, per_split, hub = (tmp_path / n for n in ("jsonl", "parquet", "disk", "split", "hub"))
     for split, rows in records.items():
         jsonl.mkdir(exist_ok=True)

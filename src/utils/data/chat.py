@@ -135,7 +135,7 @@ class ChatTemplate:
             text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja2's errors (a template's raise_exception too) share no base
-            raise InputError(f"the chat template cannot render this conversation: {err}") from None
+            raise ValueError(f"the chat template cannot render this conversation ({err})") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, messages):
@@ -170,7 +170,8 @@ class ChatTemplate:
     def completion_ids(self, messages, completion, prompt_ids=None):
         """The ids the template adds for the assistant turn `completion` after `messages`, up to
         its end-of-turn token (EOS appended when it writes none). Raises ValueError when
-        prompt ids + completion ids are not a prefix of the whole conversation's ids."""
+        prompt ids + completion ids are not a prefix of the whole conversation's ids, or the
+        template cannot render it (the caller names the record)."""
         prompt_ids = self.prompt_ids(messages) if prompt_ids is None else prompt_ids
         whole = self.render_ids(messages + [completion], generation_prompt=False)
         if whole[:len(prompt_ids)] != prompt_ids:

@@ -5,8 +5,9 @@ completion, which is then cut on the right to `max_gen_len`; the prompt is cut o
 the whole fits `max_seq_len` (a BOS the tokenizer puts in front is kept). Only completion
 tokens carry loss. Conversational records are rendered with the chat template instead
 (utils/data/chat.py): the prompt with the generation prompt, the completion as the assistant
-turn up to its end-of-turn token, with no EOS after it; the cuts are the same. The result is cached with `datasets` under a key made of the data files'
-content, the tokenizer, the lengths and the stage's encoding parameters.
+turn up to its end-of-turn token, with no EOS after it; the cuts are the same. The result is
+cached with `datasets` under a key made of the data files' content, the tokenizer (and chat
+template), the lengths and the stage's encoding parameters.
 """
 import contextlib
 import hashlib
@@ -130,7 +131,10 @@ class Tokenisation:
         """Conversational records: a template renders them and every completion meets the prefix
         rule (prompt ids + completion ids = the conversation's ids), else one line naming the record."""
         self.chat.require(source, index)
-        prompt_ids = self.chat.prompt_ids(record["prompt"])
+        try:
+            prompt_ids = self.chat.prompt_ids(record["prompt"])
+        except ValueError as err:
+            raise InputError(f"{where(source, index, 'prompt')}: {err}") from None
         for field in (f for f in COMPLETION_FIELDS[kind] if f in record):  # sampling checks prompts alone
             values = record[field] if field == "completions" else [record[field]]
             for j, completion in enumerate(values):
