@@ -321,8 +321,10 @@ class JsonDataset(PromptRawDataset):
             while err.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the why
                 err = err.__cause__
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"{path}: cannot load split {name!r} with datasets ({reason}); check the path, "
-                             "--data_split_names and that the dataset is downloaded or reachable") from None
+            what = "" if os.path.exists(path) else "no such local directory, and as a Hub dataset id "
+            raise InputError(f"{path}: {what}cannot load split {name!r} with datasets.load_dataset ({reason}); "
+                             "check the path, --data_split_names and that the dataset is downloaded or reachable") \
+                from None
         return self._checked_columns(loaded.to_list(), self.source(split), loaded.column_names)
 
     def _checked_columns(self, samples, source, column_names=None):
