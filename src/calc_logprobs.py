@@ -3,12 +3,12 @@
     python src/calc_logprobs.py --model_name_or_path models/x_imdb/sft --data_path results/policy_sft \\
         --split test --output_path results/policy_sft/test_logps_sft.json
 
-Each record of DATA_PATH/SPLIT.json[l] comes back with its fields (prompt, completions and the
+Each record of DATA_PATH/SPLIT.json[l] (or .parquet) comes back with its fields (prompt, completions and the
 token-exact fields it carries) and "logps", "temp" and "scored_tokens": logps[i] = log
 pi^temp(completion_i | prompt) summed over the completion's tokens, the log-probs whose
 differences are EXO's h. The completion is its sampled ids as they are when the record carries
 them from this model's tokenizer (a tokenizer that differs falls back to text + EOS, with a
-warning), else its text + EOS; then the training rule's cuts (--max_gen_len on the right, the
+warning), else its text + EOS (a conversation's answer: the template's tokens for that turn, up to its end-of-turn token); then the training rule's cuts (--max_gen_len on the right, the
 prompt on the left to fit --max_seq_len). "temp" is the --temp scored at and scored_tokens[i]
 a digest of the token sequence scored, so eval_kl.py can refuse two files that scored
 different tokens or temperatures. For a KL estimate score the samples at the temperature they

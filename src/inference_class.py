@@ -3,7 +3,7 @@
     deepspeed --include localhost:0,1 src/inference_class.py --model_name_or_path models/x_imdb/class \\
         --data_path data/imdb_prefix10_sft --split train --mode label_pref   # writes data/imdb_prefix10_pref
 
-Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion is tokenised by the
+Reads `gen` data (DATA_PATH/SPLIT.json[l] or .parquet). Each prompt + completion is tokenised by the
 training rule (the sampled ids where the record carries them from this model's tokenizer, else
 text + EOS) and scored by the one-logit classifier of train_class.py; its logit is the
 log-odds log p(positive) - log p(negative), the oracle reward. Batched, sharded across ranks

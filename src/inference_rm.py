@@ -3,9 +3,10 @@
     deepspeed --include localhost:0,1 src/inference_rm.py --model_name_or_path models/x_imdb/rm \\
         --data_path data/imdb_sft --split train --mode label     # writes data/imdb_rw/train.json
 
-Reads `gen` data (DATA_PATH/SPLIT.json[l]). Each prompt + completion is tokenised by the
-training rule (the sampled ids where the record carries them from this model's tokenizer, else
-text + EOS; completion cut on the right to --max_gen_len, prompt on the left to fit
+Reads `gen` data (DATA_PATH/SPLIT.json[l] or .parquet). Each prompt + completion is tokenised
+by the training rule (the sampled ids where the record carries them from this model's
+tokenizer; else text + EOS, or for a conversation the template's tokens up to the answer's
+end-of-turn token; completion cut on the right to --max_gen_len, prompt on the left to fit
 --max_seq_len) and scored by the one-label sequence classifier at its last non-pad token, the
 way reward-model training scores it. Batched, sharded across ranks and resumable
 (utils/inference.py).

@@ -5,16 +5,19 @@
         --max_new_tokens 200 --max_length 512           # writes data/imdb_sft/train.json
 
 Only the records' prompts are used (any kind with a prompt: sft, pref, gen, rw). Each prompt
-is tokenised as training tokenises it and cut on the left (keeping a BOS) to
+is tokenised as training tokenises it (a conversation rendered with the chat template and its
+generation prompt) and cut on the left (keeping a BOS) to
 max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
 the full prompt text. Generation is batched with left padding and the KV cache, sharded across
 ranks and resumable (utils/inference.py). The checkpoint's generation_config is ignored: what
 is sampled is exactly what the flags say.
 
-Each record keeps what was sampled, token for token, beside the decoded text: per completion
-"completion_ids", the drawn ids up to and with the first EOS (or all --max_new_tokens of them
-when none was drawn), and "stop_token", that EOS id or null when --max_new_tokens cut the
-completion; per record "tokenizer_fingerprint" and "source_model". Every later stage scores
+A completion ends at the first stop token: EOS, and for conversational prompts the chat
+template's end-of-turn token too (the completion is then written as an assistant message
+{"role": "assistant", "content": text}). Each record keeps what was sampled, token for token,
+beside the decoded text: per completion "completion_ids", the drawn ids up to and with the
+first stop token (or all --max_new_tokens of them when none was drawn), and "stop_token", the
+stop token drawn or null when --max_new_tokens cut the completion; per record "tokenizer_fingerprint" and "source_model". Every later stage scores
 these ids, not the re-tokenised text (decoding then encoding byte-level BPE is not the
 identity), and appends no EOS to a completion that did not draw one. Nothing is barred: EOS
 may be drawn at the first step, which is a legal, empty completion ("" with ids [EOS]), so a
@@ -36,7 +39,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.data_utils import Tokenisation, load_raw_datasets
+from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
 from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens,
                              sharded_map)
@@ -53,6 +58,8 @@ def parse_args(argv=None):
                    help="NAME/KIND:PATH of the prompts; KIND is any kind with a prompt (sft, pref, gen, rw)")
     g.add_argument("--dataset_module", nargs="*", default=[],
                    help="python files or modules to import first, so their @register_dataset classes can be named")
+    add_source_args(g)
+    add_chat_template_arg(g)
     g.add_argument("--split", default="test", choices=["train", "test"], help="which split's prompts to sample for")
     g.add_argument("--prompt_num", type=int, default=-1, help="sample for the first N prompts of the split; -1: all")
     g.add_argument("--return_num", type=int, default=4, help="completions per prompt")
@@ -99,12 +106,23 @@ def batch_seed(seed, first_index):
     return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
 
 
-def sampling_config(args, tokenizer):
-    """The whole generation config, from the flags alone."""
+def sampling_config(args, tokenizer, stop_ids=None):
+    """The whole generation config, from the flags alone; `stop_ids` end a completion (default EOS),
+    as the list `sample` reads."""
     sampling = dict(do_sample=True, temperature=args.temp, top_k=args.top_k, top_p=args.top_p) if args.temp > 0 \
         else dict(do_sample=False)
     return GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=args.return_num,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                            eos_token_id=list(stop_ids or [tokenizer.eos_token_id]),
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
+
+
+def stop_tokens(tok, prompts):
+    """The ids a completion stops at: EOS for text prompts; for conversations also the chat
+    template's end-of-turn token, which ends them (a chat model ends its turn with it, as it is
+    served)."""
+    if any(is_conversation(p) for p in prompts):
+        return tok.chat.end_of_turn_ids
+    return [tok.tokenizer.eos_token_id]
 
 
 def fit_prompt(tok, prompt_ids):
@@ -144,12 +162,11 @@ def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
     """Draw config.num_return_sequences completions of each prompt (token ids, already fitted).
 
     Returns per prompt, a list per completion of: `ids`, the drawn token ids up to and with
-    the first EOS (all max_new_tokens of them when none was drawn); `stops`, that EOS id or
-    None; `texts`, the decoded ids before the EOS; and `logps` (with `save_logps`, else None),
-    log p^temp(ids | prompt) summed over exactly those ids.
+    the first stop token (config.eos_token_id, a list; all max_new_tokens of them when none was
+    drawn); `stops`, that stop token or None; `texts`, the decoded ids before it; and `logps`
+    (with `save_logps`, else None), log p^temp(ids | prompt) summed over exactly those ids.
     """
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
     batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     prompt_len = batch["input_ids"].shape[1]
     recorder = CompletionLogprobs(config.temperature) if save_logps else None
@@ -158,11 +175,11 @@ def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
                                logits_processor=LogitsProcessorList([recorder] if recorder else []))
     drawn = sequences[:, prompt_len:]
 
-    is_eos = drawn == eos
-    ended = is_eos.any(-1)
-    length = torch.where(ended, is_eos.int().argmax(-1) + 1, drawn.shape[1])  # the EOS counts when drawn
+    is_stop = torch.isin(drawn, torch.tensor(config.eos_token_id, device=drawn.device))
+    ended = is_stop.any(-1)
+    length = torch.where(ended, is_stop.int().argmax(-1) + 1, drawn.shape[1])  # the stop token counts when drawn
     ids = [row[:n] for row, n in zip(drawn.tolist(), length.tolist())]
-    stops = [eos if e else None for e in ended.tolist()]
+    stops = [row[-1] if e else None for row, e in zip(ids, ended.tolist())]
     texts = tokenizer.batch_decode([row[:-1] if stop is not None else row for row, stop in zip(ids, stops)],
                                    skip_special_tokens=False, clean_up_tokenization_spaces=False)
     logps = None
@@ -184,8 +201,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens)
-    raw = load_raw_datasets([args.data_name_path], args.dataset_module)[0]
+    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template)
+    raw = load_raw_datasets([args.data_name_path], args.dataset_module, args.data_split_names, args.columns)[0]
     records = raw.records(args.split)
     if args.prompt_num > 0:
         records = records[:args.prompt_num]
@@ -194,14 +211,17 @@ def main(argv=None):
 
     model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                            disable_dropout=True).to(device).eval()
-    config = sampling_config(args, tokenizer)
+    stop_ids = stop_tokens(tok, prompts)
+    config = sampling_config(args, tokenizer, stop_ids)
     model.generation_config = config  # nothing from the checkpoint's generation_config.json
 
     def process(batch_prompts, first_index):
         prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
         ids, stops, texts, logps = sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index),
                                           args.save_logps)
-        out = [{"prompt": p, "completions": t, "completion_ids": i, "stop_token": s,
+        out = [{"prompt": p,
+                "completions": [{"role": "assistant", "content": c} for c in t] if is_conversation(p) else t,
+                "completion_ids": i, "stop_token": s,
                 "tokenizer_fingerprint": tok.tokenizer_fingerprint, "source_model": args.model_name_or_path}
                for p, t, i, s in zip(batch_prompts, texts, ids, stops)]
         for record, prompt, values in zip(out, prompt_ids, logps or ()):

@@ -7,7 +7,11 @@ EXO/DPO pipeline end to end, but must never download anything. This module write
   is encodable, "<|endoftext|>" is bos/eos/unk, no pad token unless asked for, nothing is
   added automatically when encoding), wrapped as a `PreTrainedTokenizerFast`;
 * a small GPT-2, GPT-NeoX or Llama model sized by the arguments, initialised from a fixed
-  seed so that the same arguments give bit-identical weights.
+  seed so that the same arguments give bit-identical weights;
+* optionally a chat template in `tokenizer_config.json` with its special tokens: `chatml`
+  (`<|im_start|>role\n...<|im_end|>\n`, as Qwen) or `llama3` (`<|start_header_id|>role
+  <|end_header_id|>\n\n...<|eot_id|>` after `<|begin_of_text|>`), EOS staying
+  `<|endoftext|>`, so that conversational data runs without a download.
 
 Both are saved with `save_pretrained` (weights as safetensors) into a temporary sibling
 directory that is renamed into place only when complete.
@@ -29,6 +33,18 @@ from utils.fileio import InputError, atomic_dir, cli_main, commit_dir, read_json
 
 EOS = "<|endoftext|>"
 ARCHS = ("gpt2", "gpt_neox", "llama")
+# style -> (special tokens, BOS or None, Jinja template), after the real models' templates
+CHAT_TEMPLATES = {
+    "chatml": (["<|im_start|>", "<|im_end|>"], None,
+               "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{% endif %}"),
+    "llama3": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|begin_of_text|>",
+               "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+               "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+               "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+}
 
 
 def builtin_corpus():
@@ -47,7 +63,7 @@ def builtin_corpus():
     return sentences
 
 
-def train_tokenizer(texts, vocab_size=512, max_positions=256, pad_token=None):
+def train_tokenizer(texts, vocab_size=512, max_positions=256, pad_token=None, chat_template=None):
     """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`."""
     tok = Tokenizer(models.BPE(unk_token=EOS))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,6 +85,10 @@ def train_tokenizer(texts, vocab_size=512, max_positions=256, pad_token=None):
     )
     if pad_token is not None:
         tokenizer.add_special_tokens({"pad_token": pad_token})
+    if chat_template is not None:
+        specials, bos, template = CHAT_TEMPLATES[chat_template]
+        tokenizer.add_special_tokens({"additional_special_tokens": specials, **({"bos_token": bos} if bos else {})})
+        tokenizer.chat_template = template
     return tokenizer
 
 
@@ -89,13 +109,13 @@ def build_config(arch, vocab_size, hidden_size, num_layers, num_heads, max_posit
 
 
 def make_tiny_model(out_dir, texts, arch="gpt2", vocab_size=512, hidden_size=64, num_layers=2,
-                    num_heads=4, max_positions=256, seed=0, pad_token=None):
+                    num_heads=4, max_positions=256, seed=0, pad_token=None, chat_template=None):
     """Write a tiny random `arch` causal LM and a BPE tokenizer trained on `texts` to `out_dir`.
 
     Returns `out_dir`. An existing `out_dir` is replaced, atomically.
     """
     out_dir = os.fspath(out_dir)
-    tokenizer = train_tokenizer(texts, vocab_size, max_positions, pad_token)
+    tokenizer = train_tokenizer(texts, vocab_size, max_positions, pad_token, chat_template)
     token_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if pad_token is not None:
         token_ids["pad_token_id"] = tokenizer.pad_token_id
@@ -154,6 +174,8 @@ def main(argv=None):
     parser.add_argument("--max_positions", type=int, default=256, help="maximum sequence length")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     parser.add_argument("--pad_token", default=None, help="add this special token as the pad token (default: none)")
+    parser.add_argument("--chat_template", default=None, choices=sorted(CHAT_TEMPLATES),
+                        help="give the tokenizer this chat template and its special tokens (default: none)")
     args = parser.parse_args(argv)
 
     texts = [t for path in args.text_file for t in read_texts(path)] if args.text_file else builtin_corpus()
@@ -162,7 +184,8 @@ def main(argv=None):
     try:
         out = make_tiny_model(args.out, texts, arch=args.arch, vocab_size=args.vocab_size,
                               hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
-                              max_positions=args.max_positions, seed=args.seed, pad_token=args.pad_token)
+                              max_positions=args.max_positions, seed=args.seed, pad_token=args.pad_token,
+                              chat_template=args.chat_template)
     except ValueError as err:
         raise InputError(str(err)) from None
     print(f"wrote tiny {args.arch} model to {out} ({count_saved_parameters(out):,} parameters)")

@@ -71,12 +71,6 @@ def no_tokenizer_model(case, model):
     return str(path)
 
 
-def both_json_and_jsonl(case):
-    directory = data_dir(case, records(RW))
-    (directory / "train.jsonl").write_text("\n".join(json.dumps(r) for r in RW))
-    return f"bad/rw:{directory}"
-
-
 def logprobs_of_ids(mutate):
     """calc_logprobs on gen data whose records carry the tiny tokenizer's token-exact fields, mutated."""
     def make(case, tiny):
@@ -102,6 +96,38 @@ def resume_state(case, layout):
     return str(path)
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# a template that renders an answered turn under another header than its generation prompt
+PREFIX_BREAKING = CHATML.replace("m['role'] + '\\n'", "(m['role'] if m['role'] != 'assistant' else 'bot') + '\\n'")
+CHAT_PREF = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the movie?"}],
+              "chosen": {"role": "assistant", "content": "good fun"}, "rejected": "dull"} for _ in range(4)]
+
+
+def chat_pref(case, mutate=None, kind="pref"):
+    return f"bad/{kind}:{data_dir(case, records(CHAT_PREF, mutate))}"
+
+
+def parquet_bytes(rows):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def chat_model(case, model):
+    """A copy of the tiny model whose tokenizer has a ChatML template."""
+    path = case / "chat_model"
+    shutil.copytree(model, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHATML
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def train(script, data, *flags, model=None):
     """argv of a training stage writing into the case directory."""
     return lambda case, tiny: [f"src/{script}", "--model_name_or_path", model(case, tiny) if model else tiny,
@@ -121,8 +147,8 @@ def gen_dir(case, mutate=None):
 
 
 def tool(script, *args):
-    return lambda case, tiny: [f"src/{script}", *[a(case) if callable(a) else a.format(case=case, tiny=tiny)
-                                                  for a in args]]
+    return lambda case, tiny: [f"src/{script}", *[(a(case, tiny) if a is chat_model else a(case)) if callable(a)
+                                                  else a.format(case=case, tiny=tiny) for a in args]]
 
 
 def _file(path_in_case, text):
@@ -137,8 +163,9 @@ def _file(path_in_case, text):
 # name -> (argv maker (case dir, tiny model) -> argv, regex the one stderr line must match)
 CATALOGUE = {
     # -- files --------------------------------------------------------------------------------
-    "missing data dir": (exo("x/rw:/nonexistent/dir"), r"/nonexistent/dir: no train\.json or train\.jsonl .*check the path"),
-    "both train.json and train.jsonl": (exo(both_json_and_jsonl), r"data: both train\.json and train\.jsonl; keep one"),
+    "missing data dir": (exo("x/rw:/nonexistent/dir"),
+                         r"/nonexistent/dir: no train\.json, train\.jsonl, train\.parquet or save_to_disk folder .*"
+                         r"check the path"),
     "not UTF-8": (exo(lambda c: raw(c, "rw", "train.json", b"[\xff\xfe]")), r"train\.json: not UTF-8 text"),
     "malformed JSON": (exo(lambda c: raw(c, "rw", "train.json", b'[{"prompt": "a",\n "completions": [}]')),
                        r"train\.json line 2: malformed JSON"),
@@ -174,6 +201,33 @@ CATALOGUE = {
     "rm missing rejected": (train("train_rm.py", lambda c: pref(c, lambda r: r[2].pop("rejected"))),
                             r"train\.json record 2 field \"rejected\": missing field"),
     "sft on rw data": (train("train_sft.py", "x/rw:/nonexistent"), r"SFT trains on sft data .* got kind 'rw'"),
+    "both train.json and train.jsonl": (exo(lambda c: raw(c, "rw", "train.jsonl", json.dumps(RW[0]).encode())
+                                            and rw(c)), r"holds train\.json and train\.jsonl; keep one file per split"),
+    "columns naming a missing column": (train("train_rm.py", lambda c: raw(c, "pref", "train.parquet",
+                                                                           parquet_bytes(PREF)),
+                                              "--columns", "prompt=question"),
+                                        r"train\.parquet: no column 'question' \(--columns prompt=question\); "
+                                        r"its columns are prompt, chosen, rejected"),
+    # -- conversations --------------------------------------------------------------------------
+    "conversation without a chat template": (train("train_sft.py", lambda c: chat_pref(c)),
+                                             r"train\.json record 0 field \"prompt\": a conversation .*has no chat "
+                                             r"template; pass --chat_template PATH"),
+    "prompt not ending with a user turn": (train("train_sft.py", lambda c: chat_pref(c, lambda r: r[2]["prompt"].append(
+                                               {"role": "assistant", "content": "hm"})), model=chat_model),
+                                           r"record 2 field \"prompt\": the prompt must end with a user turn, its last "
+                                           r"is 'assistant'"),
+    "completion not from the assistant": (train("train_rm.py", lambda c: chat_pref(
+                                              c, lambda r: r[1]["chosen"].update(role="user")), model=chat_model),
+                                          r"record 1 field \"chosen\": a completion's role must be 'assistant', got 'user'"),
+    "template breaking the prefix rule": (exo(lambda c: chat_pref(c), "--loss_type", "exo-pref", "--chat_template",
+                                              _file("prefix_breaking.jinja", PREFIX_BREAKING)),
+                                          r"record 0 field \"chosen\": the chat template renders the conversation "
+                                          r"with this answer so that it does not start with the prompt"),
+    "sampling a conversation with --chat_template none": (tool("inference_sft.py", "--model_name_or_path", chat_model,
+                                                               "--data_name_path", lambda c: chat_pref(c),
+                                                               "--output_path", "{case}/out", "--chat_template", "none"),
+                                                          r"record 0 field \"prompt\": a conversation .*--chat_template "
+                                                          r"none; pass --chat_template auto"),
     # -- models -------------------------------------------------------------------------------
     "model path not a model": (exo(lambda c: rw(c), model=lambda c, t: str(c)), r"cannot load .*pass a Hugging Face model"),
     "tokenizer without pad or EOS": (train("train_sft.py", lambda c: pref(c), model=lambda c, t: no_eos_model(c, t)),

@@ -28,7 +28,8 @@ from utils.data.data_utils import (
     parse_data_name_path,
     SFTEncoder,
 )
-from utils.data.raw_datasets import JsonDataset, PromptRawDataset, get_raw_dataset
+from utils.data.data_utils import get_raw_dataset
+from utils.data.raw_datasets import JsonDataset, PromptRawDataset
 from utils.fileio import InputError
 from utils.model_utils import load_tokenizer
 

@@ -377,7 +377,7 @@ BAD_INPUTS = {
         r"--data_path .*nowhere_sft: no such"),
     "missing prompts": (
         "src/inference_sft.py", lambda t: ["--data_name_path", f"toy/sft:{t / 'nowhere'}"],
-        r"no test\.json or test\.jsonl"),
+        r"no test\.json, test\.jsonl, test\.parquet or save_to_disk folder"),
 }
 
 

@@ -147,6 +147,27 @@ def test_hh_preproc(tmp_path, capsys):
     assert sft == [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in pref]
 
 
+def test_hh_preproc_writes_messages(tmp_path, capsys):
+    """--format messages: the same dialogues as the text records, turn for turn, as messages."""
+    raw = recipe_fixtures.write_hh(str(tmp_path / "raw"))
+    preproc = load_script("hh", "preproc")
+    preproc.main([raw, "--output_dir", str(tmp_path / "text")])
+    preproc.main([raw, "--output_dir", str(tmp_path / "msgs"), "--format", "messages"])
+    text, msgs = (load(tmp_path / d / "hh" / "train.json") for d in ("text", "msgs"))
+    assert len(text) == len(msgs)
+    for t, m in zip(text, msgs):
+        rendered = "".join(f"\n\n{'Human' if x['role'] == 'user' else 'Assistant'}: {x['content']}"
+                           for x in m["prompt"]) + "\n\nAssistant:"
+        assert rendered == t["prompt"]  # the fixture's turns hold no stray spaces
+        assert m["prompt"][-1]["role"] == "user"
+        assert m["chosen"] == {"role": "assistant", "content": t["chosen"].strip()}
+        assert m["rejected"] == {"role": "assistant", "content": t["rejected"].strip()}
+    story = next(m for m in msgs if m["prompt"] == [{"role": "user", "content": "tell me a story"}])
+    assert story["chosen"]["content"] == "Once upon a time."
+    sft = load(tmp_path / "msgs" / "hh_chosen" / "train.json")
+    assert sft == [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in msgs]
+
+
 def test_hh_preproc_errors(tmp_path, capsys):
     preproc = load_script("hh", "preproc")
     raw = recipe_fixtures.write_hh(str(tmp_path / "raw"))

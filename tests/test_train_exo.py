@@ -153,7 +153,8 @@ def _bad_rw(tmp_path, mutate):
 
 
 BAD_INPUTS = {
-    "missing data dir": (lambda t: "x/rw:/nonexistent/dir", [], r"no train\.json or train\.jsonl"),
+    "missing data dir": (lambda t: "x/rw:/nonexistent/dir", [],
+                         r"no train\.json, train\.jsonl, train\.parquet or save_to_disk folder"),
     "no colon": (lambda t: "x/rw", [], r"expected NAME/KIND:PATH"),
     "unknown dataset": (lambda t: f"imdb:{t}", [], r"unknown dataset 'imdb' \(registered: "),
     "unknown loss": (lambda t: _bad_rw(t, lambda r: None), ["--loss_type", "ipo"], r"invalid choice: 'ipo'"),

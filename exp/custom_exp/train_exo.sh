@@ -12,17 +12,26 @@
 #   NUM_CONTRASTIVE  K, candidates per group
 #   extra flags      passed on to src/train_exo.py and override the defaults below
 #
+#   EXO_PREF_LOG_EPS=-10  (environment) for exo-pref, the original EXO code's target: log eps of
+#                    every loser on an unnormalised target, passed as the normalised
+#                    --pref_epsilon (K-1) e^L / (1 + (K-1) e^L), sigmoid(-10) at K = 2
+#
 # Writes HF checkpoints to models/NAME_DATA/align_LOSS_ncK/ckpt1..N (and the final model in
 # that directory). Devices: DEVICE_IDS (see common.sh); CPU ranks when there is no GPU.
 set -euo pipefail
 if [ "$#" -lt 7 ]; then
-    sed -n '2,16p' "$0"; exit 2
+    sed -n '2,20p' "$0"; exit 2
 fi
 NAME=$1; INIT_PATH=$2; MODEL_TYPE=$3; DATA_NAME=$4; DATA_PATH=$5; LOSS_TYPE=$6; NUM_CONTRASTIVE=$7
 shift 7
 source "$(dirname "$0")/common.sh"
 
 DATA_ABBR="${DATA_NAME%%/*}"
+EPSILON=()
+if [ -n "${EXO_PREF_LOG_EPS:-}" ] && [ "${LOSS_TYPE}" = exo-pref ]; then
+    EPSILON=(--pref_epsilon "$(python -c 'import math, sys; k, log_eps = int(sys.argv[1]), float(sys.argv[2]); '\
+'print(repr((k - 1) * math.exp(log_eps) / (1 + (k - 1) * math.exp(log_eps))))' "${NUM_CONTRASTIVE}" "${EXO_PREF_LOG_EPS}")")
+fi
 run_training train_exo.py "${NAME}_${DATA_ABBR}/align_${LOSS_TYPE}_nc${NUM_CONTRASTIVE}" "${MODEL_TYPE}" \
     --model_name_or_path "${INIT_PATH}" \
     --ref_name_or_path "${INIT_PATH}" \
@@ -46,4 +55,5 @@ run_training train_exo.py "${NAME}_${DATA_ABBR}/align_${LOSS_TYPE}_nc${NUM_CONTR
     --num_save_checkpoint 10 \
     --zero_stage 2 \
     --gradient_checkpointing \
+    ${EPSILON[@]+"${EPSILON[@]}"} \
     "$@"

@@ -1,6 +1,6 @@
 """Anthropic-HH (hh-rlhf, helpful-base) -> `pref` data and `sft` data from its chosen side.
 
-    python exp/hh_exp/preproc.py /path/to/hh-rlhf [--output_dir exp/hh_exp/data]
+    python exp/hh_exp/preproc.py /path/to/hh-rlhf [--output_dir exp/hh_exp/data] [--format messages]
 
 PATH holds train.jsonl and test.jsonl, one {"chosen": DIALOGUE, "rejected": DIALOGUE} a line,
 each dialogue "\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant: ...". The
@@ -12,7 +12,11 @@ two dialogues share every turn but the assistant's last answer, so each line bec
                           for SFT on the preferred answers
 
 with the answers keeping their leading space (" I think ...") so that prompt + answer is the
-original text. Known quirks of the data, handled:
+original text. With `--format messages` the records are conversational instead, for aligning
+an instruct model with its own chat template: the prompt is the dialogue's turns as messages
+[{"role": "user", "content": ...}, {"role": "assistant", ...}, ..., {"role": "user", ...}]
+and each answer an assistant message, contents stripped of the space after the marker.
+Known quirks of the data, handled:
 
   * "Humans:" spelled for "Human:" as a turn marker: read as "Human:" (counted as fixed);
   * a turn marker inside an answer's text ("...Assistant: Sure. Human: and then?"), where
@@ -89,12 +93,30 @@ def dialogue_to_pref(record, path, index, skips, split):
     return {"prompt": prompt, "chosen": chosen_answer, "rejected": rejected_answer}
 
 
+def as_messages(record):
+    """A text record of this preprocessor -> the same dialogue as messages."""
+    turns = list(TURN.finditer(record["prompt"]))[:-1]  # the last is the open "\n\nAssistant:"
+    ends = [t.start() for t in turns[1:]] + [len(record["prompt"]) - len(ASSISTANT)]
+    prompt = [{"role": "user" if t.group() == HUMAN else "assistant", "content": record["prompt"][t.end():end].strip()}
+              for t, end in zip(turns, ends)]
+    answers = {side: {"role": "assistant", "content": record[side].strip()}
+               for side in ("chosen", "rejected") if side in record}
+    return {"prompt": prompt, **answers}
+
+
+def is_valid_conversation(record):
+    """Messages need content and the prompt must end with the user's turn."""
+    return all(m["content"] for m in record["prompt"]) and record["prompt"][-1]["role"] == "user"
+
+
 @cli_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="directory with train.jsonl and test.jsonl of hh-rlhf (helpful-base)")
     parser.add_argument("--output_dir", default=str(Path(__file__).resolve().parent / "data"),
                         help="where hh/ (pref) and hh_chosen/ (sft) are written")
+    parser.add_argument("--format", default="text", choices=["text", "messages"],
+                        help="text: prompts as the dialogue text; messages: conversational records for a chat template")
     args = parser.parse_args(argv)
     skips, pref = Skips(), {}
     for split in ("train", "test"):
@@ -104,6 +126,12 @@ def main(argv=None):
                              "test.jsonl")
         records = (dialogue_to_pref(r, path, i, skips, split) for i, r in enumerate(read_json_lines(path)))
         pref[split] = [r for r in records if r is not None]
+        if args.format == "messages":
+            converted = [as_messages(r) for r in pref[split]]
+            for record in converted:
+                if not is_valid_conversation(record):
+                    skips.add(split, "a turn with no text (not a conversation a chat template renders)")
+            pref[split] = [r for r in converted if is_valid_conversation(r)]
     skips.report({split: len(records) for split, records in pref.items()})
     pref_dir, sft_dir = os.path.join(args.output_dir, "hh"), os.path.join(args.output_dir, "hh_chosen")
     sft = {split: [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in records] for split, records in pref.items()}

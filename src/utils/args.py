@@ -6,6 +6,8 @@ import argparse
 import os
 
 from utils.checkpointing import CHECKPOINT_DIR, check_optimizer_flags, checkpoint_location
+from utils.data.chat import add_chat_template_arg
+from utils.data.raw_datasets import add_source_args, parse_columns
 from utils.fileio import InputError
 from utils.model_utils import check_position_limit
 
@@ -14,8 +16,11 @@ def add_training_args(parser):
     """Flags every training stage shares."""
     g = parser.add_argument_group("data")
     g.add_argument("--data_name_path", nargs="+", required=True,
-                   help="one or more NAME/KIND:PATH; KIND in sft, pref, gen, rw, class; PATH holds "
-                        "train.json[l] and test.json[l]; several datasets are concatenated")
+                   help="one or more NAME/KIND:PATH; KIND in sft, pref, gen, rw, class; PATH holds train and "
+                        "test as .json, .jsonl or .parquet (or is a save_to_disk folder, or a Hub dataset id read "
+                        "with datasets.load_dataset); several datasets are concatenated")
+    add_source_args(g)
+    add_chat_template_arg(g)
     g.add_argument("--dataset_module", nargs="*", default=[],
                    help="python files or modules to import first, so their @register_dataset classes "
                         "can be named in --data_name_path")
@@ -99,6 +104,7 @@ def check_training_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    parse_columns(args.columns)  # a malformed mapping fails before anything starts
     if args.only_optimize_lora and args.lora_dim <= 0:
         raise InputError("--only_optimize_lora needs --lora_dim > 0")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):

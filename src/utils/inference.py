@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from utils.data.collators import pad_sequences
 from utils.data.data_utils import Encoder, Tokenisation
-from utils.data.raw_datasets import JsonDataset
+from utils.data.chat import add_chat_template_arg
+from utils.data.raw_datasets import JsonDataset, MissingSplit
 from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import check_position_limit, load_tokenizer
 from utils.args import base_parser
@@ -64,11 +65,13 @@ def add_gen_data_args(parser):
     """Flags of the scripts that score `gen` data (a completion per sequence, training's cuts)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", required=True,
-                   help="directory of gen data (SPLIT.json[l] of {prompt, completions}), e.g. data/imdb_sft")
+                   help="directory of gen data (SPLIT.json, .jsonl or .parquet of {prompt, completions}), "
+                        "e.g. data/imdb_sft")
     g.add_argument("--split", default="test", choices=["train", "test"], help="which split file to score")
     g.add_argument("--max_seq_len", type=int, default=512,
                    help="prompt + completion tokens; the prompt is cut on the left")
     g.add_argument("--max_gen_len", type=int, default=256, help="completion tokens (EOS included); cut on the right")
+    add_chat_template_arg(g)
     return parser
 
 
@@ -273,7 +276,7 @@ def start_scoring(args, load_model, check_records=None):
     check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
     records, data_file = load_gen_records(args.data_path, args.split, tok)
     if check_records is not None:
         check_records(records, data_file)
@@ -283,14 +286,15 @@ def start_scoring(args, load_model, check_records=None):
 
 
 def load_gen_records(data_path, split, tok):
-    """Validated {prompt, completions} records of DATA_PATH/SPLIT.json[l] (other fields, such as
+    """Validated {prompt, completions} records of DATA_PATH/SPLIT.{json,jsonl,parquet} (other fields, such as
     rewards, are ignored), each prompt checked as training checks it."""
     if not os.path.isdir(data_path):
         raise InputError(f"--data_path {data_path}: no such directory")
     source = JsonDataset(os.path.basename(os.path.normpath(data_path)), data_path, "gen")
-    if not any(os.path.isfile(os.path.join(data_path, split + ext)) for ext in (".json", ".jsonl")):
-        raise InputError(f"--data_path {data_path}: no {split}.json or {split}.jsonl")
-    path = source.split_file(split)
+    try:
+        path = source.split_file(split)
+    except MissingSplit:
+        raise InputError(f"--data_path {data_path}: no {split}.json, {split}.jsonl or {split}.parquet") from None
     records = source.records(split)
     check_prompts(records, tok, path)
     return records, path

@@ -3,11 +3,15 @@
 Tokenisation rule: prompt and completion are tokenised separately; EOS is appended to the
 completion, which is then cut on the right to `max_gen_len`; the prompt is cut on the left so
 the whole fits `max_seq_len` (a BOS the tokenizer puts in front is kept). Only completion
-tokens carry loss. A sampled completion that carries its exact token ids (`completion_ids`,
-from a tokenizer with the record's `tokenizer_fingerprint`) is not re-tokenised: its ids are
-the completion as they are, the stop token included only where one was sampled, and the
-same cuts apply. With another tokenizer its text is used instead, with a warning. The result is cached with `datasets` under a key made of the data files'
-content, the tokenizer, the lengths and the stage's encoding parameters.
+tokens carry loss. Conversational records are rendered with the chat template instead
+(utils/data/chat.py): the prompt with the generation prompt, the completion as the assistant
+turn up to its end-of-turn token, with no EOS after it; the cuts are the same. A sampled
+completion that carries its exact token ids (`completion_ids`, from a tokenizer with the
+record's `tokenizer_fingerprint`) is not re-tokenised: its ids are the completion as they
+are, the stop token included only where one was sampled, and the same cuts apply. With
+another tokenizer its text is used instead, with a warning. The result is cached with
+`datasets` under a key made of the data files' content, the tokenizer (and chat template),
+the lengths and the stage's encoding parameters.
 """
 import contextlib
 import functools
@@ -21,7 +25,8 @@ import sys
 import datasets
 import torch
 
-from utils.data.raw_datasets import get_raw_dataset
+from utils.data.chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
+from utils.data.raw_datasets import parse_columns, resolve_dataset
 from utils.fileio import InputError, atomic_dir, commit_dir, where
 
 CACHE_VERSION = 1
@@ -54,10 +59,37 @@ def import_dataset_module(module):
         raise InputError(f"--dataset_module {module}: cannot import ({err})") from None
 
 
-def load_raw_datasets(data_name_paths, dataset_modules=()):
+def get_raw_dataset(name_kind, path, split_names=None, columns=None):
+    """The raw dataset `NAME[/KIND]` at `path`, as `--data_name_path NAME[/KIND]:PATH` names it.
+
+    Datasets of your own can be added here by hand, one entry each, as in DeepSpeed-Chat:
+
+        if name == "my_tsv":
+            dataset = MyTsv(name, path, kind or None)
+
+    or, with no edit to this file, registered with @register_dataset in a module passed with
+    --dataset_module (utils/data/raw_datasets.py). Any other name with a standard KIND reads
+    the standard files. `split_names` (--data_split_names) and `columns` (--columns) apply to
+    every dataset.
+    """
+    name, _, kind = name_kind.partition("/")
+    dataset = None
+    # -- datasets added by hand go here --
+    if dataset is None:
+        dataset = resolve_dataset(name_kind, path)
+    if split_names:
+        dataset.split_names = dict(zip(("train", "test"), split_names))
+    if columns:
+        dataset.columns = dict(columns)
+    return dataset
+
+
+def load_raw_datasets(data_name_paths, dataset_modules=(), split_names=None, columns=None):
     for module in dataset_modules or ():
         import_dataset_module(module)
-    return [get_raw_dataset(*parse_data_name_path(spec)) for spec in data_name_paths]
+    columns = parse_columns(columns) if isinstance(columns, str) else columns
+    return [get_raw_dataset(*parse_data_name_path(spec), split_names=split_names, columns=columns)
+            for spec in data_name_paths]
 
 
 # -- tokenisation ---------------------------------------------------------------------------
@@ -78,13 +110,14 @@ def tokenizer_fingerprint(tokenizer):
 class Tokenisation:
     """The tokenisation rule above, for one tokenizer and pair of lengths."""
 
-    def __init__(self, tokenizer, max_seq_len, max_gen_len):
+    def __init__(self, tokenizer, max_seq_len, max_gen_len, chat_template="auto"):
         if max_gen_len >= max_seq_len:
             raise InputError(f"--max_gen_len {max_gen_len} must be smaller than --max_seq_len {max_seq_len} "
                              "so that at least one prompt token conditions the completion")
         if tokenizer.eos_token_id is None:
             raise InputError(f"tokenizer {tokenizer.name_or_path}: has no EOS token; set eos_token in its config")
         self.tokenizer = tokenizer
+        self.chat = ChatTemplate(tokenizer, chat_template)
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
         self.prompts_cut = 0  # sequences whose prompt `join` cut, reported once a split is tokenised
@@ -97,13 +130,38 @@ class Tokenisation:
             raise InputError(f"--max_seq_len {max_seq_len} - --max_gen_len {max_gen_len} leaves no room for a prompt "
                              f"token after the {self.num_prefix} the tokenizer puts in front")
 
-    def prompts(self, texts):
-        return self.tokenizer(list(texts))["input_ids"]
+    def prompts(self, prompts):
+        """Prompt ids: text tokenised as is, a conversation rendered with the generation prompt."""
+        prompts = list(prompts)
+        if not any(is_conversation(p) for p in prompts):
+            return self.tokenizer(prompts)["input_ids"] if prompts else []
+        return [self.chat.prompt_ids(p) if is_conversation(p) else self.tokenizer(p)["input_ids"] for p in prompts]
 
-    def completions(self, texts):
-        eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [c + [eos] for c in ids]
+    def completions(self, completions, prompts=None):
+        """Completion ids: text + EOS; an assistant message (of `prompts[i]`, its conversation)
+        as the tokens its template adds, up to the end-of-turn token."""
+        completions = list(completions)
+        if not completions or not isinstance(completions[0], dict):
+            eos = self.tokenizer.eos_token_id
+            return [c + [eos] for c in self.tokenizer(completions, add_special_tokens=False)["input_ids"]]
+        return [self.chat.completion_ids(p, c) for p, c in zip(prompts, completions)]
+
+    def check_conversation(self, record, kind, source, index):
+        """Conversational records: a template renders them and every completion meets the prefix
+        rule (prompt ids + completion ids = the conversation's ids), else one line naming the record."""
+        self.chat.require(source, index)
+        try:
+            prompt_ids = self.chat.prompt_ids(record["prompt"])
+        except ValueError as err:
+            raise InputError(f"{where(source, index, 'prompt')}: {err}") from None
+        for field in (f for f in COMPLETION_FIELDS[kind] if f in record):  # sampling checks prompts alone
+            values = record[field] if field == "completions" else [record[field]]
+            for j, completion in enumerate(values):
+                try:
+                    self.chat.completion_ids(record["prompt"], completion, prompt_ids)
+                except ValueError as err:
+                    at = where(source, index, f"{field}[{j}]" if field == "completions" else field)
+                    raise InputError(f"{at}: {err}") from None
 
     @functools.cached_property
     def tokenizer_fingerprint(self):
@@ -119,7 +177,8 @@ class Tokenisation:
         sampled ids as they are when the record carries them from this tokenizer, else text + EOS."""
         if self.uses_ids(record):
             return [list(ids) for ids in record["completion_ids"]]
-        return self.completions(record["completions"] if texts is None else texts)
+        texts = record["completions"] if texts is None else texts
+        return self.completions(texts, [record["prompt"]] * len(texts))
 
     def join(self, prompt_ids, completion_ids):
         """(input_ids, prompt_len) with the completion cut right, then the prompt cut left."""
@@ -127,7 +186,10 @@ class Tokenisation:
         room = self.max_seq_len - len(completion_ids)
         if len(prompt_ids) > room:
             self.prompts_cut += 1
-            prefix = prompt_ids[:self.num_prefix]
+            # the BOS a tokenizer (or a chat template) puts in front stays
+            keep = self.num_prefix or int(self.chat.template is not None and room > 1
+                                           and prompt_ids[0] == self.tokenizer.bos_token_id)
+            prefix = prompt_ids[:keep]
             prompt_ids = prefix + prompt_ids[len(prompt_ids) - (room - len(prefix)):]
         return prompt_ids + completion_ids, len(prompt_ids)
 
@@ -135,6 +197,8 @@ class Tokenisation:
         tok = self.tokenizer
         backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
         payload = [type(tok).__name__, backend, str(tok.special_tokens_map), self.max_seq_len, self.max_gen_len]
+        if self.chat.template is not None:  # what renders conversational records
+            payload.append(self.chat.template)
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
@@ -150,7 +214,9 @@ class Encoder:
         self.warned = False
 
     def check(self, record, index):
-        if not record["prompt"].strip() and self.tok.num_prefix == 0:
+        if is_conversation(record["prompt"]):
+            self.tok.check_conversation(record, self.kind, self.source, index)
+        elif not record["prompt"].strip() and self.tok.num_prefix == 0:
             raise InputError(f"{where(self.source, index, 'prompt')}: empty prompt and the tokenizer adds no BOS; "
                              "give every record a prompt")
         if record.get("completion_ids") is None:
@@ -175,7 +241,8 @@ class SFTEncoder(Encoder):
 
     def __call__(self, batch, indices):
         prompts = self.tok.prompts(batch["prompt"])
-        joined = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["chosen"]))]
+        completions = self.tok.completions(batch["chosen"], batch["prompt"])
+        joined = [self.tok.join(p, c) for p, c in zip(prompts, completions)]
         return {"input_ids": [ids for ids, _ in joined], "prompt_len": [n for _, n in joined]}
 
 
@@ -239,8 +306,9 @@ class PairEncoder(Encoder):
 
     def __call__(self, batch, indices):
         prompts = self.tok.prompts(batch["prompt"])
-        chosen = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["chosen"]))]
-        rejected = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["rejected"]))]
+        chosen = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["chosen"], batch["prompt"]))]
+        rejected = [self.tok.join(p, c)
+                    for p, c in zip(prompts, self.tok.completions(batch["rejected"], batch["prompt"]))]
         return {"input_ids": [[c, r] for (c, _), (r, _) in zip(chosen, rejected)],
                 "prompt_lens": [[c, r] for (_, c), (_, r) in zip(chosen, rejected)]}
 

@@ -1,8 +1,9 @@
-"""Convert `pref` data to `rw` data: DIR/{train,test}.json[l] -> DIR_p2r/{train,test}.json.
+"""Convert `pref` data to `rw` data: DIR/{train,test}.{json,jsonl,parquet} -> DIR_p2r/{train,test}.json.
 
 Each {prompt, chosen, rejected} becomes {prompt, completions: [chosen, rejected],
 rewards: [1, 0]}, so preference data can be trained with the -rw losses (with a small
-beta_r, softmax(r / beta_r) approaches the one-hot preference).
+beta_r, softmax(r / beta_r) approaches the one-hot preference). A conversational record stays
+one: its prompt messages, and its answers as assistant messages.
 
     python src/utils/data/pref_to_rw.py data/hh_pref        # writes data/hh_pref_p2r
 """
@@ -25,7 +26,8 @@ def pref_to_rw(records):
 @cli_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", help="directory with pref records in train.json[l] and test.json[l]")
+    parser.add_argument("data_dir", help="directory with pref records in train and test .json, .jsonl or .parquet "
+                                         "(or a save_to_disk folder)")
     parser.add_argument("--output_dir", default=None, help="where to write rw data (default: DATA_DIR_p2r)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data_dir):

@@ -2,8 +2,12 @@
 
 Every dataset is addressed as `NAME/KIND:PATH` (README: Data formats). KIND is one of the
 standard record formats below; any NAME works with them (`JsonDataset` reads
-`PATH/{train,test}.json[l]`). A custom format is a `PromptRawDataset` subclass registered
-under its own name, in a module passed with `--dataset_module`:
+`PATH/{train,test}` as `.json`, `.jsonl` or `.parquet`, or a `datasets` `save_to_disk`
+folder; a PATH that is a Hub dataset id, or a local Hub-style repository, is read with
+`datasets.load_dataset`). `--data_split_names` renames the splits (e.g. `train_prefs
+test_prefs`) and `--columns` maps our field names to the data's columns. Records may be
+conversational (utils/data/chat.py). A custom format is a `PromptRawDataset` subclass
+registered under its own name, in a module passed with `--dataset_module`:
 
     from utils.data.raw_datasets import PromptRawDataset, register_dataset
 
@@ -20,7 +24,9 @@ and used as `--dataset_module my_datasets.py --data_name_path my_tsv:/data/tsv`.
 """
 import math
 import os
+import re
 
+from utils.data.chat import COMPLETION_FIELDS, is_conversation, normalise_conversation
 from utils.fileio import InputError, read_json_records, where
 
 # The standard record of each kind: field -> expected type.
@@ -41,7 +47,35 @@ TOKEN_FIELDS = ("completion_ids", "stop_token", "tokenizer_fingerprint", "source
 OPTIONAL_FIELDS = {"gen": TOKEN_FIELDS, "rw": TOKEN_FIELDS}
 SPLITS = ("train", "test")
 
+FIELDS = tuple(dict.fromkeys(f for fields in KIND_FIELDS.values() for f in fields))
+SPLIT_FILE_EXTENSIONS = (".json", ".jsonl", ".parquet")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
 _REGISTRY = {}
+
+
+def add_source_args(group):
+    """The flags that say how to read the files users have: split names and column names."""
+    group.add_argument("--data_split_names", nargs=2, default=None, metavar=("TRAIN", "TEST"),
+                       help="the names of the train and test splits in the data (file stems or a Hub "
+                            "dataset's splits), e.g. train_prefs test_prefs; default train test")
+    group.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
+                       help="read our fields from differently named columns, e.g. prompt=question,chosen=good")
+
+
+def parse_columns(spec):
+    """'prompt=question,chosen=good' -> {"prompt": "question", "chosen": "good"}."""
+    if not spec:
+        return {}
+    columns = {}
+    for item in spec.split(","):
+        field, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not field or not column:
+            raise InputError(f"--columns {spec!r}: expected FIELD=COLUMN,..., e.g. prompt=question,chosen=good")
+        if field not in FIELDS:
+            raise InputError(f"--columns {item.strip()}: {field!r} is not a field; fields are {', '.join(FIELDS)}")
+        columns[field] = column
+    return columns
 
 
 def register_dataset(name):
@@ -69,6 +103,8 @@ class PromptRawDataset:
     """
 
     kind = None  # one of KINDS; a subclass fixes it, or it comes from NAME/KIND
+    split_names = {}  # our split -> the data's name for it (--data_split_names)
+    columns = {}  # our field -> the data's column (--columns)
 
     def __init__(self, name, path, kind=None):
         self.name = name
@@ -76,6 +112,9 @@ class PromptRawDataset:
         self.kind = kind or self.kind
         if self.kind not in KIND_FIELDS:
             raise InputError(f"dataset {name!r}: unknown kind {self.kind!r}; standard kinds are {', '.join(KINDS)}")
+
+    def split_name(self, split):
+        return self.split_names.get(split, split)
 
     # -- what a subclass provides ------------------------------------------------------
     def load_split(self, split):
@@ -128,6 +167,8 @@ class PromptRawDataset:
         source = self.source(split)
         out = []
         for index, sample in enumerate(self.load_split(split)):
+            if self.columns and isinstance(sample, dict):
+                sample = self.map_columns(sample, source, index)
             record = {}
             for field in KIND_FIELDS[self.kind]:
                 try:
@@ -142,12 +183,43 @@ class PromptRawDataset:
             out.append(record)
         if not out:
             raise InputError(f"{source}: no records")
+        check_one_format(out, self.kind, source)
         return out
+
+    def map_columns(self, sample, source, index):
+        """`sample` with its --columns renamed to our field names."""
+        renamed = dict(sample)
+        for field, column in self.columns.items():
+            if field not in KIND_FIELDS[self.kind]:
+                continue
+            if column not in sample:
+                raise InputError(f"{where(source, index)}: no column {column!r} (--columns {field}={column}); "
+                                 f"its columns are {', '.join(map(str, sample)) or 'none'}")
+            renamed[field] = sample[column]
+        return renamed
+
+
+def check_one_format(records, kind, source):
+    """A dataset is all text or all conversational: its records must tokenise by one rule."""
+    if kind not in COMPLETION_FIELDS:
+        return
+    first = is_conversation(records[0]["prompt"])
+    for index, record in enumerate(records):
+        if is_conversation(record["prompt"]) != first:
+            shape = "a list of messages" if not first else "text"
+            raise InputError(f"{where(source, index, 'prompt')}: {shape}, but record 0's prompt is not; a dataset's "
+                             "records are all text or all conversational")
 
 
 def validate_record(record, kind, source, index):
-    """Check one standard record's field types and values; raise InputError naming the field."""
+    """Check one standard record's field types and values; raise InputError naming the field.
+    A conversational record is normalised (utils/data/chat.py)."""
+    conversational = kind in COMPLETION_FIELDS and is_conversation(record["prompt"])
+    if conversational:
+        normalise_conversation(record, kind, source, index)
     for field, expected in KIND_FIELDS[kind].items():
+        if conversational and (field == "prompt" or field in COMPLETION_FIELDS[kind]):
+            continue  # checked as messages
         value = record[field]
         at = where(source, index, field)
         if expected is int:
@@ -162,7 +234,7 @@ def validate_record(record, kind, source, index):
         at = where(source, index, "completions")
         if not completions:
             raise InputError(f"{at}: empty list")
-        for j, completion in enumerate(completions):
+        for j, completion in enumerate([] if conversational else completions):
             if not isinstance(completion, str):
                 raise InputError(f"{at}[{j}]: expected str, got {type(completion).__name__}")
             # a sample that drew the stop token first is a legal empty completion: its ids say so
@@ -227,33 +299,114 @@ def token_fields(record):
     return {field: record[field] for field in TOKEN_FIELDS if record.get(field) is not None}
 
 
+class MissingSplit(InputError):
+    """No file or folder holds the split asked for."""
+
+
 class JsonDataset(PromptRawDataset):
-    """Standard records in `PATH/train.json` / `PATH/test.json` (a JSON list) or `.jsonl`."""
+    """Standard records of the files users have, one split at a time:
+
+    - `PATH/SPLIT.json` (a JSON list), `.jsonl` (one record a line) or `.parquet`;
+    - a `datasets` `save_to_disk` folder: PATH itself (a DatasetDict) or `PATH/SPLIT`;
+    - `datasets.load_dataset(PATH, split=SPLIT)`: a Hub dataset id such as
+      `HuggingFaceH4/ultrafeedback_binarized`, or a local directory laid out like a Hub
+      repository (a README.md with its configs, or a `data/` folder) and none of the above.
+
+    SPLIT is `train` / `test` or what --data_split_names calls them.
+    """
+
+    def locate(self, split):
+        """('file', path) | ('disk', folder) | ('hub', PATH) for `split`; InputError when none."""
+        name, path = self.split_name(split), self.path
+        files = [os.path.join(path, name + ext) for ext in SPLIT_FILE_EXTENSIONS
+                 if os.path.isfile(os.path.join(path, name + ext))]
+        if len(files) > 1:
+            raise InputError(f"{path}: holds {' and '.join(os.path.basename(f) for f in files)}; keep one file per "
+                             "split, so that what is trained on is not a guess")
+        if files:
+            return "file", files[0]
+        folder = os.path.join(path, name)
+        if os.path.isfile(os.path.join(folder, "state.json")):
+            return "disk", folder
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            return "disk", path
+        if (os.path.isdir(path) and (os.path.isfile(os.path.join(path, "README.md"))
+                                     or os.path.isdir(os.path.join(path, "data")))) \
+                or (not os.path.exists(path) and not path.startswith((".", "~")) and HUB_ID.match(path)):
+            return "hub", path
+        raise MissingSplit(
+            f"{path}: no {name}.json, {name}.jsonl, {name}.parquet or save_to_disk folder for dataset "
+            f"{self.name}/{self.kind}; check the path in --data_name_path (or --data_split_names)")
 
     def split_file(self, split):
-        found = [os.path.join(self.path, split + ext) for ext in (".json", ".jsonl")
-                 if os.path.isfile(os.path.join(self.path, split + ext))]
-        if len(found) == 2:
-            raise InputError(f"{self.path}: both {split}.json and {split}.jsonl; keep one, so it is clear which "
-                             "one is the data")
-        if found:
-            return found[0]
-        raise InputError(
-            f"{self.path}: no {split}.json or {split}.jsonl for dataset {self.name}/{self.kind}; "
-            f"check the path in --data_name_path")
+        return self.locate(split)[1]
 
     def source(self, split):
-        return self.split_file(split)
+        where_from, path = self.locate(split)
+        return path if where_from == "file" else f"{path} ({self.split_name(split)})"
 
     def data_files(self, split):
-        return [self.split_file(split)]
+        where_from, path = self.locate(split)
+        if where_from == "file":
+            return [path]
+        if where_from == "disk":
+            folder = path if os.path.isfile(os.path.join(path, "state.json")) else \
+                os.path.join(path, self.split_name(split))
+            return sorted(os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))
+        return []  # a Hub dataset: the cache is keyed on its records
 
     def load_split(self, split):
-        return read_json_records(self.split_file(split))
+        where_from, path = self.locate(split)
+        name = self.split_name(split)
+        if where_from == "file" and path.endswith(".parquet"):
+            return self._checked_columns(_read_parquet(path), path)
+        if where_from == "file":
+            return read_json_records(path)
+        import datasets
+        try:
+            if where_from == "disk":
+                loaded = datasets.load_from_disk(path)
+                if isinstance(loaded, datasets.DatasetDict):
+                    if name not in loaded:
+                        raise InputError(f"{path}: no split {name!r} (it has {', '.join(loaded)}); "
+                                         "name them with --data_split_names")
+                    loaded = loaded[name]
+            else:
+                loaded = datasets.load_dataset(path, split=name)
+        except InputError:
+            raise
+        except Exception as err:  # datasets raises many kinds; one line says which
+            while err.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the why
+                err = err.__cause__
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            what = "" if os.path.exists(path) else "no such local directory, and as a Hub dataset id "
+            raise InputError(f"{path}: {what}cannot load split {name!r} with datasets.load_dataset ({reason}); "
+                             "check the path, --data_split_names and that the dataset is downloaded or reachable") \
+                from None
+        return self._checked_columns(loaded.to_list(), self.source(split), loaded.column_names)
+
+    def _checked_columns(self, samples, source, column_names=None):
+        """Fail before any record when --columns names a column the data lacks."""
+        column_names = column_names if column_names is not None else (list(samples[0]) if samples else [])
+        for field, column in self.columns.items():
+            if field in KIND_FIELDS[self.kind] and column not in column_names:
+                raise InputError(f"{source}: no column {column!r} (--columns {field}={column}); "
+                                 f"its columns are {', '.join(column_names)}")
+        return samples
 
 
-def get_raw_dataset(name_kind, path):
-    """The dataset for `NAME[/KIND]` at `path`: a registered class or the standard JSON one."""
+def _read_parquet(path):
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's ArrowInvalid, OSError, ...
+        raise InputError(f"{path}: cannot read as parquet ({str(err).strip().splitlines()[0]})") from None
+
+
+def resolve_dataset(name_kind, path):
+    """The dataset for `NAME[/KIND]` at `path`: a registered class or the standard one
+    (data_utils.get_raw_dataset is the place to add one by hand)."""
     name, _, kind = name_kind.partition("/")
     if name in _REGISTRY:
         return _REGISTRY[name](name, path, kind or None)
