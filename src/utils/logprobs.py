@@ -204,7 +204,9 @@ class Backbone:
             captured.append(args[0])
             return (args[0][:, -1:], *args[1:])
 
-        handle = self.head.register_forward_pre_hook(record)
+        # first of the head's hooks, so that ZeRO-3's hooks see only the cut input: they tie the
+        # head's backward to its inputs and outputs, and the head's output here has no backward
+        handle = self.head.register_forward_pre_hook(record, prepend=True)
         try:
             outputs = self.model(**model_kwargs)
         finally:
