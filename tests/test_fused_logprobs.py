@@ -219,6 +219,23 @@ def test_softcapped_head_falls_back_to_the_unfused_path_once(caplog):
         logprobs.model_sequence_logprobs(model, batch, prefix_sharing=True)
 
 
+def test_head_with_a_forward_hook_falls_back(gpt2):
+    """A hook that changes the head's output (here a bias on one logit) is not bypassed."""
+    bias = torch.zeros(gpt2.config.vocab_size)
+    bias[3] = 5.0
+    handle = gpt2.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    try:
+        head, why = logprobs.lm_head(gpt2)
+        assert head is None and "forward hooks" in why
+        batch = random_batch(gpt2.config.vocab_size, seed=7)
+        with torch.no_grad():
+            torch.testing.assert_close(logprobs.model_sequence_logprobs(gpt2, batch),
+                                       logprobs.model_sequence_logprobs(gpt2, batch, fused=False), atol=0, rtol=0)
+    finally:
+        handle.remove()
+    assert logprobs.lm_head(gpt2)[0] is gpt2.lm_head
+
+
 @pytest.mark.parametrize("stage", ["train_exo", "train_sft"])
 def test_flag_defaults_on_and_turns_off(stage):
     module = __import__(stage)

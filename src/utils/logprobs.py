@@ -32,8 +32,9 @@ from utils.model_utils import _accepts_logits_to_keep, _unwrap
 
 logger = logging.getLogger(__name__)
 
-# Elements of one [rows, vocab] chunk of logits (64 MiB in fp32), as in utils.loss.
-_CHUNK_ELEMENTS = 1 << 24
+# Elements of one [rows, vocab] chunk of logits: 32 MiB in fp32, 64 rows at a 128k vocabulary
+# (enough for the matmul to run at speed; the chunk is all the memory the reduction adds).
+_CHUNK_ELEMENTS = 1 << 23
 
 # Config fields by which a model transforms its head's output, with the value that means "no
 # transform": the fused head computes h W^T + b only, so a model with any other value is not fused.
@@ -95,9 +96,11 @@ class _FusedSequenceLogprobs(torch.autograd.Function):
         for start in range(0, len(seq), step):
             chunk = slice(start, start + step)
             logits = _FusedSequenceLogprobs._logits(rows[chunk], weight, bias, compute_dtype, temperature)
-            lse[chunk] = logits.logsumexp(-1)
-            token_logps = logits.gather(-1, targets[chunk, None]).squeeze(-1) - lse[chunk]
-            out.index_add_(0, seq[chunk], token_logps * weights[chunk])
+            label_logits = logits.gather(-1, targets[chunk, None]).squeeze(-1)
+            # logsumexp in the chunk's own memory (torch.logsumexp would allocate another chunk)
+            top = logits.amax(-1, keepdim=True)
+            lse[chunk] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+            out.index_add_(0, seq[chunk], (label_logits - lse[chunk]) * weights[chunk])
         # the rows in the loss, not all of hidden: nothing else need keep hidden alive
         ctx.save_for_backward(rows, weight, bias, seq, pos, targets, weights, lse)
         ctx.temperature = temperature
@@ -169,6 +172,11 @@ def lm_head(model):
         return None, "the model has no output embeddings"
     if type(head).forward is not torch.nn.Linear.forward:
         return None, f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
+    # a hook may change what the head returns; DeepSpeed's only gather and release its weight
+    hooks = [*head._forward_pre_hooks.values(), *head._forward_hooks.values()]
+    foreign = [h for h in hooks if not getattr(h, "__module__", "").startswith("deepspeed")]
+    if foreign:
+        return None, f"its LM head has forward hooks ({getattr(foreign[0], '__qualname__', foreign[0])})"
     configs = [base.config]
     if hasattr(base.config, "get_text_config"):
         configs.append(base.config.get_text_config())
