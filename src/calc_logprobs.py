@@ -63,9 +63,12 @@ def main(argv=None):
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
                 "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
-    logps = score_completions(records, tok, lambda batch: model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs),
-                              device,
-                              args.output_path, settings, args, write, desc="log-probs")
+
+    def logps_of(batch):
+        return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs)
+
+    logps = score_completions(records, tok, logps_of, device, args.output_path, settings, args, write,
+                              desc="log-probs")
     if logps is not None:
         print(f"wrote log-probs of {sum(map(len, logps))} completions of {len(logps)} prompts to {args.output_path}")
 

@@ -99,7 +99,8 @@ def alignment_step_loss(model, batch, args, ref_model=None):
     """(loss, metrics) of one collated batch of groups: one policy forward over all B * K
     candidates; the reference's log-probs come from the batch (cached) or from `ref_model`."""
     groups = batch["rewards"].shape[0]
-    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs).view(groups, args.num_contrastive)
+    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs)
+    policy_logps = policy_logps.view(groups, args.num_contrastive)
     if "ref_logps" in batch:
         ref_logps = batch["ref_logps"]
     else:

@@ -18,8 +18,8 @@ backward recomputes them chunk by chunk and accumulates the gradients of the hid
 of the head weight (and bias). Peak extra memory is one chunk of logits, not [N, L, V]: with a
 128k vocabulary, 16 candidates x 1024 tokens of logits would be 8.6 GB in fp32, and as much
 again for their gradient. Heads that are more than a linear map (logit soft-capping, a final
-logit scale, a head that is not an nn.Linear) are not fused: they take the unfused path, with
-one logged line.
+logit scale, a head that is not an nn.Linear or has forward hooks of its own) are not fused:
+they take the unfused path, with one logged line.
 """
 import argparse
 import contextlib
