@@ -1,6 +1,6 @@
 """The fused LM head's benchmark: one command, one table (printed and written as markdown).
 
-    python exp/bench/bench_fused.py            # ~5 minutes on 2 CPU cores
+    python exp/bench/bench_fused.py            # minutes on 2 idle CPU cores (24 min on a loaded box)
     python exp/bench/bench_fused.py --quick    # toy sizes, checks that every part runs
 
 With a 128k-vocabulary model of tiny hidden size (where the LM head and its logits are most of
