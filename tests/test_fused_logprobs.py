@@ -237,9 +237,10 @@ def test_head_with_a_forward_hook_falls_back(gpt2):
 
 
 @pytest.mark.parametrize("stage", ["train_exo", "train_sft"])
-def test_flag_defaults_on_and_turns_off(stage):
+def test_flag_defaults_on_and_turns_off(stage, tiny_model):
     module = __import__(stage)
-    base = ["--model_name_or_path", "m", "--data_name_path", "x/sft:d", "--output_dir", "o"]
+    base = ["--model_name_or_path", tiny_model, "--data_name_path", "x/sft:d", "--output_dir", "o",
+            "--max_seq_len", "64", "--max_gen_len", "32"]
     assert module.parse_args(base).fused_logprobs is True
     assert module.parse_args(base + ["--no-fused_logprobs"]).fused_logprobs is False
 
