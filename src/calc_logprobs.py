@@ -21,7 +21,8 @@ from utils.fileio import InputError, atomic_write_json, cli_main
 from utils.data.raw_datasets import token_fields
 from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, record_scored_tokens,
                              score_completions, start_scoring)
-from utils.model_utils import load_causal_lm, model_fingerprint, model_sequence_logprobs
+from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
+from utils.model_utils import load_causal_lm, model_fingerprint
 from utils.args import base_parser
 
 
@@ -37,6 +38,7 @@ def parse_args(argv=None):
     g.add_argument("--model_name_or_path", required=True, help="causal LM whose log-probs to compute")
     g.add_argument("--temp", type=float, default=1.0,
                    help="logits are divided by this temperature; for a KL estimate, the --temp the samples were drawn at")
+    add_fused_logprobs_arg(g)
     g.add_argument("--output_path", default=None,
                    help="output JSON file; default DATA_PATH/SPLIT_logps_<MODEL PATH with / as _>.json")
     args = parser.parse_args(argv)
@@ -61,8 +63,12 @@ def main(argv=None):
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
                 "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
-    logps = score_completions(records, tok, lambda batch: model_sequence_logprobs(model, batch, args.temp), device,
-                              args.output_path, settings, args, write, desc="log-probs")
+
+    def logps_of(batch):
+        return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs)
+
+    logps = score_completions(records, tok, logps_of, device, args.output_path, settings, args, write,
+                              desc="log-probs")
     if logps is not None:
         print(f"wrote log-probs of {sum(map(len, logps))} completions of {len(logps)} prompts to {args.output_path}")
 

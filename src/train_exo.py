@@ -25,8 +25,8 @@ from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
-from utils.model_utils import (apply_lora, check_position_limit, load_causal_lm, model_fingerprint,
-                               model_sequence_logprobs)
+from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
+from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.distributed import Stage, distributed_loader, is_rank0
 from utils.training import train
@@ -50,6 +50,7 @@ def parse_args(argv=None):
     g.add_argument("--ref_logps", default="cached", choices=["cached", "online"],
                    help="cached: one reference pass before training, stored beside the data cache; "
                         "online: keep the reference in memory and run it every step")
+    add_fused_logprobs_arg(g)
     args = parser.parse_args(argv)
     check_training_args(args)
     args.ref_name_or_path = args.ref_name_or_path or args.model_name_or_path
@@ -98,12 +99,14 @@ def alignment_step_loss(model, batch, args, ref_model=None):
     """(loss, metrics) of one collated batch of groups: one policy forward over all B * K
     candidates; the reference's log-probs come from the batch (cached) or from `ref_model`."""
     groups = batch["rewards"].shape[0]
-    policy_logps = model_sequence_logprobs(model, batch, args.temp).view(groups, args.num_contrastive)
+    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs)
+    policy_logps = policy_logps.view(groups, args.num_contrastive)
     if "ref_logps" in batch:
         ref_logps = batch["ref_logps"]
     else:
         with torch.no_grad():
-            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp).view(groups, args.num_contrastive)
+            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs).view(
+                groups, args.num_contrastive)
     loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
                           args.beta_r, args.pref_epsilon)
     return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi)
@@ -119,7 +122,8 @@ def reference_logps(ref_engine, dataset, collator, args, device):
     local = []
     for batch in tqdm(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
-        local.append(model_sequence_logprobs(ref_engine, batch, args.temp).view(-1, args.num_contrastive).cpu())
+        logps = model_sequence_logprobs(ref_engine, batch, args.temp, args.fused_logprobs)
+        local.append(logps.view(-1, args.num_contrastive).cpu())
     local = torch.cat(local).numpy()
     shards = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(shards, local)

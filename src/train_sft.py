@@ -18,7 +18,8 @@ import torch
 from utils.data.collators import SFTCollator
 from utils.data.data_utils import SFTEncoder
 from utils.fileio import InputError, cli_main
-from utils.model_utils import apply_lora, load_causal_lm, model_sequence_logprobs
+from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
+from utils.model_utils import apply_lora, load_causal_lm
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.distributed import Stage
 from utils.training import train
@@ -33,17 +34,19 @@ def parse_args(argv=None):
                    help="put the loss on the prompt tokens too, not only on the completion")
     g.add_argument("--disable_dropout", action="store_true",
                    help="set every dropout rate of the model to 0 (default: as in the model's config)")
+    add_fused_logprobs_arg(g)
     args = parser.parse_args(argv)
     check_training_args(args)
     return args
 
 
-def sft_loss(model, batch):
+def sft_loss(model, batch, fused=True):
     """(mean NLL per trained token, {nll_sum, num_tokens}) of a collated SFT batch.
 
-    sequence_logprobs sums log-probs over loss_mask positions 1..T-1 (position 0 has no
-    predecessor), so the token count skips column 0 too."""
-    nll_sum = -model_sequence_logprobs(model, batch).sum()
+    The NLL is minus the sequences' log-probs (fused or not, as --fused_logprobs says), which
+    sum over loss_mask positions 1..T-1 (position 0 has no predecessor), so the token count
+    skips column 0 too."""
+    nll_sum = -model_sequence_logprobs(model, batch, fused=fused).sum()
     num_tokens = batch["loss_mask"][:, 1:].sum()
     return nll_sum / num_tokens, {"nll_sum": nll_sum.detach(), "num_tokens": num_tokens}
 
@@ -73,7 +76,10 @@ def main(argv=None):
         model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
 
     collator = SFTCollator(stage.tokenizer.pad_token_id, args.train_on_prompt)
-    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0], collator, sft_loss, stage.device,
+    def compute_loss(model, batch):
+        return sft_loss(model, batch, args.fused_logprobs)
+
+    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0], collator, compute_loss, stage.device,
           summarize_metrics=perplexity)
 
 

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from utils.data.collators import pad_sequences
 from utils.data.data_utils import Tokenisation
 from utils.inference import read_shard, shard_path, shard_range, sharded_map
-from utils.model_utils import load_causal_lm, load_tokenizer, model_sequence_logprobs
+from utils.logprobs import model_sequence_logprobs
+from utils.model_utils import load_causal_lm, load_tokenizer
 
 SAMPLE_FLAGS = ["--split", "test", "--return_num", "3", "--temp", "1.0", "--max_new_tokens", "8",
                 "--max_length", "24", "--batch_size", "2", "--seed", "11"]

@@ -469,7 +469,7 @@ def test_model_sequence_logprobs_grad_matches_full_log_softmax(tiny_model):
     overwritten by their gradient): weight gradients equal those of a full log_softmax."""
     from transformers import AutoModelForCausalLM
 
-    from utils.model_utils import model_sequence_logprobs
+    from utils.logprobs import model_sequence_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)

@@ -71,7 +71,8 @@ def test_cached_reference_logps_match_the_online_reference(tiny_model, align_dat
     candidate, and give the same losses as running the reference online."""
     import datasets
     from utils.data.collators import AlignmentCollator
-    from utils.model_utils import load_tokenizer, model_sequence_logprobs
+    from utils.logprobs import model_sequence_logprobs
+    from utils.model_utils import load_tokenizer
 
     data = f"toy/rw:{align_data['rw']}"
     common = ["--zero_stage", "2", "--loss_type", "exo-rw", "--num_contrastive", "4", "--max_iter_step", "2",

@@ -155,7 +155,7 @@ def _timed_step(engine, loss_fn, batch):
 def _with_ref_logps(engine, batch, num_contrastive):
     """The batch as train_exo's cached mode sees it: reference log-probs included (here the
     initial policy's, computed once, as the cache would hold them)."""
-    from utils.model_utils import model_sequence_logprobs
+    from utils.logprobs import model_sequence_logprobs
 
     with torch.no_grad():
         batch["ref_logps"] = model_sequence_logprobs(engine, batch).view(-1, num_contrastive)

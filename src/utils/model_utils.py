@@ -1,4 +1,4 @@
-"""Tokenizer and model loading, LoRA, per-sequence log-probs of a model, saving in HF format."""
+"""Tokenizer and model loading, LoRA, saving in HF format (log-probs of a model: utils.logprobs)."""
 import glob
 import hashlib
 import inspect
@@ -9,7 +9,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.fileio import InputError, atomic_dir, commit_dir, commit_files
-from utils.loss import sequence_logprobs
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -158,24 +157,6 @@ def _unwrap(model):
 
 def _accepts_logits_to_keep(model):
     return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
-
-
-def model_sequence_logprobs(model, batch, temperature=1.0):
-    """log p(completion | prompt) of every sequence in a collated batch, [N] float32.
-
-    Only the positions that predict completion tokens need logits, so the prompt prefix that
-    every row shares is cut before the LM head with `logits_to_keep` where the model has it.
-    """
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    kwargs = {}
-    start = 0
-    if _accepts_logits_to_keep(model):
-        first_loss_pos = int(loss_mask.float().argmax(-1).min())
-        start = max(0, first_loss_pos - 1)  # the position before a token predicts it
-        kwargs["logits_to_keep"] = input_ids.shape[1] - start
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs).logits
-    # nothing else reads these logits, so backward may build their gradient in their place
-    return sequence_logprobs(logits, input_ids[:, start:], loss_mask[:, start:], temperature, overwrite_logits=True)
 
 
 def model_fingerprint(path):
