@@ -160,12 +160,19 @@ def _accepts_logits_to_keep(model):
     return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
 
 
-def model_sequence_logprobs(model, batch, temperature=1.0):
+def model_sequence_logprobs(model, batch, temperature=1.0, prefix_sharing=False):
     """log p(completion | prompt) of every sequence in a collated batch, [N] float32.
 
     Only the positions that predict completion tokens need logits, so the prompt prefix that
     every row shares is cut before the LM head with `logits_to_keep` where the model has it.
+    With `prefix_sharing` each group's prompt is encoded once (utils/prefix_sharing.py).
     """
+    if prefix_sharing:
+        from utils.prefix_sharing import Backbone, shared_prefix_hidden_states
+
+        hidden, labels, loss_mask = shared_prefix_hidden_states(Backbone(model), batch)
+        logits = _unwrap(model).get_output_embeddings()(hidden)
+        return sequence_logprobs(logits, labels, loss_mask, temperature, overwrite_logits=True)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     kwargs = {}
     start = 0
