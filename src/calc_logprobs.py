@@ -22,6 +22,7 @@ from utils.data.raw_datasets import token_fields
 from utils.inference import (add_gen_data_args, add_inference_args, check_inference_args, record_scored_tokens,
                              score_completions, start_scoring)
 from utils.model_utils import load_causal_lm, model_fingerprint, model_sequence_logprobs
+from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import base_parser
 
 
@@ -39,6 +40,7 @@ def parse_args(argv=None):
                    help="logits are divided by this temperature; for a KL estimate, the --temp the samples were drawn at")
     g.add_argument("--output_path", default=None,
                    help="output JSON file; default DATA_PATH/SPLIT_logps_<MODEL PATH with / as _>.json")
+    add_prefix_sharing_arg(g)
     args = parser.parse_args(argv)
     check_inference_args(args, "max_seq_len", "max_gen_len")
     if args.temp <= 0:
@@ -53,6 +55,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, tok, records, _, device = start_scoring(args, load_causal_lm)
+    prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)
 
     def write(logps):
         atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], **token_fields(r),
@@ -61,7 +64,10 @@ def main(argv=None):
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
                 "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
-    logps = score_completions(records, tok, lambda batch: model_sequence_logprobs(model, batch, args.temp), device,
+    def score(batch):
+        return model_sequence_logprobs(model, batch, args.temp, prefix_sharing=prefix_sharing)
+
+    logps = score_completions(records, tok, score, device,
                               args.output_path, settings, args, write, desc="log-probs")
     if logps is not None:
         print(f"wrote log-probs of {sum(map(len, logps))} completions of {len(logps)} prompts to {args.output_path}")

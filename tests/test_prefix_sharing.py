@@ -172,3 +172,114 @@ def test_unsupported_models_are_explained_and_on_refuses_them(arch_model, capsys
     with pytest.raises(InputError, match="--prefix_sharing on"):
         resolve_prefix_sharing("on", model)
     assert isinstance(Backbone(model).decoder, type(model.base_model))
+
+
+# -- the stages' --prefix_sharing ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stage_runs(tiny_model, easy_pref_data, tmp_path_factory):
+    """Every stage that scores groups, with sharing on and off (and auto/on with a model that
+    cannot share), forked from one process that paid the imports once (tests/forked_cli.py):
+    {name: (exit code, stdout, stderr, run directory)}."""
+    import json
+
+    from conftest import REPO_ROOT, WORDS, write_split
+    from transformers import BloomConfig, BloomForCausalLM
+    from utils.model_utils import load_reward_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("stages")
+    rng = random.Random(5)
+    gen = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))),
+            "completions": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
+                            for _ in range(rng.randint(2, 5))]} for _ in range(10)]  # 2-5 completions each
+    write_split(str(root / "gen_sft"), "test", gen)
+    tokenizer = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    load_reward_model(tiny_model, tokenizer).save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=16, n_layer=1, n_head=2)).save_pretrained(
+        root / "bloom")
+    tokenizer.save_pretrained(root / "bloom")
+
+    data = ["--data_path", str(root / "gen_sft"), "--split", "test", "--batch_size", "3"]
+    train_rm = ["src/train_rm.py", "--model_name_or_path", tiny_model, "--data_name_path", f"p/pref:{easy_pref_data}",
+                "--max_iter_step", "2", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+                "--print_loss", "--learning_rate", "1e-3", "--lora_dim", "4", "--gradient_checkpointing",
+                "--disable_dropout"]  # dropout would draw different masks for a packed row
+    cases = {}
+    for mode in ("on", "off"):
+        cases[f"logps_{mode}"] = ["src/calc_logprobs.py", "--model_name_or_path", tiny_model, *data, "--temp", "0.8",
+                                  "--output_path", str(root / f"logps_{mode}.json"), "--prefix_sharing", mode]
+        cases[f"rm_{mode}"] = ["src/inference_rm.py", "--model_name_or_path", str(root / "rm"), *data, "--mode",
+                               "label", "--output_path", str(root / f"rw_{mode}"), "--prefix_sharing", mode]
+        cases[f"train_rm_{mode}"] = [*train_rm, "--output_dir", str(root / f"rm_train_{mode}"), "--data_output_path",
+                                     str(root / f"cache_{mode}"), "--prefix_sharing", mode]
+    for mode in ("on", "auto"):
+        cases[f"bloom_{mode}"] = ["src/calc_logprobs.py", "--model_name_or_path", str(root / "bloom"), *data,
+                                  "--output_path", str(root / f"bloom_{mode}.json"), "--prefix_sharing", mode]
+    (root / "cases.json").write_text(json.dumps([{"argv": argv} for argv in cases.values()]))
+    (root / "results").mkdir()
+    result = run(["python", str(REPO_ROOT / "tests" / "forked_cli.py"), str(root / "cases.json"), str(root / "results")],
+                 timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    codes = json.loads((root / "results" / "results.json").read_text())
+    return {name: (codes[i], (root / "results" / f"{i}.out").read_text(), (root / "results" / f"{i}.err").read_text(),
+                   root) for i, name in enumerate(cases)}
+
+
+def _ok(stage_runs, name):
+    code, out, err, root = stage_runs[name]
+    assert code == 0, err[-3000:]
+    return out, root
+
+
+def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stage_runs):
+    import json
+
+    _, root = _ok(stage_runs, "logps_on"), _ok(stage_runs, "logps_off")[1]
+    for on, off, field in (("logps_on.json", "logps_off.json", "logps"),
+                           ("rw_on/test.json", "rw_off/test.json", "rewards")):
+        if field == "rewards":
+            _ok(stage_runs, "rm_on"), _ok(stage_runs, "rm_off")
+        shared, unshared = (json.loads((root / name).read_text()) for name in (on, off))
+        assert [len(r[field]) for r in shared] == [len(r["completions"]) for r in unshared]
+        for a, b in zip(shared, unshared):
+            assert a[field] == pytest.approx(b[field], abs=1e-5)
+
+
+def test_train_rm_trains_the_same_with_sharing_lora_and_checkpointing(stage_runs):
+    def losses(out):
+        return [float(v) for v in re.findall(r"\[(?:train|eval) step \d+\] loss=([-\d.e]+)", out)]
+
+    on, off = losses(_ok(stage_runs, "train_rm_on")[0]), losses(_ok(stage_runs, "train_rm_off")[0])
+    assert len(on) == len(off) >= 4  # eval 0, train 1, 2, eval 2
+    assert on == pytest.approx(off, rel=1e-4)
+
+
+def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stage_runs):
+    code, out, err, _ = stage_runs["bloom_on"]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: --prefix_sharing on") and err.strip().endswith(errors[0])
+    assert not (stage_runs["bloom_on"][3] / "bloom_on.json").exists()
+    out, _ = _ok(stage_runs, "bloom_auto")
+    assert len(re.findall(r"prefix sharing off for the model: .*position_ids", out)) == 1, out
+
+
+def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align_data, tmp_path):
+    """One 2-rank ZeRO-3 run with the online reference and --group_by_length, sharing on vs off:
+    the same eval and train losses (to the 6 digits logged)."""
+    results = {}
+    for mode in ("on", "off"):
+        cmd = [*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model,
+               "--data_name_path", f"toy/rw:{align_data['rw']}", "--output_dir", str(tmp_path / mode),
+               "--data_output_path", str(tmp_path / "cache"), "--zero_stage", "3", "--loss_type", "exo-rw",
+               "--num_contrastive", "4", "--ref_logps", "online", "--group_by_length", "--max_iter_step", "2",
+               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_seq_len", "48",
+               "--max_gen_len", "16", "--learning_rate", "5e-3", "--print_loss", "--seed", "7",
+               "--prefix_sharing", mode]
+        result = run(cmd, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        results[mode] = re.findall(r"\[(train|eval) step (\d+)\] loss=([-\d.e]+)", result.stdout)
+    assert len(results["on"]) >= 4
+    assert [r[:2] for r in results["on"]] == [r[:2] for r in results["off"]]
+    assert [float(r[2]) for r in results["on"]] == pytest.approx([float(r[2]) for r in results["off"]], rel=1e-4)

@@ -263,3 +263,11 @@ def shared_prefix_scores(model, batch):
     hidden = _packed_hidden_states(backbone, packed, _dtype_of(backbone))
     last = last_token_positions(batch["input_ids"], hf.config.pad_token_id)[:, None]
     return hf.score(hidden[packed.flat_index(last)[:, 0]])[:, 0]
+
+
+def reward_scores(model, batch, prefix_sharing=False):
+    """A one-label sequence classifier's score of every row of a collated batch, [N], read at
+    the last non-pad token; with `prefix_sharing`, each group's prompt is encoded once."""
+    if prefix_sharing:
+        return shared_prefix_scores(model, batch)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
