@@ -83,6 +83,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs")
     parser.add_argument("--out", default=os.path.join(HERE, "results_prefix.md"), help="markdown file for the table")
     parser.add_argument("--work_dir", default=None, help="scratch directory (default: a fresh temporary one)")
+    parser.add_argument("--scoring_only", action="store_true",
+                        help="skip the train_exo and TRL runs: only the in-process, interleaved measurements")
     args = parser.parse_args()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="exo_bench_prefix_")
     load_before, started = os.getloadavg()[0], time.perf_counter()
@@ -93,40 +95,48 @@ def main():
         tag = name.replace(";", "")
         steps = shape["num_train"] // shape["batch_size"]
         runs = {}
-        for sharing in ("on", "off"):  # alternated per shape, same model, data and batches
+        for sharing in () if args.scoring_only else ("on", "off"):  # alternated per shape, same model, data and batches
             runs[sharing] = run_worker("ours_align", dict(
                 argv=ours_argv(model, data[name, "rw"], shape, f"{work_dir}/{tag}_{sharing}",
                                f"{work_dir}/{tag}_{sharing}_cache", sharing), warmup=2, total_steps=steps),
                 work_dir, f"{tag}_align_{sharing}")
-        if name in ("TL;DR",):
+        if name in ("TL;DR",) and not args.scoring_only:
             runs["trl"] = run_worker("trl_align", trl_cfg(dict(batch_size=shape["batch_size"] * shape["k"] // 2, warmup=2),
                                                           data[name, "pref"], model, f"{work_dir}/{tag}_trl",
                                                           TRL_FASTEST | {"precompute_ref_batch_size": 8}),
                                      work_dir, f"{tag}_trl_fastest")
         runs["scoring"] = run_worker("prefix_scoring", dict(model=model, data=data[name, "rw"], batch_size=4,
-                                                            max_seq_len=512, max_gen_len=80, repeats=2),
+                                                            max_seq_len=512, max_gen_len=80, repeats=2,
+                                                            step_batches=2),
                                      work_dir, f"{tag}_scoring")
         rows[name] = runs
 
     lines = ["| shape | figure | sharing on | sharing off | ratio | target |", "|---|---|---|---|---|---|"]
     for name, runs in rows.items():
-        on, off, target = runs["on"], runs["off"], TARGETS[name]
-        speed = on["steady_tokens_per_s"] / off["steady_tokens_per_s"]
-        lines.append(f"| {name} | train_exo steady tokens/s | {on['steady_tokens_per_s']:.0f} | "
-                     f"{off['steady_tokens_per_s']:.0f} | {fmt(speed)}x | >= {target['tokens']}x |")
-        if "trl" in runs:
-            trl = runs["trl"]["steady_tokens_per_s"]
-            lines.append(f"| {name} | train_exo (sharing on) vs TRL DPOTrainer fastest, tokens/s | "
-                         f"{on['steady_tokens_per_s']:.0f} | TRL {trl:.0f} | "
-                         f"{fmt(on['steady_tokens_per_s'] / trl)}x | >= {target['trl']}x |")
-        rss = on["peak_rss_mib"] / off["peak_rss_mib"]
-        lines.append(f"| {name} | train_exo peak RSS, MiB | {on['peak_rss_mib']:.0f} | {off['peak_rss_mib']:.0f} | "
-                     f"{fmt(rss)}x | {'<= ' + str(target['rss']) + 'x' if 'rss' in target else '-'} |")
+        target = TARGETS[name]
+        step = runs["scoring"]["policy_fwd_bwd"]
+        lines.append(f"| {name} | policy forward + backward, interleaved, s ({step['tokens']} tokens) | "
+                     f"{step['shared_s']:.2f} | {step['unshared_s']:.2f} | {fmt(step['unshared_s'] / step['shared_s'])}x "
+                     f"faster | - |")
+        if not args.scoring_only:
+            on, off = runs["on"], runs["off"]
+            speed = on["steady_tokens_per_s"] / off["steady_tokens_per_s"]
+            lines.append(f"| {name} | train_exo steady tokens/s | {on['steady_tokens_per_s']:.0f} | "
+                         f"{off['steady_tokens_per_s']:.0f} | {fmt(speed)}x | >= {target['tokens']}x |")
+            if "trl" in runs:
+                trl = runs["trl"]["steady_tokens_per_s"]
+                lines.append(f"| {name} | train_exo (sharing on) vs TRL DPOTrainer fastest, tokens/s | "
+                             f"{on['steady_tokens_per_s']:.0f} | TRL {trl:.0f} | "
+                             f"{fmt(on['steady_tokens_per_s'] / trl)}x | >= {target['trl']}x |")
+            rss = on["peak_rss_mib"] / off["peak_rss_mib"]
+            lines.append(f"| {name} | train_exo peak RSS, MiB | {on['peak_rss_mib']:.0f} | {off['peak_rss_mib']:.0f} | "
+                         f"{fmt(rss)}x | {'<= ' + str(target['rss']) + 'x' if 'rss' in target else '-'} |")
         for scorer, label in (("reference", "reference pass (log-probs), s"), ("inference_rm", "inference_rm scoring, s")):
             s = runs["scoring"][scorer]
             lines.append(f"| {name} | {label} | {s['shared_s']:.2f} | {s['unshared_s']:.2f} | "
                          f"{fmt(s['unshared_s'] / s['shared_s'])}x faster (max diff {s['max_abs_diff']:.1e}) | - |")
-    header = [f"Command: `python exp/bench/bench_prefix.py{' --quick' if args.quick else ''}`; "
+    flags = "".join(f" --{f}" for f in ("quick", "scoring_only") if getattr(args, f))
+    header = [f"Command: `python exp/bench/bench_prefix.py{flags}`; "
               f"{machine(load_before)}; {versions()}; total {time.perf_counter() - started:.0f}s.",
               "Tokens = the unshared token count (every candidate's prompt + completion, no padding) for every run.",
               ""]

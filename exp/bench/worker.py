@@ -9,7 +9,9 @@ Tasks (bench.py runs them; each writes a JSON result):
   logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
   sampling      inference_sft.sample batched against one prompt at a time
   prefix_scoring  the reference pass (model_sequence_logprobs) and inference_rm's scoring
-                (reward_scores) over `gen` records, each with and without prefix sharing
+                (reward_scores) over `gen` records, each with and without prefix sharing, and
+                the policy's forward + backward on the first batches, sharing on and off
+                interleaved (robust to a machine whose load changes during the run)
 """
 import json
 import os
@@ -322,6 +324,20 @@ def prefix_scoring(cfg):
                              lambda m, b, share: model_sequence_logprobs(m, b, prefix_sharing=share)),
                "inference_rm": (load_reward_model(cfg["model"], tokenizer).eval(), reward_scores)}
     result = {}
+    policy = scorers["reference"][0].train()
+    step_batches = batches[:cfg["step_batches"]]
+    best = {True: float("inf"), False: float("inf")}
+    for repeat in range(cfg["repeats"] + 1):  # the first pass warms up
+        for share in (True, False):
+            started = time.perf_counter()
+            for b in step_batches:
+                model_sequence_logprobs(policy, b, prefix_sharing=share).sum().backward()
+            if repeat:
+                best[share] = min(best[share], time.perf_counter() - started)
+    policy.zero_grad(set_to_none=True)
+    policy.eval()
+    result["policy_fwd_bwd"] = {"shared_s": best[True], "unshared_s": best[False], "max_abs_diff": float("nan"),
+                                "tokens": sum(int(b["attention_mask"].sum()) for b in step_batches)}
     with torch.no_grad():
         for name, (model, score) in scorers.items():
             best = {True: float("inf"), False: float("inf")}
