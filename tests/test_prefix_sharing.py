@@ -200,9 +200,10 @@ def stage_runs(tiny_model, easy_pref_data, tmp_path_factory):
         root / "bloom")
     tokenizer.save_pretrained(root / "bloom")
 
-    data = ["--data_path", str(root / "gen_sft"), "--split", "test", "--batch_size", "3"]
+    lengths = ["--max_seq_len", "128", "--max_gen_len", "32"]
+    data = ["--data_path", str(root / "gen_sft"), "--split", "test", "--batch_size", "3", *lengths]
     train_rm = ["src/train_rm.py", "--model_name_or_path", tiny_model, "--data_name_path", f"p/pref:{easy_pref_data}",
-                "--max_iter_step", "2", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+                *lengths, "--max_iter_step", "2", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
                 "--print_loss", "--learning_rate", "1e-3", "--lora_dim", "4", "--gradient_checkpointing",
                 "--disable_dropout"]  # dropout would draw different masks for a packed row
     cases = {}
