@@ -23,6 +23,7 @@ from utils.inference import (add_gen_data_args, add_inference_args, check_infere
                              score_completions, start_scoring)
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import load_causal_lm, model_fingerprint
+from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import base_parser
 
 
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     add_fused_logprobs_arg(g)
     g.add_argument("--output_path", default=None,
                    help="output JSON file; default DATA_PATH/SPLIT_logps_<MODEL PATH with / as _>.json")
+    add_prefix_sharing_arg(g)
     args = parser.parse_args(argv)
     check_inference_args(args, "max_seq_len", "max_gen_len")
     if args.temp <= 0:
@@ -55,6 +57,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, tok, records, _, device = start_scoring(args, load_causal_lm)
+    prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)
 
     def write(logps):
         atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], **token_fields(r),
@@ -65,7 +68,7 @@ def main(argv=None):
                 "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
 
     def logps_of(batch):
-        return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs)
+        return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, prefix_sharing)
 
     logps = score_completions(records, tok, logps_of, device, args.output_path, settings, args, write,
                               desc="log-probs")

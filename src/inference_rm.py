@@ -26,11 +26,12 @@ from utils.data.raw_datasets import token_fields
 from utils.fileio import atomic_write_json, cli_main
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
+from utils.prefix_sharing import resolve_prefix_sharing, reward_scores
 
 
 def parse_args(argv=None):
     return parse_scoring_args(__doc__, "reward model directory (AutoModelForSequenceClassification with one label)",
-                              "label", "rw", argv)
+                              "label", "rw", argv, prefix_sharing=True)
 
 
 def reward_summary(rewards):
@@ -45,8 +46,10 @@ def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, tok, records, data_file, device = start_scoring(args, load_reward_model)
 
+    prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model, "the reward model")
+
     def score(batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        return reward_scores(model, batch, prefix_sharing)
 
     if args.mode == "label":
         output_file = os.path.join(args.output_path, f"{args.split}.json")

@@ -27,8 +27,9 @@ from utils.fileio import InputError, atomic_file, cli_main
 from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
+from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, distributed_loader, is_rank0
+from utils.distributed import Stage, distributed_loader, is_rank0, to_device
 from utils.training import train
 
 
@@ -51,6 +52,7 @@ def parse_args(argv=None):
                    help="cached: one reference pass before training, stored beside the data cache; "
                         "online: keep the reference in memory and run it every step")
     add_fused_logprobs_arg(g)
+    add_prefix_sharing_arg(g)
     args = parser.parse_args(argv)
     check_training_args(args)
     args.ref_name_or_path = args.ref_name_or_path or args.model_name_or_path
@@ -95,25 +97,26 @@ def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi):
     }
 
 
-def alignment_step_loss(model, batch, args, ref_model=None):
+def alignment_step_loss(model, batch, args, ref_model=None, sharing=(False, False)):
     """(loss, metrics) of one collated batch of groups: one policy forward over all B * K
-    candidates; the reference's log-probs come from the batch (cached) or from `ref_model`."""
+    candidates; the reference's log-probs come from the batch (cached) or from `ref_model`.
+    `sharing`: whether the policy and the reference encode each prompt once."""
     groups = batch["rewards"].shape[0]
-    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs)
+    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, sharing[0])
     policy_logps = policy_logps.view(groups, args.num_contrastive)
     if "ref_logps" in batch:
         ref_logps = batch["ref_logps"]
     else:
         with torch.no_grad():
-            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs).view(
-                groups, args.num_contrastive)
+            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs, sharing[1])
+            ref_logps = ref_logps.view(groups, args.num_contrastive)
     loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
                           args.beta_r, args.pref_epsilon)
     return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi)
 
 
 @torch.no_grad()
-def reference_logps(ref_engine, dataset, collator, args, device):
+def reference_logps(ref_engine, dataset, collator, args, device, prefix_sharing=False):
     """Reference log-probs of every candidate, [len(dataset), K]; each rank scores its shard
     and the shards are exchanged, so every rank ends with the whole array. The pass runs over
     the examples sorted by length, so its batches are barely padded; rows go back in place."""
@@ -121,8 +124,8 @@ def reference_logps(ref_engine, dataset, collator, args, device):
     loader = distributed_loader(dataset.select(by_length), args.per_device_eval_batch_size, collator, False, args.seed)
     local = []
     for batch in tqdm(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logps = model_sequence_logprobs(ref_engine, batch, args.temp, args.fused_logprobs)
+        logps = model_sequence_logprobs(ref_engine, to_device(batch, device), args.temp, args.fused_logprobs,
+                                        prefix_sharing)
         local.append(logps.view(-1, args.num_contrastive).cpu())
     local = torch.cat(local).numpy()
     shards = [None] * torch.distributed.get_world_size()
@@ -136,12 +139,14 @@ def reference_logps(ref_engine, dataset, collator, args, device):
 
 def cached_reference_logps(reference, dataset, data_key, collator, args, device):
     """reference_logps, cached as .npy beside the tokenised data, keyed on data, model and tau.
-    `reference()` gives the reference engine; it is only loaded on a cache miss."""
+    `reference()` gives the reference engine and whether it shares prompts; it is only loaded
+    on a cache miss."""
     key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}".encode())
     path = os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
     if os.path.exists(path):
         return np.load(path, allow_pickle=False)
-    values = reference_logps(reference(), dataset, collator, args, device)
+    engine, prefix_sharing = reference()
+    values = reference_logps(engine, dataset, collator, args, device, prefix_sharing)
     if is_rank0():
         with atomic_file(path, suffix=".tmp.npy") as tmp:  # np.save appends .npy to other names
             np.save(tmp, values, allow_pickle=False)
@@ -162,16 +167,17 @@ def main(argv=None):
     splits = stage.datasets(encoding, make_encoder)
     collator = AlignmentCollator(tokenizer.pad_token_id)
 
-    ref_engine = None
+    ref_engine, ref_sharing = None, False
 
     def reference():
-        nonlocal ref_engine
+        nonlocal ref_engine, ref_sharing
         if ref_engine is None:
             ref = load_causal_lm(args.ref_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                                  disable_dropout=True)
+            ref_sharing = resolve_prefix_sharing(args.prefix_sharing, ref, "the reference")
             ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, stage.world_size))
             ref_engine.eval()
-        return ref_engine
+        return ref_engine, ref_sharing
 
     datasets_ = {}
     for split, (dataset, data_key) in splits.items():
@@ -188,9 +194,10 @@ def main(argv=None):
     policy = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True)
     if args.lora_dim > 0:
         policy = apply_lora(policy, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
+    sharing = (resolve_prefix_sharing(args.prefix_sharing, policy, "the policy"), ref_sharing)
 
     def compute_loss(model, batch):
-        return alignment_step_loss(model, batch, args, ref_engine)
+        return alignment_step_loss(model, batch, args, ref_engine, sharing)
 
     train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device)
 

@@ -31,6 +31,7 @@ from utils.data.collators import PairCollator
 from utils.data.data_utils import PairEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
+from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing, reward_scores
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.distributed import Stage
 from utils.training import train
@@ -41,16 +42,18 @@ def parse_args(argv=None):
     g = parser.add_argument_group("reward model")
     g.add_argument("--disable_dropout", action="store_true",
                    help="set every dropout rate of the model to 0 (default: as in the model's config)")
+    add_prefix_sharing_arg(g)
     args = parser.parse_args(argv)
     check_training_args(args)
     return args
 
 
-def pairwise_loss(model, batch):
+def pairwise_loss(model, batch, prefix_sharing=False):
     """-log sigmoid(r_chosen - r_rejected), averaged over the pairs of a PairCollator batch
-    (rows c0, r0, c1, r1, ...), with the metrics TRL reports for reward models."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    chosen, rejected = logits.float().view(-1, 2).unbind(-1)
+    (rows c0, r0, c1, r1, ...), with the metrics TRL reports for reward models; with
+    `prefix_sharing` each pair's prompt is encoded once."""
+    scores = reward_scores(model, batch, prefix_sharing)
+    chosen, rejected = scores.float().view(-1, 2).unbind(-1)
     margin = chosen - rejected
     return -F.logsigmoid(margin).mean(), {
         "accuracy": (margin > 0).float().mean(),
@@ -67,9 +70,13 @@ def main(argv=None):
     splits = stage.datasets({"stage": "rm"}, PairEncoder)
 
     model = trainable_reward_model(args, stage.tokenizer)
+    prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model, "the reward model")
+
+    def compute_loss(model, batch):
+        return pairwise_loss(model, batch, prefix_sharing)
 
     train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0],
-          PairCollator(stage.tokenizer.pad_token_id), pairwise_loss, stage.device)
+          PairCollator(stage.tokenizer.pad_token_id), compute_loss, stage.device)
 
 
 if __name__ == "__main__":

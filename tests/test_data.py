@@ -770,7 +770,8 @@ def test_alignment_collator_flattens_group_major():
         {"input_ids": [[6, 7], [6, 8, 9, 9, 9]], "prompt_lens": [1, 1], "rewards": [0.5, 2.0]},
     ]
     batch = AlignmentCollator(pad)(examples)
-    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "rewards"}
+    assert set(batch) == {"input_ids", "attention_mask", "loss_mask", "rewards", "group_sizes"}
+    assert batch["group_sizes"] == [2, 2]
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0], [1, 2, 4, 5, 0], [6, 7, 0, 0, 0], [6, 8, 9, 9, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 1, 1, 1, 1]]

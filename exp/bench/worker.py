@@ -8,6 +8,10 @@ Tasks (bench.py runs them; each writes a JSON result):
   scaling       exo step time against K and against sequence length
   logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
   sampling      inference_sft.sample batched against one prompt at a time
+  prefix_scoring  the reference pass (model_sequence_logprobs) and inference_rm's scoring
+                (reward_scores) over `gen` records, each with and without prefix sharing, and
+                the policy's forward + backward on the first batches, sharing on and off
+                interleaved (robust to a machine whose load changes during the run)
 """
 import json
 import os
@@ -301,7 +305,58 @@ def sampling(cfg):
     return result
 
 
-TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling)}
+def prefix_scoring(cfg):
+    """Seconds to score every completion of cfg["data"]/train.json, batch by batch as
+    calc_logprobs / inference_rm / the cached reference pass batch them, sharing on and off;
+    the best of cfg["repeats"] passes, alternating, after one untimed warm-up batch."""
+    from utils.data.data_utils import Tokenisation
+    from utils.inference import completion_batch
+    from utils.logprobs import model_sequence_logprobs
+    from utils.model_utils import load_causal_lm, load_reward_model, load_tokenizer
+    from utils.prefix_sharing import reward_scores
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(cfg["model"])
+    tok = Tokenisation(tokenizer, cfg["max_seq_len"], cfg["max_gen_len"])
+    with open(os.path.join(cfg["data"], "train.json")) as f:
+        records = json.load(f)
+    batches = [completion_batch(tok, records[i:i + cfg["batch_size"]]) for i in range(0, len(records), cfg["batch_size"])]
+    scorers = {"reference": (load_causal_lm(cfg["model"], tokenizer).eval(),
+                             lambda m, b, share: model_sequence_logprobs(m, b, prefix_sharing=share)),
+               "inference_rm": (load_reward_model(cfg["model"], tokenizer).eval(), reward_scores)}
+    result = {}
+    policy = scorers["reference"][0].train()
+    step_batches = batches[:cfg["step_batches"]]
+    best = {True: float("inf"), False: float("inf")}
+    for repeat in range(cfg["repeats"] + 1):  # the first pass warms up
+        for share in (True, False):
+            started = time.perf_counter()
+            for b in step_batches:
+                model_sequence_logprobs(policy, b, prefix_sharing=share).sum().backward()
+            if repeat:
+                best[share] = min(best[share], time.perf_counter() - started)
+    policy.zero_grad(set_to_none=True)
+    policy.eval()
+    result["policy_fwd_bwd"] = {"shared_s": best[True], "unshared_s": best[False], "max_abs_diff": float("nan"),
+                                "tokens": sum(int(b["attention_mask"].sum()) for b in step_batches)}
+    with torch.no_grad():
+        for name, (model, score) in scorers.items():
+            best = {True: float("inf"), False: float("inf")}
+            outputs = {}
+            for share in (True, False):
+                score(model, batches[0], share)
+            for _ in range(cfg["repeats"]):
+                for share in (True, False):
+                    started = time.perf_counter()
+                    outputs[share] = torch.cat([score(model, b, share) for b in batches])
+                    best[share] = min(best[share], time.perf_counter() - started)
+            result[name] = {"shared_s": best[True], "unshared_s": best[False],
+                            "max_abs_diff": float((outputs[True] - outputs[False]).abs().max())}
+    result["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches)
+    return result
+
+
+TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling, prefix_scoring)}
 
 if __name__ == "__main__":
     task, cfg_path, out_path = sys.argv[1:4]

@@ -35,6 +35,7 @@ from utils.data.chat import add_chat_template_arg
 from utils.data.raw_datasets import JsonDataset, MissingSplit
 from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import check_position_limit, load_tokenizer
+from utils.prefix_sharing import add_prefix_sharing_arg
 from utils.args import base_parser
 from utils.distributed import init_distributed, to_device
 
@@ -245,10 +246,11 @@ def labelled_dir(data_path, kind):
     return (path[:-len("_sft")] if path.endswith("_sft") else path) + f"_{kind}"
 
 
-def parse_scoring_args(doc, model_help, label_mode, label_kind, argv=None):
+def parse_scoring_args(doc, model_help, label_mode, label_kind, argv=None, prefix_sharing=False):
     """Flags of a scoring stage (inference_rm, inference_class): the inference and data flags,
     the scorer, `--mode LABEL_MODE|eval` and `--output_path`, which defaults to the data's
-    `_LABEL_KIND` sibling when labelling and to the data directory itself for eval."""
+    `_LABEL_KIND` sibling when labelling and to the data directory itself for eval; and
+    --prefix_sharing where asked."""
     parser = add_gen_data_args(add_inference_args(base_parser(doc.split("\n\n")[0])))
     g = parser.add_argument_group("scoring")
     g.add_argument("--model_name_or_path", required=True, help=model_help)
@@ -257,6 +259,8 @@ def parse_scoring_args(doc, model_help, label_mode, label_kind, argv=None):
     g.add_argument("--output_path", default=None,
                    help=f"output directory; default DATA_PATH minus _sft plus _{label_kind} ({label_mode}) "
                         "or DATA_PATH (eval)")
+    if prefix_sharing:
+        add_prefix_sharing_arg(g)
     args = parser.parse_args(argv)
     check_inference_args(args, "max_seq_len", "max_gen_len")
     if args.output_path is None:
@@ -321,8 +325,11 @@ def completion_sequences(tok, records):
 
 def completion_batch(tok, records):
     """completion_sequences as one right-padded batch (input_ids, attention_mask, loss_mask on
-    the completion's tokens)."""
-    return pad_sequences(*completion_sequences(tok, records), tok.tokenizer.pad_token_id)
+    the completion's tokens); `group_sizes` counts each record's completions, the rows that
+    continue one prompt."""
+    batch = pad_sequences(*completion_sequences(tok, records), tok.tokenizer.pad_token_id)
+    batch["group_sizes"] = [len(record["completions"]) for record in records]
+    return batch
 
 
 def scored_tokens(ids, prompt_len):

@@ -280,10 +280,9 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
         return _unfused_model_logprobs(model, batch, temperature)
     if not fused and not prefix_sharing:
         return _unfused_model_logprobs(model, batch, temperature)
-    backbone = Backbone(model, head)
     if prefix_sharing:
-        from utils.prefix_sharing import shared_prefix_hidden_states
-        hidden, labels, loss_mask = shared_prefix_hidden_states(backbone, batch)
+        from utils.prefix_sharing import Decoder, shared_prefix_hidden_states
+        hidden, labels, loss_mask = shared_prefix_hidden_states(Decoder(model), batch)
     else:
-        hidden, labels, loss_mask = prompt_cut_hidden_states(backbone, batch)
+        hidden, labels, loss_mask = prompt_cut_hidden_states(Backbone(model, head), batch)
     return head_logprobs(head, hidden, labels, loss_mask, temperature, fused)

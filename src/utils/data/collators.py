@@ -35,7 +35,8 @@ class SFTCollator:
 class PairCollator:
     """B examples of K sequences each ({input_ids [K][T], prompt_lens [K]}) -> B*K padded rows,
     group-major: a reward model's (chosen, rejected) pairs become rows c0, r0, c1, r1, ..., so
-    one forward scores both and `.view(B, 2)` splits them again."""
+    one forward scores both and `.view(B, 2)` splits them again. `group_sizes` ([B] ints, the
+    K of every example) tells prefix sharing which rows continue one prompt."""
 
     def __init__(self, pad_token_id):
         self.pad_token_id = pad_token_id
@@ -43,7 +44,9 @@ class PairCollator:
     def __call__(self, examples):
         sequences = [ids for e in examples for ids in e["input_ids"]]
         prompt_lens = [n for e in examples for n in e["prompt_lens"]]
-        return pad_sequences(sequences, prompt_lens, self.pad_token_id)
+        batch = pad_sequences(sequences, prompt_lens, self.pad_token_id)
+        batch["group_sizes"] = [len(e["input_ids"]) for e in examples]
+        return batch
 
 
 class AlignmentCollator(PairCollator):
