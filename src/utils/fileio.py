@@ -157,6 +157,17 @@ def commit_dir(tmp_dir, final_dir):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def commit_new_dir(tmp_dir, final_dir):
+    """Move a fully written directory into place unless another process (another node's
+    builder of the same cache entry) got there first: then its equal copy stays and ours goes."""
+    try:
+        os.replace(tmp_dir, final_dir)
+    except OSError:
+        if not os.path.isdir(final_dir):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def commit_files(tmp_dir, final_dir):
     """Move each file of a fully written directory into `final_dir`, one atomic rename each,
     leaving whatever else `final_dir` holds (such as checkpoint subdirectories) in place."""
