@@ -71,22 +71,26 @@ launch() {
     if [ "${NODE_RANK:-0}" != 0 ]; then
         log=/dev/null/not-node-0  # a directory that never exists: this node's console is not copied
     fi
+    local copier group status out
+    # The copier is no part of the job: `wait` on a pipeline would wait for all of it.
+    exec {out}> >(python -u "${REPO_ROOT}/exp/custom_exp/copy_log.py" "${log}")
+    copier=$!
     set -m  # the job below gets a process group of its own
-    "${DEEPSPEED[@]}" "${REPO_ROOT}/src/${script}" "$@" 2>&1 | python -u "${REPO_ROOT}/exp/custom_exp/copy_log.py" "${log}" &
+    "${DEEPSPEED[@]}" "${REPO_ROOT}/src/${script}" "$@" >&"${out}" 2>&1 &
+    group=$!
     set +m
-    local group status
-    group="$(jobs -p %% | head -1)"
+    exec {out}>&-
     trap 'stop_ranks "${group}" "${script}"' TERM INT HUP
     while true; do
         status=0
         wait "${group}" || status=$?
-        # wait returns early (>128) when a trapped signal arrives; the job is still there then
+        # wait returns early (>128) when a trapped signal arrives; the launcher is still there then
         kill -0 "${group}" 2>/dev/null || break
     done
     if [ "${status}" -gt 128 ]; then
         stop_ranks "${group}" "${script}"  # the launcher was killed, its ranks may run on: stop them as above
     fi
-    until wait; do :; done  # the log copier, which ends when the last rank closes its output
+    until wait "${copier}"; do :; done  # ends when the last rank closes its output
     trap - TERM INT HUP
     return "${status}"
 }
