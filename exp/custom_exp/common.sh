@@ -54,7 +54,6 @@ elif [ "${RANKS_PER_NODE}" -eq 1 ]; then
 else
     DEEPSPEED=(deepspeed --num_gpus "${RANKS_PER_NODE}" --master_port "${MASTER_PORT}")
 fi
-NUM_CPU_RANKS="${RANKS_PER_NODE}"
 
 # launch LOG SCRIPT [flags...]: run src/SCRIPT under the launcher, the console copied to LOG
 # (appended; only on node 0, and only once the stage has made LOG's directory: a run stopped by
