@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from utils.data.collators import AlignmentCollator
-from utils.data.data_utils import AlignmentEncoder
+from utils.data.data_utils import AlignmentEncoder, is_cache_writer
 from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
@@ -29,7 +29,7 @@ from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, distributed_loader, is_rank0, to_device
+from utils.distributed import Stage, distributed_loader, is_rank0, sum_across_ranks, to_device
 from utils.training import train
 
 
@@ -140,14 +140,18 @@ def reference_logps(ref_engine, dataset, collator, args, device, prefix_sharing=
 def cached_reference_logps(reference, dataset, data_key, collator, args, device):
     """reference_logps, cached as .npy beside the tokenised data, keyed on data, model and tau.
     `reference()` gives the reference engine and whether it shares prompts; it is only loaded
-    on a cache miss."""
-    key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}".encode())
+    on a cache miss. The pass is collective, so the ranks agree: the cache is used only when
+    every rank has it (a new node's own disk may not), and it is written by the writers of that
+    directory (`is_cache_writer`)."""
+    # the fused and unfused reductions agree to ~1e-6, not bit for bit: a run reads its own kind
+    key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}|"
+                         f"{'fused' if args.fused_logprobs else 'logits'}".encode())
     path = os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
-    if os.path.exists(path):
+    if sum_across_ranks({"missing": not os.path.exists(path)})["missing"] == 0:
         return np.load(path, allow_pickle=False)
     engine, prefix_sharing = reference()
     values = reference_logps(engine, dataset, collator, args, device, prefix_sharing)
-    if is_rank0():
+    if is_cache_writer(args.data_output_path) and not os.path.exists(path):
         with atomic_file(path, suffix=".tmp.npy") as tmp:  # np.save appends .npy to other names
             np.save(tmp, values, allow_pickle=False)
     return values

@@ -23,7 +23,7 @@ if [ "$#" -gt 0 ] && { [ "$1" = label ] || [ "$1" = eval ]; }; then
 fi
 source "$(dirname "$0")/common.sh"
 
-"${DEEPSPEED[@]}" "${REPO_ROOT}/src/inference_rm.py" \
+launch "${DATA_PATH%/}/inference_rm_${MODE}_${SPLIT}.log" inference_rm.py \
     --model_name_or_path "${MODEL_PATH}" \
     --data_path "${DATA_PATH}" \
     --split "${SPLIT}" \
@@ -32,4 +32,4 @@ source "$(dirname "$0")/common.sh"
     --max_seq_len 512 \
     --max_gen_len 256 \
     --dtype "${DTYPE}" \
-    "$@" 2>&1 | tee -a "${DATA_PATH%/}/inference_rm_${MODE}_${SPLIT}.log"
+    "$@"

@@ -23,7 +23,7 @@ OUTPUT="${DATA_NAME_PATH#*:}"
 OUTPUT="${OUTPUT%/}_sft"
 mkdir -p "${OUTPUT}"
 
-"${DEEPSPEED[@]}" "${REPO_ROOT}/src/inference_sft.py" \
+launch "${OUTPUT}/inference_sft_${SPLIT}.log" inference_sft.py \
     --model_name_or_path "${MODEL_PATH}" \
     --data_name_path "${DATA_NAME_PATH}" \
     --split "${SPLIT}" \
@@ -37,4 +37,4 @@ mkdir -p "${OUTPUT}"
     --seed 1234 \
     --dtype "${DTYPE}" \
     --output_path "${OUTPUT}" \
-    "$@" 2>&1 | tee -a "${OUTPUT}/inference_sft_${SPLIT}.log"
+    "$@"

@@ -20,7 +20,7 @@ DEVICE_IDS=$1; SAMPLES_DIR=${2%/}; MODEL_PATH=$3; LABEL=$4
 shift 4
 source "$(dirname "$0")/../custom_exp/common.sh"
 
-"${DEEPSPEED[@]}" "${REPO_ROOT}/src/calc_logprobs.py" \
+launch "${SAMPLES_DIR}/calc_logprobs_${LABEL}.log" calc_logprobs.py \
     --model_name_or_path "${MODEL_PATH}" \
     --data_path "${SAMPLES_DIR}" \
     --split test \
@@ -30,4 +30,4 @@ source "$(dirname "$0")/../custom_exp/common.sh"
     --batch_size 32 \
     --dtype "${DTYPE}" \
     --output_path "${SAMPLES_DIR}/logps_${LABEL}.json" \
-    "$@" 2>&1 | tee -a "${SAMPLES_DIR}/calc_logprobs_${LABEL}.log"
+    "$@"

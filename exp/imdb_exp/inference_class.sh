@@ -22,7 +22,7 @@ if [ "$#" -gt 0 ] && { [ "$1" = label_pref ] || [ "$1" = eval ]; }; then
 fi
 source "$(dirname "$0")/../custom_exp/common.sh"
 
-"${DEEPSPEED[@]}" "${REPO_ROOT}/src/inference_class.py" \
+launch "${DATA_PATH%/}/inference_class_${MODE}_${SPLIT}.log" inference_class.py \
     --model_name_or_path "${MODEL_PATH}" \
     --data_path "${DATA_PATH}" \
     --split "${SPLIT}" \
@@ -31,4 +31,4 @@ source "$(dirname "$0")/../custom_exp/common.sh"
     --max_seq_len 512 \
     --max_gen_len 500 \
     --dtype "${DTYPE}" \
-    "$@" 2>&1 | tee -a "${DATA_PATH%/}/inference_class_${MODE}_${SPLIT}.log"
+    "$@"

@@ -8,6 +8,7 @@ import os
 from utils.checkpointing import CHECKPOINT_DIR, check_optimizer_flags, checkpoint_location
 from utils.data.chat import add_chat_template_arg
 from utils.data.raw_datasets import add_source_args, parse_columns
+from utils.distributed import add_distributed_args
 from utils.fileio import InputError
 from utils.model_utils import check_position_limit
 
@@ -67,7 +68,7 @@ def add_training_args(parser):
     g.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO partitioning stage")
     g.add_argument("--offload", action="store_true", help="keep optimizer state (and ZeRO-3 params) in CPU memory")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="training precision")
-    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_distributed_args(g)
 
     g = parser.add_argument_group("outputs")
     g.add_argument("--output_dir", required=True,

@@ -1,6 +1,8 @@
 """Process setup: joining the ranks, seeding, rank-0 helpers, each rank's share of the data,
 and `Stage`, what every training stage sets up before its model.
 """
+import collections
+import datetime
 import os
 import random
 import socket
@@ -33,8 +35,21 @@ def _skip_shm_allreduce():
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+DEFAULT_DIST_TIMEOUT_MIN = 10
+
+
+def add_distributed_args(group):
+    """The flags every entry script shares for joining the ranks."""
+    group.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    group.add_argument("--dist_timeout_min", type=float, default=DEFAULT_DIST_TIMEOUT_MIN,
+                       help="minutes a collective may wait for a rank before the run fails: bounds the hang when "
+                            "a rank dies without its connections closing (an NCCL peer, a lost node). It must "
+                            "cover the longest wait on one rank: tokenising the data cache, writing an export")
+
+
 def init_distributed(args):
-    """Join the process group the launcher set up, or make a one-process group for plain
+    """Join the process group the launcher set up (deepspeed, torchrun, or srun around either:
+    RANK / LOCAL_RANK / WORLD_SIZE from the environment), or make a one-process group for plain
     `python src/<stage>.py`. Seeds everything and returns the device."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
@@ -42,18 +57,32 @@ def init_distributed(args):
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's name; DeepSpeed's CPU accelerator reads LOCAL_SIZE
+        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if accelerator.device_name() == "cpu":
-        # CPU ranks share the cores; oversubscribed threads would only thrash.
-        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    on_cpu = accelerator.device_name() == "cpu"
+    if on_cpu:
         _skip_shm_allreduce()
     else:
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed()
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", DEFAULT_DIST_TIMEOUT_MIN))
+    deepspeed.init_distributed(timeout=timeout)
+    if on_cpu:
+        # CPU ranks share their machine's cores; oversubscribed threads would only thrash. The
+        # count is of the ranks really on this host, not the launcher's per-node size: "nodes"
+        # that share one machine must split its cores as one node's ranks do, or their matmuls
+        # sum in another order and the run's numbers drift from the same run on one node.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_this_host()))
     set_seed(args.seed)
     return torch.device(accelerator.device_name(local_rank))
+
+
+def ranks_on_this_host():
+    """How many ranks of the run share this machine (one all-gather of host names)."""
+    hosts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return collections.Counter(hosts)[socket.gethostname()]
 
 
 def set_seed(seed):

@@ -8,8 +8,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import time
 
 INPUT_ERROR_EXIT_CODE = 2
 STOPPED_EXIT_CODE = 1
@@ -34,19 +36,36 @@ def where(path, record=None, field=None):
     return text
 
 
+# How long a rank other than 0 holds back its error line. Input errors are mostly the same on
+# every rank (same flags, same data), and the launcher stops the other ranks soon after rank 0
+# fails (seconds; ~10 s on an overloaded machine), so the line is printed once. An error of one
+# rank alone (a file missing on one node's disk) is still printed, this much later.
+OTHER_RANKS_ERROR_DELAY_S = 30
+
+
+def report_error(err, exit_code):
+    """One `error:` line on stderr and `exit_code`; from rank 0 at once, from others after a delay."""
+    if int(os.environ.get("RANK", "0")) != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop must end this wait, not be deferred
+        time.sleep(OTHER_RANKS_ERROR_DELAY_S)
+        print(f"error: [rank {os.environ['RANK']}] {err}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
 def cli_main(main):
-    """Wrap a stage's main(): an InputError becomes one stderr line and exit code 2."""
+    """Wrap a stage's main(): an InputError becomes one stderr line and exit code 2, a
+    TrainingStopped one line and exit code 1 (once for all ranks: `report_error`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except InputError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(INPUT_ERROR_EXIT_CODE)
+            report_error(err, INPUT_ERROR_EXIT_CODE)
         except TrainingStopped as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(STOPPED_EXIT_CODE)
+            report_error(err, STOPPED_EXIT_CODE)
 
     return wrapper
 
@@ -155,6 +174,17 @@ def commit_dir(tmp_dir, final_dir):
     os.replace(tmp_dir, final_dir)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_new_dir(tmp_dir, final_dir):
+    """Move a fully written directory into place unless another process (another node's
+    builder of the same cache entry) got there first: then its equal copy stays and ours goes."""
+    try:
+        os.replace(tmp_dir, final_dir)
+    except OSError:
+        if not os.path.isdir(final_dir):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def commit_files(tmp_dir, final_dir):

@@ -37,7 +37,7 @@ from utils.fileio import InputError, atomic_write_json
 from utils.model_utils import check_position_limit, load_tokenizer
 from utils.prefix_sharing import add_prefix_sharing_arg
 from utils.args import base_parser
-from utils.distributed import init_distributed, to_device
+from utils.distributed import add_distributed_args, init_distributed, to_device
 
 SHARD_DIR = ".shards"
 # Ranks reach the merge at very different times (a resumed rank may have nothing left to do
@@ -58,7 +58,7 @@ def add_inference_args(parser):
                         "a killed run loses at most this much work per rank")
     g.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code shipped inside the checkpoint directory to run")
-    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_distributed_args(g)
     return parser
 
 

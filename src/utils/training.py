@@ -112,6 +112,9 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     resume_from = find_resume_checkpoint(args)
     state = read_run_state(resume_from, layout) if resume_from else RunState()
     engine, guard, scheduler = build_engine(args, model, total_steps, world_size)
+    if is_rank0():
+        # Made once every input has been checked: a run refused for bad input leaves no directory.
+        os.makedirs(args.output_dir, exist_ok=True)
     logger = Logger(args)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: ds_numel
     print_rank0(f"training {trainable:,} parameters for "

@@ -21,13 +21,14 @@ import importlib.util
 import json
 import os
 import sys
+import uuid
 
 import datasets
 import torch
 
 from utils.data.chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
 from utils.data.raw_datasets import parse_columns, resolve_dataset
-from utils.fileio import InputError, atomic_dir, commit_dir, where
+from utils.fileio import InputError, atomic_dir, commit_new_dir, where
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "exo_align")
@@ -337,18 +338,54 @@ class ClassEncoder(Encoder):
 
 
 # -- caching --------------------------------------------------------------------------------
-def local_rank():
-    return int(os.environ.get("LOCAL_RANK", "0"))
+# The cache directory (`--data_output_path`) may be one directory every node sees (a shared
+# file system) or a directory on each node's own disk. Which it is, is found out once per run
+# and directory: rank 0 leaves a marker there and every rank looks for it. Shared: global rank
+# 0 builds each cache entry and the others wait and read it. Node-local: each node's local rank
+# 0 builds into its own directory. A wrong answer costs time, never correctness: builds are
+# committed atomically and a second builder of the same entry keeps the first one's copy.
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@functools.lru_cache(maxsize=None)
+def cache_dir_is_shared(cache_dir):
+    """True when every rank sees the same `cache_dir` (always, within one machine)."""
+    if not _distributed() or torch.distributed.get_world_size() == 1:
+        return True
+    dist = torch.distributed
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = os.path.join(cache_dir, f".shared-probe-{token[0]}")
+    if dist.get_rank() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(marker, "w"):
+            pass
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, os.path.exists(marker))
+    if dist.get_rank() == 0:
+        os.remove(marker)  # every rank has looked: all_gather_object returns once all have
+    return all(seen)
+
+
+def is_cache_writer(cache_dir):
+    """Whether this rank builds and writes the entries of `cache_dir` (see above)."""
+    if not _distributed():
+        return True
+    if cache_dir_is_shared(os.path.abspath(cache_dir)):
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 @contextlib.contextmanager
-def local_main_first():
-    """Let local rank 0 build (and cache) first; the other ranks then read its cache."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and local_rank() != 0:
+def cache_writer_first(cache_dir):
+    """Let the writer of `cache_dir` build (and cache) first; the other ranks then read its cache."""
+    writer = is_cache_writer(cache_dir)
+    if _distributed() and not writer:
         torch.distributed.barrier()
-    yield
-    if distributed and local_rank() == 0:
+    yield writer
+    if _distributed() and writer:
         torch.distributed.barrier()
 
 
@@ -378,8 +415,8 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
     """(dataset, cache key) of the tokenised `split` of `raw`; built and validated on a miss."""
     key = cache_key(raw, split, tok, encoding)
     path = os.path.join(cache_dir, f"{raw.name}_{raw.kind}_{split}_{key[:16]}")
-    with local_main_first():
-        if not os.path.isdir(path):
+    with cache_writer_first(cache_dir) as writer:
+        if writer and not os.path.isdir(path):
             records = raw.records(split)
             encoder = make_encoder(tok, raw.source(split), raw.kind)
             for index, record in enumerate(records):
@@ -396,7 +433,7 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
                       f"their prompt cut on the left to fit --max_seq_len {tok.max_seq_len}", flush=True)
             tmp = atomic_dir(path)
             encoded.save_to_disk(tmp)
-            commit_dir(tmp, path)
+            commit_new_dir(tmp, path)
     return datasets.load_from_disk(path), key
 
 
