@@ -23,14 +23,8 @@ was redone; each stage's console output goes to WORKDIR/logs/STAGE.log. Everythi
 under --workdir (default results/quickstart).
 """
 import argparse
-import json
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 QUICKSTART = Path(__file__).resolve().parent
@@ -39,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(QUICKSTART))
 
 from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
+from utils.pipeline import Pipeline, StageFailed, run_command  # noqa: E402
 
 METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
 # Every sampled completion fits the training and scoring cuts whole: the prompts are a few
@@ -86,116 +81,6 @@ def parse_args(argv=None):
     if args.align_lr <= 0 or args.beta <= 0:
         raise InputError("--align_lr and --beta must be positive")
     return args
-
-
-# -- running a stage ------------------------------------------------------------------------
-_PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
-_NOT_PROGRESS = ("Loading weights", "Writing model shards")  # sub-second bars of transformers
-
-
-class StageFailed(Exception):
-    pass
-
-
-def run_command(cmd, log_path, env=None):
-    """Run `cmd` with its output in `log_path`, showing the latest progress bar it prints.
-
-    The command gets its own process group, killed whole on failure or Ctrl-C: the deepspeed
-    launcher does not take its ranks down with it."""
-    tty = sys.stdout.isatty()
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-                **(env or {})}
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
-        log.flush()
-        process = subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        last_shown, pending = time.monotonic(), b""
-        try:
-            for chunk in iter(lambda: process.stdout.read1(4096), b""):
-                log.write(chunk)
-                pending += chunk
-                *segments, pending = re.split(rb"[\r\n]", pending)
-                bars = [s.decode(errors="replace") for s in segments]
-                bars = [s for s in bars if _PROGRESS.search(s) and not s.lstrip().startswith(_NOT_PROGRESS)]
-                now = time.monotonic()
-                # on a terminal the bar is redrawn in place; in a log (CI) one line every 20 s
-                if bars and (tty or now - last_shown > 20):
-                    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", bars[-1]).strip()  # tqdm's cursor moves
-                    width = shutil.get_terminal_size().columns - 5
-                    print(f"\r    {text[:width]}\033[K" if tty else f"    {text}", end="" if tty else "\n", flush=True)
-                    last_shown = now
-            process.wait()
-        except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise
-        finally:
-            if tty:
-                print("\r\033[K", end="", flush=True)
-    if process.returncode != 0:
-        tail = Path(log_path).read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
-        raise StageFailed("\n".join(["    " + line for line in tail]) +
-                          f"\n  exit code {process.returncode}; the whole output is in {log_path}")
-
-
-class Pipeline:
-    """Stages in order, each with the stages it depends on, the settings that shape its output
-    and the paths it writes; a marker file records what a finished stage was run with."""
-
-    def __init__(self, workdir, force):
-        self.workdir = Path(workdir)
-        self.force = force
-        self.stages = []
-        self.redone = set()
-
-    def stage(self, name, description, deps, settings, outputs, run, always=False):
-        self.stages.append(dict(name=name, description=description, deps=deps, settings=settings,
-                                outputs=[Path(p) for p in outputs], run=run, always=always))
-
-    def marker(self, name):
-        return self.workdir / "stages" / f"{name}.json"
-
-    def check_force(self):
-        known = {s["name"] for s in self.stages}
-        unknown = [name for name in self.force or () if name not in known]
-        if unknown:
-            raise InputError(f"--force {' '.join(unknown)}: no such stage; stages: {', '.join(sorted(known))}")
-
-    def run(self):
-        self.check_force()
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        for number, stage in enumerate(self.stages, start=1):
-            name, marker = stage["name"], self.marker(stage["name"])
-            recorded = json.loads(marker.read_text()) if marker.exists() else None
-            reason, clean = None, True
-            if stage["always"]:
-                reason = "every run"
-            elif self.force is not None and (not self.force or name in self.force):
-                reason = "forced"
-            elif any(dep in self.redone for dep in stage["deps"]):
-                reason = "its inputs were redone"
-            elif recorded is None:
-                reason, clean = "not done yet", False  # keep a crashed run's partial work: entry points resume
-            elif recorded != stage["settings"]:
-                reason = "settings changed"
-            header = f"[{number}/{len(self.stages)}] {name}: {stage['description']}"
-            if reason is None:
-                print(f"{header} -- done before, skipped", flush=True)
-                continue
-            print(f"{header} ({reason})", flush=True)
-            if marker.exists():
-                marker.unlink()
-            if clean:
-                for path in stage["outputs"]:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            stage_started = time.monotonic()
-            stage["run"](self.workdir / "logs" / f"{name}.log")
-            atomic_write_json(marker, stage["settings"])
-            self.redone.add(name)
-            print(f"    done in {time.monotonic() - stage_started:.0f} s", flush=True)
-        return time.monotonic() - started
 
 
 # -- the experiment -------------------------------------------------------------------------
