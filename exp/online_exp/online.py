@@ -56,6 +56,7 @@ sys.path.insert(0, str(QUICKSTART))
 
 from utils.fileio import InputError, atomic_file, atomic_write_json, atomic_write_text, cli_main, read_json_records  # noqa: E402,E501
 from utils.loss import LOSS_TYPES  # noqa: E402
+from utils.model_utils import model_fingerprint  # noqa: E402
 from utils.pipeline import Pipeline, StageFailed, run_command  # noqa: E402
 
 LAUNCHERS = REPO_ROOT / "exp" / "custom_exp"
@@ -159,14 +160,20 @@ def parse_args(argv=None):
     name_kind, sep, path = args.data_name_path.partition(":")
     if not sep or not path:
         raise InputError(f"--data_name_path {args.data_name_path!r}: expected NAME/KIND:PATH")
+    for flag in ("sft_model", "reward_model", "output_dir"):
+        setattr(args, flag, os.path.abspath(getattr(args, flag)))
+    return args
+
+
+def check_inputs(args):
+    """The inputs exist (not part of parse_args: the quickstart describes its rounds before it has
+    trained their models)."""
+    path = args.data_name_path.partition(":")[2]
     if not os.path.isdir(path):
         raise InputError(f"--data_name_path {args.data_name_path}: {path} is not a directory")
     for flag in ("sft_model", "reward_model"):
         if not os.path.isdir(getattr(args, flag)):
             raise InputError(f"--{flag} {getattr(args, flag)}: not a model directory")
-        setattr(args, flag, os.path.abspath(getattr(args, flag)))
-    args.output_dir = os.path.abspath(args.output_dir)
-    return args
 
 
 # -- the rounds -----------------------------------------------------------------------------
@@ -200,14 +207,17 @@ def train_flags(args):
     return flags + args.train_args
 
 
-def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, report=None):
+def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, report=None, inputs=None,
+               input_stages=()):
     """Add the stages of rounds 1..args.rounds to `pipe` (see the module docstring).
 
     `prompts` is the NAME/KIND:PATH the launchers read the prompts from; `heldout` is
     (rw test file of the SFT model's samples, the stage that writes it or None): round 1's
     held-out split. Round r's evaluation goes to EVAL_ROOT/roundR; `report(r)`, when given, runs
-    right after it on every run (it is cheap and reads every evaluation so far). Returns the
-    evaluation directories, round 1 first."""
+    right after it on every run (it is cheap and reads every evaluation so far). `inputs` (JSON,
+    e.g. the models' fingerprints) and `input_stages` (the stages that make the SFT model and
+    the prompts) redo everything when they change; every later stage follows from round 1's
+    sampling and scoring. Returns the evaluation directories, round 1 first."""
     device_ids = os.environ.get("DEVICE_IDS", "")  # empty: the launchers' default
     env = {"TB_ROOT": str(Path(args.output_dir) / "tb_logs"), **(env or {})}
     sampling = {"num_samples": args.num_samples, "temp": args.temp, "max_new_tokens": args.max_new_tokens,
@@ -225,7 +235,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
         source, policy, rdir = policy_dir(args, r - 1), policy_dir(args, r), round_dir(args, r)
         samples, rw = rdir / "samples", rdir / "rw"
         reference = Path(args.sft_model) if args.reference == "sft" else source
-        previous = [f"{prefix}round{r - 1}_align"] if r > 1 else []
+        previous = [f"{prefix}round{r - 1}_align"] if r > 1 else list(input_stages)
+        first = {"inputs": inputs} if r == 1 else {}
 
         def sample(log, r=r, source=source, samples=samples, policy=policy, reference=reference, rw=rw):
             run_command(["bash", LAUNCHERS / "inference_sft.sh", device_ids, prompts, "train", source,
@@ -239,7 +250,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                                "samples": str(samples), "rw": str(rw), "policy": str(policy)})
 
         pipe.stage(f"{name}_sample", f"{args.num_samples} completions per train prompt from "
-                   f"{'the SFT model' if r == 1 else f'round {r - 1} policy'}", previous, sampling,
+                   f"{'the SFT model' if r == 1 else f'round {r - 1} policy'}", previous, {**sampling, **first},
                    [samples, rdir / "manifest.json"], sample)
 
         def score(log, samples=samples, rw=rw, heldout_file=heldout_file):
@@ -250,7 +261,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                 shutil.copyfile(heldout_file, tmp)
 
         pipe.stage(f"{name}_score", "reward-model rewards of the samples (rw data)",
-                   [f"{name}_sample", *([heldout_stage] if heldout_stage else [])], scoring, [rw], score)
+                   [f"{name}_sample", *([heldout_stage] if heldout_stage else [])], {**scoring, **first}, [rw], score)
 
         pipe.stage(f"{name}_align", f"{args.loss_type} from {'the SFT model' if r == 1 else f'round {r - 1} policy'}",
                    [f"{name}_score", *previous], training, [policy],
@@ -272,9 +283,9 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
     return eval_dirs
 
 
-def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps):
+def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps, inputs=None):
     """A stage that evaluates `policy` on the test prompts into EVAL_ROOT/NAME (evaluate.py)."""
-    settings = {"eval_samples": args.eval_samples, "eval_seed": args.eval_seed, "batch_size": args.eval_batch_size,
+    settings = {"inputs": inputs, "eval_samples": args.eval_samples, "eval_seed": args.eval_seed, "batch_size": args.eval_batch_size,
                 "oracle": args.oracle, "reward_model": args.reward_model, "temp": args.temp,
                 "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "max_seq_len": args.max_seq_len,
                 "max_gen_len": args.max_gen_len, "sft_model": args.sft_model, "data": args.data_name_path}
@@ -376,24 +387,28 @@ def build(args):
     name_kind, _, path = args.data_name_path.partition(":")
     # The sampling launcher logs beside its data (PATH_sft); a link in OUTPUT_DIR keeps that out of the user's data.
     link = out / "data" / "prompts"
+    prompts = f"{name_kind}:{link}"
+    eval_root = out / "eval"
+    pipe = Pipeline(out, args.force)
+    # a model retrained in place (same path) is a changed input
+    inputs = {"sft_model": model_fingerprint(args.sft_model), "reward_model": model_fingerprint(args.reward_model)}
+    add_eval(pipe, args, "round0_eval", "round0", args.sft_model, prompts, eval_root, [], inputs)
+    add_rounds(pipe, args, prompts, (eval_root / "round0" / "rw" / "test.json", "round0_eval"), eval_root,
+               report=lambda r: write_report(args, eval_root, r), inputs=inputs)
+    pipe.check_force()
     link.parent.mkdir(parents=True, exist_ok=True)
     if not (link.is_symlink() and os.readlink(link) == os.path.abspath(path)):
         tmp = link.with_name(".prompts.tmp")
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(os.path.abspath(path), target_is_directory=True)
         os.replace(tmp, link)
-    prompts = f"{name_kind}:{link}"
-    eval_root = out / "eval"
-    pipe = Pipeline(out, args.force)
-    add_eval(pipe, args, "round0_eval", "round0", args.sft_model, prompts, eval_root, [])
-    add_rounds(pipe, args, prompts, (eval_root / "round0" / "rw" / "test.json", "round0_eval"), eval_root,
-               report=lambda r: write_report(args, eval_root, r))
     return pipe
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    check_inputs(args)
     pipe = build(args)
     try:
         elapsed = pipe.run()

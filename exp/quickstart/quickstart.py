@@ -16,6 +16,9 @@ Stages, each through the launcher or entry point a GPU user runs:
   align_M      EXO / DPO from the SFT model, saving checkpoints (train_exo.sh): the -rw losses on the
                reward model's rw data with K = --num_samples, the -pref losses on the oracle pairs (K = 2)
   eval_M       every checkpoint's test samples: oracle reward and KL(pi || pi_sft) (evaluate.py)
+  online_*     with --online_rounds R: R rounds of online EXO (exp/online_exp/online.py) from the SFT
+               model, each sampling from the previous round's policy, scoring with the reward model and
+               training --online_steps steps of exo-rw; evaluated as the checkpoints are (method online-exo-rw)
   report       results.md (the table), results.json and reward_vs_kl.png (the frontier per method)
 
 A stage is skipped when it finished before with the same settings and nothing it depends on
@@ -31,6 +34,7 @@ QUICKSTART = Path(__file__).resolve().parent
 REPO_ROOT = QUICKSTART.parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(QUICKSTART))
+sys.path.insert(0, str(REPO_ROOT / "exp" / "online_exp"))
 
 from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
 from utils.pipeline import Pipeline, StageFailed, run_command  # noqa: E402
@@ -64,6 +68,11 @@ def parse_args(argv=None):
     g.add_argument("--num_checkpoints", type=int, default=3, help="checkpoints saved (and evaluated) per method")
     g.add_argument("--hidden_size", type=int, default=128, help="width of the tiny GPT-2")
     g.add_argument("--num_layers", type=int, default=2, help="layers of the tiny GPT-2")
+    g.add_argument("--online_rounds", type=int, default=0,
+                   help="rounds of online EXO after the offline methods (0: none; each costs minutes on a CPU)")
+    g.add_argument("--online_steps", type=int, default=None,
+                   help="optimizer steps per online round; default --align_steps / --num_checkpoints, so round r "
+                        "has taken as many steps as the offline runs' checkpoint r")
     g = parser.add_argument_group("alignment")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="loss types to run")
     g.add_argument("--align_lr", type=float, default=1e-4, help="learning rate of the alignment runs")
@@ -80,6 +89,12 @@ def parse_args(argv=None):
         raise InputError(f"--num_train_prompts {args.num_train_prompts} exceeds --num_reviews {args.num_reviews}")
     if args.align_lr <= 0 or args.beta <= 0:
         raise InputError("--align_lr and --beta must be positive")
+    if args.online_rounds < 0:
+        raise InputError(f"--online_rounds must be at least 0, got {args.online_rounds}")
+    args.online_steps = args.online_steps or max(1, args.align_steps // args.num_checkpoints)
+    if args.online_rounds and args.eval_samples % args.num_samples:
+        raise InputError(f"--eval_samples {args.eval_samples} must be a multiple of --num_samples {args.num_samples} "
+                         "with --online_rounds: a round's test samples are the next round's held-out groups")
     return args
 
 
@@ -199,10 +214,31 @@ def build(args):
         pipe.stage(f"eval_{method}", f"{method} checkpoints: oracle reward and KL(pi || pi_sft)",
                    [f"align_{method}"], eval_settings, [eval_root / method], evaluate(method, ckpts))
 
+    runs = {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)] for m in align_dirs}}
+    if args.online_rounds:
+        import online
+        k = args.num_samples
+        # the offline exo-rw run's settings, as an online.py command line
+        online_args = online.parse_args([
+            "--sft_model", str(sft), "--reward_model", str(rm), "--data_name_path", f"{DATA_NAME}/sft:{prompts_dir}",
+            "--output_dir", str(w / "online"), "--rounds", str(args.online_rounds), "--num_samples", str(k),
+            "--loss_type", "exo-rw", "--seed", str(args.seed), "--temp", str(SAMPLING_TEMP),
+            "--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--sample_batch_size", "64",
+            "--max_seq_len", str(MAX_LENGTH + 8), "--max_gen_len", str(MAX_NEW_TOKENS + 8), "--score_batch_size", "64",
+            "--max_iter_step", str(args.online_steps), "--num_save_checkpoint", "1", "--num_train_epochs", "100",
+            "--learning_rate", str(args.align_lr), "--beta_pi", str(args.beta), "--beta_r", str(args.beta),
+            "--per_device_train_batch_size", str(max(1, 32 // k)), "--per_device_eval_batch_size", str(max(1, 64 // k)),
+            "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
+            "--eval_samples", str(args.eval_samples), "--eval_seed", str(args.seed + 1), "--eval_batch_size", "128",
+            "--oracle", "vader"])
+        # round 1's held-out split: the SFT model's test samples scored by the reward model
+        online.add_rounds(pipe, online_args, f"{DATA_NAME}/sft:{prompts_dir}", (rw_dir / "test.json", "rm_label"),
+                          eval_root / "online-exo-rw", prefix="online_", input_stages=["sft"])
+        runs["online-exo-rw"] = [f"round{r}" for r in range(1, args.online_rounds + 1)]
+
     def report(log):
         from report import write_report
-        write_report(str(w), {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)]
-                                            for m in align_dirs}}, vars(args))
+        write_report(str(w), runs, vars(args))
 
     # cheap, and it reads every evaluation: redone on every run
     pipe.stage("report", "results.md, results.json and reward_vs_kl.png", [], {}, [], report, always=True)
