@@ -51,21 +51,22 @@ def online_command(tiny_model, online_inputs, out, *extra):
 
 def kill_during_round2_alignment(cmd, out, timeout=900):
     """Start `cmd`; SIGKILL its process group once round 2's alignment has written a resumable
-    checkpoint and before it is done. Returns the output so far."""
+    checkpoint and before it is done."""
     policy = out / "round2" / "policy_online" / "align_exo-rw_nc2"
     env = {**os.environ, "PYTHONPATH": str(SRC), **ENV}
-    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True) as process:
+    out.mkdir(parents=True)
+    with open(out.parent / "killed_run.log", "w+") as log, \
+            subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True) as process:
         deadline = time.monotonic() + timeout
         while not (policy / "ds_checkpoints" / "latest").exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 os.killpg(process.pid, signal.SIGKILL)
-                pytest.fail(f"round 2's alignment never checkpointed:\n{process.communicate()[0][-4000:]}")
+                log.seek(0)
+                pytest.fail(f"round 2's alignment never checkpointed:\n{log.read()[-4000:]}")
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGKILL)
-        output = process.communicate()[0]
     assert not (out / "stages" / "round2_align.json").exists(), "killed too late: round 2's alignment had finished"
-    return output
 
 
 def final_weights(out):
@@ -127,3 +128,63 @@ def test_online_bad_flags_are_one_line(tiny_model, online_inputs, tmp_path):
         result = run([*base, *extra], timeout=60)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert not (tmp_path / "out" / "stages").exists()
+
+
+# -- the stage runner both drivers share (src/utils/pipeline.py) -------------------------------
+def test_stage_runner_resumes_same_settings_and_never_leaves_stale_dependents(tmp_path):
+    from utils.pipeline import Pipeline
+
+    runs = []
+
+    def build(settings, fail_in=None):
+        pipe = Pipeline(tmp_path, None)
+        for name, deps in (("a", []), ("b", ["a"]), ("c", ["b"])):
+            out = tmp_path / f"{name}.out"
+
+            def work(log, name=name, out=out):
+                runs.append((name, out.exists()))  # whether a partial output was kept for it
+                out.write_text(name)
+                if name == fail_in:
+                    raise RuntimeError("killed")
+            pipe.stage(name, name, deps, settings.get(name, {}), [out], work)
+        return pipe
+
+    build({}).run()
+    assert runs == [("a", False), ("b", False), ("c", False)]
+    runs.clear()
+    build({}).run()
+    assert runs == []  # all done
+
+    # a redone `a` whose run dies in `b`: `c` (never reached) must not look done, nor keep its output
+    runs.clear()
+    with pytest.raises(RuntimeError):
+        build({"a": {"v": 2}}, fail_in="b").run()
+    assert runs == [("a", False), ("b", False)] and not (tmp_path / "c.out").exists()
+    runs.clear()
+    build({"a": {"v": 2}}).run()
+    assert runs == [("b", True), ("c", False)]  # b resumes from its partial output, c runs
+
+    # a stage killed under other settings than the rerun's starts clean
+    runs.clear()
+    with pytest.raises(RuntimeError):
+        build({"a": {"v": 2}, "c": {"x": 1}}, fail_in="c").run()
+    runs.clear()
+    build({"a": {"v": 2}, "c": {"x": 2}}).run()
+    assert runs == [("c", False)]
+
+
+def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
+    from utils.pipeline import _start_time, kill_stale_group
+
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pgid_file = tmp_path / "stage.pgid"
+    pgid_file.write_text(json.dumps({"pgid": orphan.pid, "start": _start_time(orphan.pid)}))
+    assert kill_stale_group(pgid_file)
+    assert orphan.wait(timeout=10) == -signal.SIGKILL and not pgid_file.exists()
+    # a recorded pid that now names another process is left alone
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pgid_file.write_text(json.dumps({"pgid": other.pid, "start": "not its start time"}))
+    assert not kill_stale_group(pgid_file)
+    assert other.poll() is None
+    other.kill()
+    other.wait()
