@@ -174,6 +174,7 @@ def test_stage_runner_resumes_same_settings_and_never_leaves_stale_dependents(tm
 
 
 def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
+    from utils.fileio import InputError
     from utils.pipeline import _start_time, kill_stale_group
 
     orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -185,6 +186,12 @@ def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
     pgid_file.write_text(json.dumps({"pgid": other.pid, "start": "not its start time"}))
     assert not kill_stale_group(pgid_file)
+    assert other.poll() is None
+    # ... and so is one whose driver still runs: a second run in the same directory stops instead
+    pgid_file.write_text(json.dumps({"pgid": other.pid, "start": _start_time(other.pid), "driver": other.pid,
+                                     "driver_start": _start_time(other.pid)}))
+    with pytest.raises(InputError, match="another run"):
+        kill_stale_group(pgid_file)
     assert other.poll() is None
     other.kill()
     other.wait()

@@ -11,7 +11,8 @@ leave a stale downstream result that looks done.
 
 Each command runs in its own process group, recorded in WORKDIR/logs/NAME.pgid while it runs,
 so that a driver killed outright (SIGKILL, which it cannot catch) is cleaned up by the next
-run: it kills a recorded group that is still alive before it starts anything.
+run: it kills a recorded group that is still alive before it starts anything (and refuses to
+start while the driver that recorded it still runs: one driver per directory).
 """
 import json
 import os
@@ -47,11 +48,17 @@ def _start_time(pid):
 
 def kill_stale_group(pgid_file):
     """Kill the process group recorded in `pgid_file` if it still runs (left by a driver that
-    was killed while the command ran); remove the file. Returns whether a group was killed."""
+    was killed while the command ran); remove the file. Returns whether a group was killed.
+    While the driver that started it lives, the group is another run's: an InputError."""
     try:
         recorded = json.loads(Path(pgid_file).read_text())
     except (OSError, ValueError):
         return False
+    driver = recorded.get("driver")
+    if driver is not None and driver != os.getpid() and _start_time(driver) == recorded.get("driver_start") \
+            and _start_time(driver) is not None:
+        raise InputError(f"{pgid_file}: another run (pid {driver}) is running this stage in the same directory; "
+                         "wait for it or stop it first")
     Path(pgid_file).unlink(missing_ok=True)
     pgid, start = recorded.get("pgid"), recorded.get("start")
     leader_start = _start_time(pgid)
@@ -86,7 +93,8 @@ def run_command(cmd, log_path, env=None):
         log.flush()
         process = subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        atomic_write_json(pgid_file, {"pgid": process.pid, "start": _start_time(process.pid)})
+        atomic_write_json(pgid_file, {"pgid": process.pid, "start": _start_time(process.pid),
+                                      "driver": os.getpid(), "driver_start": _start_time(os.getpid())})
         last_shown, pending = time.monotonic(), b""
         try:
             for chunk in iter(lambda: process.stdout.read1(4096), b""):
