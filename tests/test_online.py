@@ -2,6 +2,7 @@
 samples from round 1's policy, the results have one row per round, and a run SIGKILLed (its
 whole process group) during round 2's alignment, then rerun, ends with the same final weights,
 bit for bit, as an uninterrupted round 2."""
+import contextlib
 import json
 import os
 import random
@@ -61,7 +62,8 @@ def kill_during_round2_alignment(cmd, out, timeout=900):
         deadline = time.monotonic() + timeout
         while not (policy / "ds_checkpoints" / "latest").exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 log.seek(0)
                 pytest.fail(f"round 2's alignment never checkpointed:\n{log.read()[-4000:]}")
             time.sleep(0.02)
