@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -182,8 +183,11 @@ def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
     orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
     pgid_file = tmp_path / "stage.pgid"
     pgid_file.write_text(json.dumps({"pgid": orphan.pid, "start": _start_time(orphan.pid)}))
+    reaper = threading.Thread(target=orphan.wait)  # as init reaps a real orphan: no zombie keeps the group
+    reaper.start()
     assert kill_stale_group(pgid_file)
-    assert orphan.wait(timeout=10) == -signal.SIGKILL and not pgid_file.exists()
+    reaper.join(timeout=10)
+    assert orphan.returncode == -signal.SIGKILL and not pgid_file.exists()
     # a recorded pid that now names another process is left alone
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
     pgid_file.write_text(json.dumps({"pgid": other.pid, "start": "not its start time"}))
