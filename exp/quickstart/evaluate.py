@@ -1,20 +1,23 @@
 """Evaluate policies as the paper's IMDB experiment does: oracle reward and KL(pi || pi_sft).
 
     python exp/quickstart/evaluate.py --prompts review/sft:DATA --sft_model SFT \\
-        --model ckpt1=models/x/ckpt1 --model ckpt2=models/x/ckpt2 --output_dir eval/x
+        --model ckpt1=models/x/ckpt1 --model ckpt2=models/x/ckpt2 --output_dir eval/x \\
+        [--reward_model RM] [--oracle vader|none]
 
 For each NAME=PATH, in OUTPUT_DIR/NAME:
   test.json          completions of the test prompts sampled from the policy (src/inference_sft.py)
   logps_policy.json  their log-probs under the policy, logps_sft.json under the SFT model
                      (src/calc_logprobs.py), at the sampling temperature
   kl.json            KL(pi || pi_sft) = mean log-ratio over the samples (src/eval_kl.py)
-  reward.json        mean oracle (VADER) reward of the samples (oracle.py)
+  reward.json        mean oracle (VADER) reward of the samples (oracle.py); not with --oracle none
+  rw/test.json       with --reward_model: the samples scored by it, as rw data (src/inference_rm.py)
+  rm_reward.json     with --reward_model: their mean reward-model reward
 
 These are the entry points a GPU user runs one launcher call at a time; here they are called
 in one process, because on a CPU each launch costs ~15 s of start-up for a few seconds of work,
 and a dozen checkpoints would spend most of the quickstart starting Python. A file that exists
-is kept, so a rerun after a crash resumes. A model named `sft` is the SFT model itself: its KL is
-0 by definition and is recorded without scoring.
+is kept, so a rerun after a crash resumes. A model whose path is --sft_model is the SFT model
+itself: its KL is 0 by definition and is recorded without scoring.
 """
 import argparse
 import os
@@ -27,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import calc_logprobs  # noqa: E402
 import eval_kl  # noqa: E402
+import inference_rm  # noqa: E402
 import inference_sft  # noqa: E402
-from oracle import reward_summary  # noqa: E402
-from utils.fileio import InputError, atomic_write_json, cli_main  # noqa: E402
+from utils.fileio import InputError, atomic_write_json, cli_main, read_json_records  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,8 +46,17 @@ def parse_args(argv=None):
     parser.add_argument("--temp", type=float, default=0.8, help="sampling temperature, also used for the log-probs")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens sampled per completion at most")
     parser.add_argument("--max_length", type=int, default=96, help="prompt + new tokens when sampling")
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help="prompt + completion tokens when scoring; default --max_length + 8")
+    parser.add_argument("--max_gen_len", type=int, default=None,
+                        help="completion tokens when scoring (EOS included); default --max_new_tokens + 8")
     parser.add_argument("--batch_size", type=int, default=32, help="prompts (or records) per batch")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (the same for every policy)")
+    parser.add_argument("--reward_model", default=None,
+                        help="also score the samples with this reward model: rw/test.json and rm_reward.json")
+    parser.add_argument("--oracle", default="vader", choices=["vader", "none"],
+                        help="vader: the quickstart's oracle reward, VADER's sentiment of prompt + completion "
+                             "(reward.json); none: no oracle")
     args = parser.parse_args(argv)
     for spec in args.model:
         name, sep, path = spec.partition("=")
@@ -56,8 +68,10 @@ def parse_args(argv=None):
 def evaluate(name, model_path, args):
     out = os.path.join(args.output_dir, name)
     samples = os.path.join(out, "test.json")
-    # scoring cuts with room for every sampled token (the stop token included): nothing the sampler drew is cut
-    lengths = ["--max_seq_len", str(args.max_length + 8), "--max_gen_len", str(args.max_new_tokens + 8)]
+    # scoring cuts, by default with room for every sampled token (the stop token included): nothing the
+    # sampler drew is cut
+    lengths = ["--max_seq_len", str(args.max_seq_len or args.max_length + 8),
+               "--max_gen_len", str(args.max_gen_len or args.max_new_tokens + 8)]
     if not os.path.exists(samples):
         inference_sft.main(["--model_name_or_path", model_path, "--data_name_path", args.prompts, "--split", "test",
                             "--return_num", str(args.return_num), "--temp", str(args.temp), "--top_k", "0",
@@ -65,7 +79,7 @@ def evaluate(name, model_path, args):
                             "--max_length", str(args.max_length), "--batch_size", str(args.batch_size),
                             "--seed", str(args.seed), "--output_path", out])
     kl_file = os.path.join(out, "kl.json")
-    if name == "sft":
+    if os.path.abspath(model_path) == os.path.abspath(args.sft_model):
         atomic_write_json(kl_file, {"kl": 0.0, "n": 0, "policy": model_path, "sft": model_path})
     elif not os.path.exists(kl_file):
         logps = {}
@@ -76,9 +90,21 @@ def evaluate(name, model_path, args):
                                     "--temp", str(args.temp), "--batch_size", str(args.batch_size), *lengths,
                                     "--output_path", logps[role]])
         eval_kl.main([logps["policy"], logps["sft"], "--output_path", kl_file])
-    summary = reward_summary(samples)
-    atomic_write_json(os.path.join(out, "reward.json"), summary)
-    print(f"{name}: oracle reward {summary['mean']:.4f} (std {summary['std']:.4f}, n {summary['n']})", flush=True)
+    if args.reward_model:
+        rw_dir = os.path.join(out, "rw")
+        if not os.path.exists(os.path.join(rw_dir, "test.json")):
+            inference_rm.main(["--model_name_or_path", args.reward_model, "--data_path", out, "--split", "test",
+                               "--mode", "label", "--batch_size", str(args.batch_size), *lengths,
+                               "--output_path", rw_dir])
+        rm_summary = inference_rm.reward_summary([r["rewards"] for r in read_json_records(os.path.join(rw_dir,
+                                                                                                         "test.json"))])
+        atomic_write_json(os.path.join(out, "rm_reward.json"), {**rm_summary, "model": args.reward_model})
+        print(f"{name}: reward-model reward {rm_summary['mean']:.4f} (std {rm_summary['std']:.4f})", flush=True)
+    if args.oracle == "vader":
+        from oracle import reward_summary
+        summary = reward_summary(samples)
+        atomic_write_json(os.path.join(out, "reward.json"), summary)
+        print(f"{name}: oracle reward {summary['mean']:.4f} (std {summary['std']:.4f}, n {summary['n']})", flush=True)
 
 
 @cli_main

@@ -16,6 +16,9 @@ Stages, each through the launcher or entry point a GPU user runs:
   align_M      EXO / DPO from the SFT model, saving checkpoints (train_exo.sh): the -rw losses on the
                reward model's rw data with K = --num_samples, the -pref losses on the oracle pairs (K = 2)
   eval_M       every checkpoint's test samples: oracle reward and KL(pi || pi_sft) (evaluate.py)
+  online_*     with --online_rounds R: R rounds of online EXO (exp/online_exp/online.py) from the SFT
+               model, each sampling from the previous round's policy, scoring with the reward model and
+               training --online_steps steps of exo-rw; evaluated as the checkpoints are (method online-exo-rw)
   report       results.md (the table), results.json and reward_vs_kl.png (the frontier per method)
 
 A stage is skipped when it finished before with the same settings and nothing it depends on
@@ -23,22 +26,18 @@ was redone; each stage's console output goes to WORKDIR/logs/STAGE.log. Everythi
 under --workdir (default results/quickstart).
 """
 import argparse
-import json
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 QUICKSTART = Path(__file__).resolve().parent
 REPO_ROOT = QUICKSTART.parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(QUICKSTART))
+sys.path.insert(0, str(REPO_ROOT / "exp" / "online_exp"))
 
 from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
+from utils.pipeline import Pipeline, StageFailed, run_command  # noqa: E402
 
 METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
 # Every sampled completion fits the training and scoring cuts whole: the prompts are a few
@@ -69,6 +68,11 @@ def parse_args(argv=None):
     g.add_argument("--num_checkpoints", type=int, default=3, help="checkpoints saved (and evaluated) per method")
     g.add_argument("--hidden_size", type=int, default=128, help="width of the tiny GPT-2")
     g.add_argument("--num_layers", type=int, default=2, help="layers of the tiny GPT-2")
+    g.add_argument("--online_rounds", type=int, default=0,
+                   help="rounds of online EXO after the offline methods (0: none; each costs minutes on a CPU)")
+    g.add_argument("--online_steps", type=int, default=None,
+                   help="optimizer steps per online round; default --align_steps / --num_checkpoints, so round r "
+                        "has taken as many steps as the offline runs' checkpoint r")
     g = parser.add_argument_group("alignment")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="loss types to run")
     g.add_argument("--align_lr", type=float, default=1e-4, help="learning rate of the alignment runs")
@@ -85,117 +89,13 @@ def parse_args(argv=None):
         raise InputError(f"--num_train_prompts {args.num_train_prompts} exceeds --num_reviews {args.num_reviews}")
     if args.align_lr <= 0 or args.beta <= 0:
         raise InputError("--align_lr and --beta must be positive")
+    if args.online_rounds < 0:
+        raise InputError(f"--online_rounds must be at least 0, got {args.online_rounds}")
+    args.online_steps = args.online_steps or max(1, args.align_steps // args.num_checkpoints)
+    if args.online_rounds and args.eval_samples % args.num_samples:
+        raise InputError(f"--eval_samples {args.eval_samples} must be a multiple of --num_samples {args.num_samples} "
+                         "with --online_rounds: a round's test samples are the next round's held-out groups")
     return args
-
-
-# -- running a stage ------------------------------------------------------------------------
-_PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar
-_NOT_PROGRESS = ("Loading weights", "Writing model shards")  # sub-second bars of transformers
-
-
-class StageFailed(Exception):
-    pass
-
-
-def run_command(cmd, log_path, env=None):
-    """Run `cmd` with its output in `log_path`, showing the latest progress bar it prints.
-
-    The command gets its own process group, killed whole on failure or Ctrl-C: the deepspeed
-    launcher does not take its ranks down with it."""
-    tty = sys.stdout.isatty()
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-                **(env or {})}
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
-        log.flush()
-        process = subprocess.Popen([str(c) for c in cmd], cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        last_shown, pending = time.monotonic(), b""
-        try:
-            for chunk in iter(lambda: process.stdout.read1(4096), b""):
-                log.write(chunk)
-                pending += chunk
-                *segments, pending = re.split(rb"[\r\n]", pending)
-                bars = [s.decode(errors="replace") for s in segments]
-                bars = [s for s in bars if _PROGRESS.search(s) and not s.lstrip().startswith(_NOT_PROGRESS)]
-                now = time.monotonic()
-                # on a terminal the bar is redrawn in place; in a log (CI) one line every 20 s
-                if bars and (tty or now - last_shown > 20):
-                    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", bars[-1]).strip()  # tqdm's cursor moves
-                    width = shutil.get_terminal_size().columns - 5
-                    print(f"\r    {text[:width]}\033[K" if tty else f"    {text}", end="" if tty else "\n", flush=True)
-                    last_shown = now
-            process.wait()
-        except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise
-        finally:
-            if tty:
-                print("\r\033[K", end="", flush=True)
-    if process.returncode != 0:
-        tail = Path(log_path).read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
-        raise StageFailed("\n".join(["    " + line for line in tail]) +
-                          f"\n  exit code {process.returncode}; the whole output is in {log_path}")
-
-
-class Pipeline:
-    """Stages in order, each with the stages it depends on, the settings that shape its output
-    and the paths it writes; a marker file records what a finished stage was run with."""
-
-    def __init__(self, workdir, force):
-        self.workdir = Path(workdir)
-        self.force = force
-        self.stages = []
-        self.redone = set()
-
-    def stage(self, name, description, deps, settings, outputs, run, always=False):
-        self.stages.append(dict(name=name, description=description, deps=deps, settings=settings,
-                                outputs=[Path(p) for p in outputs], run=run, always=always))
-
-    def marker(self, name):
-        return self.workdir / "stages" / f"{name}.json"
-
-    def check_force(self):
-        known = {s["name"] for s in self.stages}
-        unknown = [name for name in self.force or () if name not in known]
-        if unknown:
-            raise InputError(f"--force {' '.join(unknown)}: no such stage; stages: {', '.join(sorted(known))}")
-
-    def run(self):
-        self.check_force()
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        for number, stage in enumerate(self.stages, start=1):
-            name, marker = stage["name"], self.marker(stage["name"])
-            recorded = json.loads(marker.read_text()) if marker.exists() else None
-            reason, clean = None, True
-            if stage["always"]:
-                reason = "every run"
-            elif self.force is not None and (not self.force or name in self.force):
-                reason = "forced"
-            elif any(dep in self.redone for dep in stage["deps"]):
-                reason = "its inputs were redone"
-            elif recorded is None:
-                reason, clean = "not done yet", False  # keep a crashed run's partial work: entry points resume
-            elif recorded != stage["settings"]:
-                reason = "settings changed"
-            header = f"[{number}/{len(self.stages)}] {name}: {stage['description']}"
-            if reason is None:
-                print(f"{header} -- done before, skipped", flush=True)
-                continue
-            print(f"{header} ({reason})", flush=True)
-            if marker.exists():
-                marker.unlink()
-            if clean:
-                for path in stage["outputs"]:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            stage_started = time.monotonic()
-            stage["run"](self.workdir / "logs" / f"{name}.log")
-            atomic_write_json(marker, stage["settings"])
-            self.redone.add(name)
-            print(f"    done in {time.monotonic() - stage_started:.0f} s", flush=True)
-        return time.monotonic() - started
 
 
 # -- the experiment -------------------------------------------------------------------------
@@ -314,10 +214,31 @@ def build(args):
         pipe.stage(f"eval_{method}", f"{method} checkpoints: oracle reward and KL(pi || pi_sft)",
                    [f"align_{method}"], eval_settings, [eval_root / method], evaluate(method, ckpts))
 
+    runs = {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)] for m in align_dirs}}
+    if args.online_rounds:
+        import online
+        k = args.num_samples
+        # the offline exo-rw run's settings, as an online.py command line
+        online_args = online.parse_args([
+            "--sft_model", str(sft), "--reward_model", str(rm), "--data_name_path", f"{DATA_NAME}/sft:{prompts_dir}",
+            "--output_dir", str(w / "online"), "--rounds", str(args.online_rounds), "--num_samples", str(k),
+            "--loss_type", "exo-rw", "--seed", str(args.seed), "--temp", str(SAMPLING_TEMP),
+            "--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--sample_batch_size", "64",
+            "--max_seq_len", str(MAX_LENGTH + 8), "--max_gen_len", str(MAX_NEW_TOKENS + 8), "--score_batch_size", "64",
+            "--max_iter_step", str(args.online_steps), "--num_save_checkpoint", "1", "--num_train_epochs", "100",
+            "--learning_rate", str(args.align_lr), "--beta_pi", str(args.beta), "--beta_r", str(args.beta),
+            "--per_device_train_batch_size", str(max(1, 32 // k)), "--per_device_eval_batch_size", str(max(1, 64 // k)),
+            "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
+            "--eval_samples", str(args.eval_samples), "--eval_seed", str(args.seed + 1), "--eval_batch_size", "128",
+            "--oracle", "vader"])
+        # round 1's held-out split: the SFT model's test samples scored by the reward model
+        online.add_rounds(pipe, online_args, f"{DATA_NAME}/sft:{prompts_dir}", (rw_dir / "test.json", "rm_label"),
+                          eval_root / "online-exo-rw", prefix="online_", input_stages=["sft"])
+        runs["online-exo-rw"] = [f"round{r}" for r in range(1, args.online_rounds + 1)]
+
     def report(log):
         from report import write_report
-        write_report(str(w), {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)]
-                                            for m in align_dirs}}, vars(args))
+        write_report(str(w), runs, vars(args))
 
     # cheap, and it reads every evaluation: redone on every run
     pipe.stage("report", "results.md, results.json and reward_vs_kl.png", [], {}, [], report, always=True)

@@ -49,7 +49,7 @@ def plot(rows, path):
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "sft"):
         points = sft + [r for r in rows if r["method"] == method]
         ax.plot([p["kl"] for p in points], [p["reward"] for p in points], marker="o", label=method,
-                linestyle="-" if method.startswith("exo") else "--")
+                linestyle="-" if "exo" in method else "--")
     for row in sft:
         ax.plot(row["kl"], row["reward"], marker="*", markersize=14, color="black", linestyle="none", label="SFT")
     ax.set_xlabel("KL(π ‖ π_sft)")
@@ -58,6 +58,13 @@ def plot(rows, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure to `path` whole or not at all, and close it."""
+    import matplotlib.pyplot as plt
+
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
     os.close(fd)
     try:

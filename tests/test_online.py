@@ -1,0 +1,203 @@
+"""Online EXO (exp/online_exp/run.sh): two rounds on a tiny model and 2 CPU ranks. Round 2
+samples from round 1's policy, the results have one row per round, and a run SIGKILLed (its
+whole process group) during round 2's alignment, then rerun, ends with the same final weights,
+bit for bit, as an uninterrupted round 2."""
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import POSITIVE, NEGATIVE, REPO_ROOT, SRC, WORDS, run, write_split
+
+ENV = {"DEVICE_IDS": "0,1"}
+
+
+@pytest.fixture(scope="module")
+def online_inputs(tiny_model, tmp_path_factory):
+    """(prompts dir of sft records, an untrained one-label reward model on the tiny backbone)."""
+    from utils.model_utils import load_reward_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("online")
+    rng = random.Random(0)
+    vocabulary = WORDS + POSITIVE + NEGATIVE
+    prompts = root / "prompts"
+    for split, n in (("train", 16), ("test", 4)):
+        write_split(prompts, split, [{"prompt": " ".join(rng.choice(vocabulary) for _ in range(3)),
+                                      "chosen": " ".join(rng.choice(vocabulary) for _ in range(4))} for _ in range(n)])
+    reward_model = str(root / "rm")
+    tokenizer = load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    load_reward_model(tiny_model, tokenizer).save_pretrained(reward_model)
+    tokenizer.save_pretrained(reward_model)
+    return str(prompts), reward_model
+
+
+def online_command(tiny_model, online_inputs, out, *extra):
+    prompts, reward_model = online_inputs
+    # 16 prompts x K = 2 on 2 ranks of 2 groups: 4 steps a pass; 3 passes give round 2's kill a window
+    return ["bash", "exp/online_exp/run.sh", "--sft_model", tiny_model, "--reward_model", reward_model,
+            "--data_name_path", f"toy/sft:{prompts}", "--output_dir", str(out), "--rounds", "2", "--num_samples", "2",
+            "--max_new_tokens", "6", "--max_length", "16", "--num_train_epochs", "3", "--max_iter_step", "12",
+            "--num_save_checkpoint", "4", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--zero_stage", "0",
+            "--no-gradient_checkpointing", "--eval_batch_size", "8", *extra]
+
+
+def kill_during_round2_alignment(cmd, out, timeout=900):
+    """Start `cmd`; SIGKILL its process group once round 2's alignment has written a resumable
+    checkpoint and before it is done."""
+    policy = out / "round2" / "policy_online" / "align_exo-rw_nc2"
+    env = {**os.environ, "PYTHONPATH": str(SRC), **ENV}
+    out.mkdir(parents=True)
+    with open(out.parent / "killed_run.log", "w+") as log, \
+            subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True) as process:
+        deadline = time.monotonic() + timeout
+        while not (policy / "ds_checkpoints" / "latest").exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                log.seek(0)
+                pytest.fail(f"round 2's alignment never checkpointed:\n{log.read()[-4000:]}")
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not (out / "stages" / "round2_align.json").exists(), "killed too late: round 2's alignment had finished"
+
+
+def final_weights(out):
+    return load_file(out / "round2" / "policy_online" / "align_exo-rw_nc2" / "model.safetensors")
+
+
+def test_two_online_rounds_resume_bit_exactly_after_a_kill(tiny_model, online_inputs, tmp_path):
+    out = tmp_path / "online"
+    cmd = online_command(tiny_model, online_inputs, out)
+    kill_during_round2_alignment(cmd, out)
+
+    rerun = run(cmd, env=ENV, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    for name in ("round0_eval", "round1_sample", "round1_score", "round1_align", "round1_eval", "round2_sample",
+                 "round2_score"):
+        line = next(line for line in rerun.stdout.splitlines() if f"] {name}: " in line)
+        assert line.endswith("done before, skipped"), line
+    assert "round2_align: exo-rw from round 1 policy (interrupted before, resuming)" in rerun.stdout
+    assert "resumed from" in (out / "logs" / "round2_align.log").read_text()
+
+    # round 2 sampled from round 1's policy, round 1 from the SFT model
+    manifests = [json.loads((out / f"round{r}" / "manifest.json").read_text()) for r in (1, 2)]
+    assert manifests[0]["source_model"] == tiny_model
+    assert manifests[1]["source_model"] == manifests[0]["policy"] != tiny_model
+    assert manifests[0]["reference"] == manifests[1]["reference"] == tiny_model
+    for manifest in manifests:  # the gen records' own source_model, where the sampler writes one
+        for record in json.loads((out / f"round{manifest['round']}" / "samples" / "train.json").read_text()):
+            assert record.get("source_model", manifest["source_model"]) == manifest["source_model"]
+            assert len(record["completions"]) == 2
+
+    results = json.loads((out / "results.json").read_text())
+    assert [row["round"] for row in results["rows"]] == [1, 2]
+    assert [row["sampled_from"] for row in results["rows"]] == [tiny_model, manifests[0]["policy"]]
+    assert [row["total_steps"] for row in results["rows"]] == [12, 24]
+    assert results["sft"]["kl"] == 0 and all(row["n"] == 4 * 2 for row in results["rows"])
+    table = (out / "results.md").read_text()
+    assert table.count("\n| 1 | SFT | 12 (12) |") == 1 and table.count("\n| 2 | round 1 | 12 (24) |") == 1
+    assert (out / "reward_kl_per_round.png").read_bytes()[:4] == b"\x89PNG"
+    resumed = final_weights(out)
+
+    # the same round 2 uninterrupted, from scratch: the same weights, bit for bit, and the same results
+    again = run([*cmd, "--force", "round2_align"], env=ENV, timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "starting from scratch" in (out / "logs" / "round2_align.log").read_text().split("\n$ ")[-1]
+    uninterrupted = final_weights(out)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+    assert any(not torch.equal(resumed[name], load_file(os.path.join(tiny_model, "model.safetensors"))[name])
+               for name in resumed)  # round 2 did train
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_online_bad_flags_are_one_line(tiny_model, online_inputs, tmp_path):
+    prompts, reward_model = online_inputs
+    base = ["bash", "exp/online_exp/run.sh", "--sft_model", tiny_model, "--reward_model", reward_model,
+            "--data_name_path", f"toy/sft:{prompts}", "--output_dir", str(tmp_path / "out")]
+    for extra, message in ((["--eval_samples", "3"], "error: --eval_samples 3 must be a multiple of --num_samples 4"),
+                           (["--force", "round9_align"], "error: --force round9_align: no such stage")):
+        result = run([*base, *extra], timeout=60)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert not (tmp_path / "out" / "stages").exists()
+
+
+# -- the stage runner both drivers share (src/utils/pipeline.py) -------------------------------
+def test_stage_runner_resumes_same_settings_and_never_leaves_stale_dependents(tmp_path):
+    from utils.pipeline import Pipeline
+
+    runs = []
+
+    def build(settings, fail_in=None):
+        pipe = Pipeline(tmp_path, None)
+        for name, deps in (("a", []), ("b", ["a"]), ("c", ["b"])):
+            out = tmp_path / f"{name}.out"
+
+            def work(log, name=name, out=out):
+                runs.append((name, out.exists()))  # whether a partial output was kept for it
+                out.write_text(name)
+                if name == fail_in:
+                    raise RuntimeError("killed")
+            pipe.stage(name, name, deps, settings.get(name, {}), [out], work)
+        return pipe
+
+    build({}).run()
+    assert runs == [("a", False), ("b", False), ("c", False)]
+    runs.clear()
+    build({}).run()
+    assert runs == []  # all done
+
+    # a redone `a` whose run dies in `b`: `c` (never reached) must not look done, nor keep its output
+    runs.clear()
+    with pytest.raises(RuntimeError):
+        build({"a": {"v": 2}}, fail_in="b").run()
+    assert runs == [("a", False), ("b", False)] and not (tmp_path / "c.out").exists()
+    runs.clear()
+    build({"a": {"v": 2}}).run()
+    assert runs == [("b", True), ("c", False)]  # b resumes from its partial output, c runs
+
+    # a stage killed under other settings than the rerun's starts clean
+    runs.clear()
+    with pytest.raises(RuntimeError):
+        build({"a": {"v": 2}, "c": {"x": 1}}, fail_in="c").run()
+    runs.clear()
+    build({"a": {"v": 2}, "c": {"x": 2}}).run()
+    assert runs == [("c", False)]
+
+
+def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
+    from utils.fileio import InputError
+    from utils.pipeline import _start_time, kill_stale_group
+
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pgid_file = tmp_path / "stage.pgid"
+    pgid_file.write_text(json.dumps({"pgid": orphan.pid, "start": _start_time(orphan.pid)}))
+    reaper = threading.Thread(target=orphan.wait)  # as init reaps a real orphan: no zombie keeps the group
+    reaper.start()
+    assert kill_stale_group(pgid_file)
+    reaper.join(timeout=10)
+    assert orphan.returncode == -signal.SIGKILL and not pgid_file.exists()
+    # a recorded pid that now names another process is left alone
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pgid_file.write_text(json.dumps({"pgid": other.pid, "start": "not its start time"}))
+    assert not kill_stale_group(pgid_file)
+    assert other.poll() is None
+    # ... and so is one whose driver still runs: a second run in the same directory stops instead
+    pgid_file.write_text(json.dumps({"pgid": other.pid, "start": _start_time(other.pid), "driver": other.pid,
+                                     "driver_start": _start_time(other.pid)}))
+    with pytest.raises(InputError, match="another run"):
+        kill_stale_group(pgid_file)
+    assert other.poll() is None
+    other.kill()
+    other.wait()
