@@ -5,8 +5,8 @@ outputs and reliability flags, their checks, and the parser that turns a bad fla
 import argparse
 import os
 
-from utils.checkpointing import CHECKPOINT_DIR, checkpoint_location
-from utils.fileio import InputError
+from .checkpointing import CHECKPOINT_DIR, checkpoint_location
+from .fileio import InputError
 
 
 def add_training_args(parser):

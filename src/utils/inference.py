@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils.data.collators import pad_sequences
-from utils.data.data_utils import Encoder, Tokenisation
-from utils.data.raw_datasets import JsonDataset
-from utils.fileio import InputError, atomic_write_json
-from utils.model_utils import load_tokenizer
-from utils.args import base_parser
-from utils.distributed import init_distributed, to_device
+from .data.collators import pad_sequences
+from .data.data_utils import Encoder, Tokenisation
+from .data.raw_datasets import JsonDataset
+from .fileio import InputError, atomic_write_json
+from .model_utils import load_tokenizer
+from .args import base_parser
+from .distributed import init_distributed, to_device
 
 SHARD_DIR = ".shards"
 # Ranks reach the merge at very different times (a resumed rank may have nothing left to do

@@ -8,8 +8,8 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from utils.fileio import InputError, atomic_dir, commit_dir, commit_files
-from utils.loss import sequence_logprobs
+from .fileio import InputError, atomic_dir, commit_dir, commit_files
+from .loss import sequence_logprobs
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -3,7 +3,7 @@ import os
 
 from tqdm import tqdm
 
-from utils.distributed import is_rank0
+from .distributed import is_rank0
 
 
 class Logger:

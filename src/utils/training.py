@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from utils.checkpointing import (RunState, find_resume_checkpoint, load_resumable_checkpoint, read_run_state,
-                                 run_layout, save_resumable_checkpoint, set_rng_states)
-from utils.distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
-from utils.ds_utils import make_optimizer, train_ds_config
-from utils.fileio import InputError
-from utils.guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
-from utils.model_utils import save_hf_model
-from utils.tracking import Logger
+from .checkpointing import (RunState, find_resume_checkpoint, load_resumable_checkpoint, read_run_state,
+                            run_layout, save_resumable_checkpoint, set_rng_states)
+from .distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
+from .ds_utils import make_optimizer, train_ds_config
+from .fileio import InputError
+from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
+from .model_utils import save_hf_model
+from .tracking import Logger
 
 
 def add_metrics(sums, loss, metrics):

@@ -17,8 +17,8 @@ import sys
 import datasets
 import torch
 
-from utils.data.raw_datasets import get_raw_dataset
-from utils.fileio import InputError, atomic_dir, commit_dir, where
+from .raw_datasets import get_raw_dataset
+from ..fileio import InputError, atomic_dir, commit_dir, where
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "exo_align")

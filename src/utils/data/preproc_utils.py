@@ -10,8 +10,8 @@ import json
 import os
 from collections import Counter
 
-from utils.data.raw_datasets import validate_record
-from utils.fileio import InputError, atomic_dir, atomic_write_json, commit_dir, read_text, where
+from .raw_datasets import validate_record
+from ..fileio import InputError, atomic_dir, atomic_write_json, commit_dir, read_text, where
 
 
 def read_json_lines(path):

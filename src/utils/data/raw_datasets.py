@@ -21,7 +21,7 @@ and used as `--dataset_module my_datasets.py --data_name_path my_tsv:/data/tsv`.
 import math
 import os
 
-from utils.fileio import InputError, read_json_records, where
+from ..fileio import InputError, read_json_records, where
 
 # The standard record of each kind: field -> expected type.
 KIND_FIELDS = {
