@@ -102,7 +102,7 @@ def test_stage_runs_beside_a_user_utils_py(tmp_path, tiny_model, align_data):
                   "--dataset_module", "my_datasets.py", "--data_name_path", f"my_pairs:{align_data['pref']}",
                   "--max_seq_len", "32", "--max_gen_len", "16", "--max_iter_step", "1",
                   "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-                  "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out)],
+                  "--data_output_path", str(tmp_path / "cache"), "--report_to", "none", "--output_dir", str(out)],
                             cwd=work, env={**os.environ, "PYTHONPATH": "."}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model.safetensors").exists()

@@ -203,8 +203,9 @@ def _merge_lora(model, state_dict):
     return out
 
 
-def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True):
-    """Export the engine's model as a Hugging Face directory (safetensors + tokenizer).
+def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True, model_card=None):
+    """Export the engine's model as a Hugging Face directory (safetensors + tokenizer, and
+    `model_card`, the text of its README.md, when given).
 
     Called on every rank. Rank 0 writes into a temporary directory and renames it into place,
     so `output_dir` is always a complete model or absent; with `replace_dir=False` the files
@@ -219,5 +220,8 @@ def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True):
         tmp = atomic_dir(output_dir)
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if model_card is not None:
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(model_card)
         (commit_dir if replace_dir else commit_files)(tmp, output_dir)
     torch.distributed.barrier()

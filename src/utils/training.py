@@ -21,6 +21,7 @@ from .distributed import distributed_loader, is_rank0, print_rank0, sum_across_r
 from .ds_utils import make_optimizer, train_ds_config
 from .fileio import InputError
 from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
+from .model_card import model_card
 from .model_utils import save_hf_model
 from .tracking import Logger
 
@@ -170,8 +171,9 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
                 if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
                     logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), step)
                 if step in exports:
-                    save_hf_model(engine, tokenizer, os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}"),
-                                  args.zero_stage)
+                    export_dir = os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}")
+                    save_hf_model(engine, tokenizer, export_dir, args.zero_stage,
+                                  model_card=model_card(args, model, export_dir, step, total_steps, world_size))
                 stopping = totals["_stop"] > 0 or state.nonfinite_in_row >= args.max_nonfinite_steps
                 if step in exports or stopping:
                     checkpoint = save_resumable_checkpoint(engine, args, state, layout)
@@ -187,7 +189,8 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
 
     final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
     logger.log("eval", final_metrics, state.step)
-    save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False)
+    save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False,
+                  model_card=model_card(args, model, args.output_dir, state.step, total_steps, world_size))
     print_rank0(f"saved the final model to {args.output_dir}")
     logger.close()
     return final_metrics
