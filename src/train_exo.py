@@ -14,10 +14,10 @@ import gc
 import hashlib
 import os
 
+import utils  # noqa: F401  before deepspeed, which logs on import what utils/quiet.py silences
 import deepspeed
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils.data.collators import AlignmentCollator
 from utils.data.data_utils import AlignmentEncoder
@@ -28,6 +28,7 @@ from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
 from utils.model_utils import apply_lora, load_causal_lm, model_fingerprint, model_sequence_logprobs
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.distributed import Stage, distributed_loader, is_rank0
+from utils.tracking import progress_bar
 from utils.training import train
 
 
@@ -114,7 +115,7 @@ def reference_logps(ref_engine, dataset, collator, args, device):
     by_length = np.argsort(sequence_lengths(dataset), kind="stable")
     loader = distributed_loader(dataset.select(by_length), args.per_device_eval_batch_size, collator, False, args.seed)
     local = []
-    for batch in tqdm(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
+    for batch in progress_bar(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
         local.append(model_sequence_logprobs(ref_engine, batch, args.temp).view(-1, args.num_contrastive).cpu())
     local = torch.cat(local).numpy()

@@ -1,7 +1,7 @@
-"""--report_to (TensorBoard, W&B in offline mode) and the model card of every export."""
+"""--report_to (TensorBoard, W&B in offline mode), the model card of every export, and a
+2-rank launch's output free of the known, harmless library messages (utils/quiet.py)."""
 import argparse
 import glob
-import os
 import shutil
 import struct
 import sys
@@ -9,7 +9,7 @@ import sys
 import pytest
 from huggingface_hub import metadata_load
 
-from conftest import run
+from conftest import launcher, run
 from utils.fileio import InputError
 from utils.tracking import check_trackers
 
@@ -47,26 +47,40 @@ def tensorboard_scalars(log_dir):
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, tiny_model, align_data):
-    """One 2-step train_exo run reporting to TensorBoard and W&B (offline), exporting ckpt1 at
-    step 1, from a copy of the tiny model whose own card names its Hub base model."""
+    """One 2-step train_exo run on 2 ranks (LoRA, gradient checkpointing, ZeRO-2) reporting to
+    TensorBoard and W&B (offline), exporting ckpt1 and ckpt2, from a copy of the tiny model
+    whose own card names its Hub base model. Returns (output dir, console output)."""
     pytest.importorskip("wandb")
     root = tmp_path_factory.mktemp("tracked")
     init = root / "init"
     shutil.copytree(tiny_model, init)
     (init / "README.md").write_text("---\nbase_model: openai-community/gpt2\nlibrary_name: transformers\n---\n# init\n")
     out = root / "out"
-    result = run(["python", "src/train_exo.py", "--model_name_or_path", str(init),
+    result = run([*launcher(2), "src/train_exo.py", "--model_name_or_path", str(init),
                   "--data_name_path", f"toy/rw:{align_data['rw']}", "--loss_type", "exo-rw", "--num_contrastive", "2",
                   "--beta_pi", "0.25", "--beta_r", "0.75", "--max_seq_len", "48", "--max_gen_len", "16",
                   "--max_iter_step", "2", "--num_save_checkpoint", "2", "--per_device_train_batch_size", "8",
                   "--per_device_eval_batch_size", "16", "--data_output_path", str(root / "cache"),
+                  "--lora_dim", "4", "--gradient_checkpointing", "--zero_stage", "2",
                   "--report_to", "tensorboard,wandb", "--output_dir", str(out)],
                  env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return out, result.stdout + result.stderr
+
+
+def test_a_launch_prints_none_of_the_known_harmless_messages(tracked_run):
+    _, output = tracked_run
+    for known in ("gradient_checkpointing_enable` is deprecated", "all_gather_into_tensor` is deprecated",
+                  "reduce_scatter_tensor` is deprecated", "is_gradient_checkpointing` is deprecated",
+                  "fan_in_fan_out is set to False", "strongly recommend passing in an `attention_mask`"):
+        assert known not in output
+    # the launcher's two processes say it; the ranks no longer repeat it
+    assert output.count("Setting accelerator to CPU") <= 2
+    assert output.count("saved the final model") == 1
 
 
 def test_wandb_logs_the_tensorboard_scalars_and_the_flags(tracked_run):
+    tracked_run, _ = tracked_run
     (run_file,) = glob.glob(str(tracked_run / "wandb" / "offline-run-*" / "run-*.wandb"))
     records = wandb_records(run_file)
     logged = {}
@@ -87,16 +101,18 @@ def test_wandb_logs_the_tensorboard_scalars_and_the_flags(tracked_run):
 
 @pytest.mark.parametrize("export, steps", [("ckpt1", "1 of 2"), ("ckpt2", "2 of 2"), (".", "2 of 2")])
 def test_every_export_has_a_model_card(tracked_run, export, steps):
+    tracked_run, _ = tracked_run
     card = tracked_run / export / "README.md"
     metadata = metadata_load(card)
     assert metadata["base_model"] == "openai-community/gpt2"  # from the initial model's own card
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
     assert {"exo", "exo-rw"} <= set(metadata["tags"])
     body = card.read_text()
-    for row in ("| stage | `train_exo` |", "| loss type | `exo-rw` |", "| K (candidates per group) | 2 |",
+    for row in ("| stage | `train_exo` |", "| LoRA rank (merged) | 4 |", "| loss type | `exo-rw` |", "| K (candidates per group) | 2 |",
                 "| beta_pi / beta_r | 0.25 / 0.75 |", f"| optimizer steps | {steps} |", "toy/rw:"):
         assert row in body
-    assert "src/train_exo.py --model_name_or_path" in body and "--report_to tensorboard,wandb" in body
+    assert "# on 2 ranks" in body and "src/train_exo.py --model_name_or_path" in body
+    assert "--report_to tensorboard,wandb" in body and "local_rank" not in body
     assert "AutoModelForCausalLM.from_pretrained" in body
 
 

@@ -7,7 +7,8 @@ inside the package every import is relative, so both names load the same code.
 
 A stage imports it as `utils`; a --dataset_module may import it by either name. So that the
 two names cannot load two copies (two dataset registries, two PromptRawDataset classes), a
-stage aliases `exo_align.*` to the `utils.*` modules it already runs on.
+stage aliases `exo_align.*` to the `utils.*` modules it already runs on. A stage also
+silences the library messages that ask nothing of the user (see quiet.py).
 """
 import importlib
 import importlib.abc
@@ -39,5 +40,9 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__ = self._source_spec
 
 
-if __name__ != INSTALLED_NAME and not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
-    sys.meta_path.insert(0, _AliasFinder(__name__))
+if __name__ != INSTALLED_NAME:
+    if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AliasFinder(__name__))
+    # Running as the entry scripts' `utils`: silence the known, harmless library messages
+    # (quiet.py says why each is harmless). The installed library leaves them alone.
+    from . import quiet  # noqa: F401,E402

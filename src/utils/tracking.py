@@ -12,6 +12,7 @@ Every scalar is logged as PREFIX/NAME (train/loss, eval/rewards/margins, ...) at
 """
 import importlib.util
 import os
+import sys
 
 from tqdm import tqdm
 
@@ -40,6 +41,31 @@ def check_trackers(args):
         args.report_to.append("tensorboard")
     if "wandb" in args.report_to and importlib.util.find_spec("wandb") is None:
         raise InputError("--report_to wandb needs the wandb package: pip install wandb (or pip install -e '.[wandb]')")
+
+
+class _OneLinePerRefresh:
+    """tqdm's stream when stderr is not a terminal (a pipe into tee, a log file): each refresh
+    becomes one whole line, not a carriage-return redraw, so that a log holds clean lines and a
+    `[train step N]` line is never glued to a half-drawn bar (tqdm.write leaves this stream be)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(*args, **kwargs):
+    """tqdm on stderr: redrawn in place on a terminal; elsewhere a line every few seconds."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("file", _OneLinePerRefresh(sys.stderr))
+        kwargs.setdefault("mininterval", 5.0)
+    return tqdm(*args, **kwargs)
 
 
 def run_name(args):

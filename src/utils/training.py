@@ -12,7 +12,6 @@ import time
 
 import deepspeed
 import torch
-from tqdm import tqdm
 from transformers import get_scheduler
 
 from .checkpointing import (RunState, find_resume_checkpoint, load_resumable_checkpoint, read_run_state,
@@ -23,7 +22,7 @@ from .fileio import InputError
 from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
 from .model_card import model_card
 from .model_utils import save_hf_model
-from .tracking import Logger
+from .tracking import Logger, progress_bar
 
 
 def add_metrics(sums, loss, metrics):
@@ -62,7 +61,10 @@ def build_engine(args, model, total_steps, world_size):
     """The DeepSpeed engine around `model`, with an AdamW whose updates the non-finite guard
     can skip and an LR schedule that does not advance on skipped updates."""
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, args)
     guard = NonFiniteGuard(optimizer)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
@@ -125,7 +127,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
         rng = None
         logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
     sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
     engine.train()
     if rng:
         set_rng_states(rng)  # last, so that nothing between here and the next batch draws from them
