@@ -97,6 +97,13 @@ def add_training_args(parser):
     return parser
 
 
+def add_disable_dropout_arg(group):
+    """--disable_dropout, for the stages that keep the model's dropout by default (alignment
+    always turns it off: see model_utils.load_config)."""
+    group.add_argument("--disable_dropout", action="store_true",
+                       help="set every dropout rate of the model to 0 (default: as in the model's config)")
+
+
 def check_training_args(args):
     """Flag combinations that cannot work, caught before anything starts."""
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
