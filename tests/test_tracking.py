@@ -77,6 +77,8 @@ def test_a_launch_prints_none_of_the_known_harmless_messages(tracked_run):
     # the launcher's two processes say it; the ranks no longer repeat it
     assert output.count("Setting accelerator to CPU") <= 2
     assert output.count("saved the final model") == 1
+    assert output.count("Loading weights:   0%") <= 2  # rank 0's: the reference and the policy
+    assert "\r[train step" not in output and "\r[eval step" not in output  # step lines stand whole
 
 
 def test_wandb_logs_the_tensorboard_scalars_and_the_flags(tracked_run):

@@ -26,6 +26,12 @@ class _DropMessages(logging.Filter):
 if "RANK" in os.environ:
     logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
 
+# The other ranks draw the same library progress bars as rank 0 (loading weights, writing the
+# export's shards, datasets' map); rank 0's show the progress. Read when those libraries load.
+if os.environ.get("RANK", "0") != "0":
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow it
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
 # torch deprecates the names DeepSpeed's ZeRO collectives call; they work, and the fix is DeepSpeed's.
 warnings.filterwarnings("ignore", category=FutureWarning,
                         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
