@@ -1,8 +1,10 @@
 """exo-align: EXO and DPO alignment of causal language models on DeepSpeed ZeRO.
 
 The pipeline's entry points are scripts in src/ (run with `python src/<stage>.py` or the
-`deepspeed` launcher); installing makes their shared `utils` package importable from
-anywhere, e.g. from a custom dataset module or a notebook.
+`deepspeed` launcher), which import their shared package from the source tree as `utils`.
+Installing puts that package (src/utils) into site-packages as `exo_align`, importable from
+anywhere (a notebook, your own scripts) and nothing under a generic top-level name: a
+user's own utils.py cannot shadow it, and it cannot shadow theirs.
 """
 from pathlib import Path
 
@@ -20,12 +22,12 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    py_modules=[p.stem for p in Path(__file__).parent.joinpath("src").glob("*.py")],
+    package_dir={"exo_align": "src/utils"},
+    packages=["exo_align"] + [f"exo_align.{name}" for name in find_packages("src/utils")],
     install_requires=requirements,
     # bench: only exp/bench compares against TRL; see exp/bench/README.md for installing it
     # without letting pip move torch or transformers
-    extras_require={"test": ["pytest>=7"], "bench": ["trl==1.16.0"]},
+    # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra)
+    extras_require={"test": ["pytest>=7"], "bench": ["trl==1.16.0"], "wandb": ["wandb"]},
     license="MIT",
 )

@@ -27,7 +27,7 @@ from utils.data.collators import ClassCollator
 from utils.data.data_utils import ClassEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
-from utils.args import add_training_args, base_parser, check_training_args
+from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
 from utils.distributed import Stage
 from utils.training import train
 
@@ -35,8 +35,7 @@ from utils.training import train
 def parse_args(argv=None):
     parser = add_training_args(base_parser(__doc__.split("\n\n")[0]))
     g = parser.add_argument_group("classifier")
-    g.add_argument("--disable_dropout", action="store_true",
-                   help="set every dropout rate of the model to 0 (default: as in the model's config)")
+    add_disable_dropout_arg(g)
     args = parser.parse_args(argv)
     check_training_args(args)
     return args

@@ -14,10 +14,10 @@ import gc
 import hashlib
 import os
 
+import utils  # noqa: F401  before deepspeed, which logs on import what utils/quiet.py silences
 import deepspeed
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils.data.collators import AlignmentCollator
 from utils.data.data_utils import AlignmentEncoder, is_cache_writer
@@ -30,6 +30,7 @@ from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, 
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.distributed import Stage, distributed_loader, is_rank0, sum_across_ranks, to_device
+from utils.tracking import progress_bar
 from utils.training import train
 
 
@@ -123,7 +124,7 @@ def reference_logps(ref_engine, dataset, collator, args, device, prefix_sharing=
     by_length = np.argsort(sequence_lengths(dataset), kind="stable")
     loader = distributed_loader(dataset.select(by_length), args.per_device_eval_batch_size, collator, False, args.seed)
     local = []
-    for batch in tqdm(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
+    for batch in progress_bar(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
         logps = model_sequence_logprobs(ref_engine, to_device(batch, device), args.temp, args.fused_logprobs,
                                         prefix_sharing)
         local.append(logps.view(-1, args.num_contrastive).cpu())

@@ -20,7 +20,7 @@ from utils.data.data_utils import SFTEncoder
 from utils.fileio import InputError, cli_main
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, load_causal_lm
-from utils.args import add_training_args, base_parser, check_training_args
+from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
 from utils.distributed import Stage
 from utils.training import train
 
@@ -32,8 +32,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("sft")
     g.add_argument("--train_on_prompt", action="store_true",
                    help="put the loss on the prompt tokens too, not only on the completion")
-    g.add_argument("--disable_dropout", action="store_true",
-                   help="set every dropout rate of the model to 0 (default: as in the model's config)")
+    add_disable_dropout_arg(g)
     add_fused_logprobs_arg(g)
     args = parser.parse_args(argv)
     check_training_args(args)

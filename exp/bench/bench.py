@@ -82,7 +82,7 @@ def ours_argv(size, data, model, out_dir, cache_dir, ref_model=None):
             "--per_device_train_batch_size", str(size["batch_size"]),
             "--per_device_eval_batch_size", str(2 * size["batch_size"]),
             "--learning_rate", str(HYPER["learning_rate"]), "--seed", str(HYPER["seed"]),
-            "--max_seq_len", "256", "--max_gen_len", "160", "--print_loss"]
+            "--max_seq_len", "256", "--max_gen_len", "160", "--print_loss", "--report_to", "none"]
     return argv + (["--ref_name_or_path", ref_model] if ref_model else [])
 
 

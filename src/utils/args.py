@@ -5,12 +5,13 @@ outputs and reliability flags, their checks, and the parser that turns a bad fla
 import argparse
 import os
 
-from utils.checkpointing import CHECKPOINT_DIR, check_optimizer_flags, checkpoint_location
-from utils.data.chat import add_chat_template_arg
-from utils.data.raw_datasets import add_source_args, parse_columns
-from utils.distributed import add_distributed_args
-from utils.fileio import InputError
-from utils.model_utils import check_position_limit
+from .checkpointing import CHECKPOINT_DIR, check_optimizer_flags, checkpoint_location
+from .data.chat import add_chat_template_arg
+from .data.raw_datasets import add_source_args, parse_columns
+from .distributed import add_distributed_args
+from .fileio import InputError
+from .model_utils import check_position_limit
+from .tracking import check_trackers
 
 
 def add_training_args(parser):
@@ -79,9 +80,14 @@ def add_training_args(parser):
                    help="export a checkpoint every this many optimizer steps (overrides --num_save_checkpoint)")
     g.add_argument("--eval_step_interval", type=int, default=-1,
                    help="evaluate every this many optimizer steps; evaluation also runs at every export and at the end")
-    g.add_argument("--enable_tensorboard", action="store_true", help="write TensorBoard scalars")
+    g.add_argument("--report_to", default="tensorboard", metavar="TRACKERS",
+                   help="where the scalars go, comma-separated: tensorboard, wandb (the same scalars and these "
+                        "flags; pip install wandb; WANDB_PROJECT, WANDB_MODE=offline ... as W&B reads them), or none")
+    g.add_argument("--enable_tensorboard", action="store_true",
+                   help="the same as tensorboard in --report_to (kept so that older command lines work)")
     g.add_argument("--tensorboard_name_path", default=None,
-                   help="RUN_NAME:LOG_DIR for TensorBoard (logs go to LOG_DIR/RUN_NAME); default OUTPUT_DIR/tensorboard")
+                   help="RUN_NAME:LOG_DIR for TensorBoard (logs go to LOG_DIR/RUN_NAME); default OUTPUT_DIR/tensorboard; "
+                        "RUN_NAME also names the W&B run (default: the last part of OUTPUT_DIR)")
     g.add_argument("--print_loss", action="store_true", help="print a line of metrics at every optimizer step")
 
     g = parser.add_argument_group("reliability")
@@ -98,6 +104,13 @@ def add_training_args(parser):
     return parser
 
 
+def add_disable_dropout_arg(group):
+    """--disable_dropout, for the stages that keep the model's dropout by default (alignment
+    always turns it off: see model_utils.load_config)."""
+    group.add_argument("--disable_dropout", action="store_true",
+                       help="set every dropout rate of the model to 0 (default: as in the model's config)")
+
+
 def check_training_args(args):
     """Flag combinations that cannot work, caught before anything starts."""
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -110,6 +123,7 @@ def check_training_args(args):
         raise InputError("--only_optimize_lora needs --lora_dim > 0")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise InputError(f"--output_dir {args.output_dir}: exists and is not a directory")
+    check_trackers(args)
     if args.tensorboard_name_path and ":" not in args.tensorboard_name_path:
         raise InputError(f"--tensorboard_name_path {args.tensorboard_name_path!r}: expected RUN_NAME:LOG_DIR")
     if args.offload and args.zero_stage == 0:

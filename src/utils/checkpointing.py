@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from utils.distributed import is_rank0, print_rank0
-from utils.fileio import InputError, atomic_write_json, atomic_write_text, commit_dir
+from .distributed import is_rank0, print_rank0
+from .fileio import InputError, atomic_write_json, atomic_write_text, commit_dir
 
 
 # DeepSpeed's own checkpoints (weights, optimizer and scheduler state, per rank) live in

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers.integrations import HfDeepSpeedConfig
 
-from utils.data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
-from utils.data.samplers import LengthGroupedSampler, ResumableSampler, sequence_lengths
-from utils.ds_utils import train_ds_config
-from utils.model_utils import load_tokenizer
+from .data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
+from .data.samplers import LengthGroupedSampler, ResumableSampler, sequence_lengths
+from .ds_utils import train_ds_config
+from .model_utils import load_tokenizer
 
 
 def _skip_shm_allreduce():

@@ -1,4 +1,6 @@
 """The DeepSpeed configs and optimizer, built in one place for every stage."""
+import os
+
 import torch
 from deepspeed.accelerator import get_accelerator
 
@@ -63,6 +65,24 @@ def eval_ds_config(args, world_size):
     }
 
 
+def _say_if_op_must_compile(op_name, what):
+    """One line before DeepSpeed compiles a C++/CUDA op on its first use on this machine (the
+    build is cached under torch's extension directory, ~40 s for CPUAdam), so that the silent
+    wait is explained; nothing when the op is prebuilt or cached."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(op_name) or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        built = os.path.isfile(os.path.join(_get_build_directory(op_name, False), f"{op_name}.so"))
+    except Exception:  # a private torch helper: if it moves, say it anyway
+        built = False
+    if not built:
+        print(f"compiling DeepSpeed's {what} ({op_name}) for this machine: once, ~40 s or more; "
+              "later runs load it from the cache", flush=True)
+
+
 def make_optimizer(model, args):
     """AdamW without weight decay on biases and norm weights (the 1-D parameters).
 
@@ -78,8 +98,10 @@ def make_optimizer(model, args):
     betas = (args.adam_beta1, args.adam_beta2)
     if args.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+        _say_if_op_must_compile("cpu_adam", "CPU Adam")
         return DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=betas)
     if get_accelerator().device_name() != "cpu":
         from deepspeed.ops.adam import FusedAdam
+        _say_if_op_must_compile("fused_adam", "fused Adam")
         return FusedAdam(groups, lr=args.learning_rate, betas=betas)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas)

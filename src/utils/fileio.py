@@ -88,8 +88,13 @@ def read_json_records(path):
     Malformed JSON is reported with its line (and column); a record that is not an object
     with its index.
     """
-    text = read_text(path)
-    if str(path).endswith(".jsonl"):
+    return parse_json_records(read_text(path), path, json_lines=str(path).endswith(".jsonl"))
+
+
+def parse_json_records(text, path, json_lines):
+    """The records in `text` (read from `path`, named in errors): one JSON object per line when
+    `json_lines`, else one JSON list of objects."""
+    if json_lines:
         records = []
         # split on "\n" only: str.splitlines() would also split inside JSON strings that hold
         # U+2028, U+2029 or U+0085 unescaped, which is valid JSON

@@ -7,8 +7,8 @@ import types
 
 import torch
 
-from utils.distributed import print_rank0
-from utils.fileio import TrainingStopped
+from .distributed import print_rank0
+from .fileio import TrainingStopped
 
 
 class StopRequest:

@@ -29,15 +29,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils.data.collators import pad_sequences
-from utils.data.data_utils import Encoder, Tokenisation
-from utils.data.chat import add_chat_template_arg
-from utils.data.raw_datasets import JsonDataset, MissingSplit
-from utils.fileio import InputError, atomic_write_json
-from utils.model_utils import check_position_limit, load_tokenizer
-from utils.prefix_sharing import add_prefix_sharing_arg
-from utils.args import base_parser
-from utils.distributed import add_distributed_args, init_distributed, to_device
+from .data.collators import pad_sequences
+from .data.data_utils import Encoder, Tokenisation
+from .data.chat import add_chat_template_arg
+from .data.raw_datasets import JsonDataset, MissingSplit
+from .fileio import InputError, atomic_write_json
+from .model_utils import check_position_limit, load_tokenizer
+from .prefix_sharing import add_prefix_sharing_arg
+from .args import base_parser
+from .distributed import add_distributed_args, init_distributed, to_device
 
 SHARD_DIR = ".shards"
 # Ranks reach the merge at very different times (a resumed rank may have nothing left to do

@@ -27,8 +27,8 @@ import logging
 
 import torch
 
-from utils.loss import sequence_logprobs
-from utils.model_utils import _accepts_logits_to_keep, _unwrap
+from .loss import sequence_logprobs
+from .model_utils import _accepts_logits_to_keep, _unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
     if not fused and not prefix_sharing:
         return _unfused_model_logprobs(model, batch, temperature)
     if prefix_sharing:
-        from utils.prefix_sharing import Decoder, shared_prefix_hidden_states
+        from .prefix_sharing import Decoder, shared_prefix_hidden_states
         hidden, labels, loss_mask = shared_prefix_hidden_states(Decoder(model), batch)
     else:
         hidden, labels, loss_mask = prompt_cut_hidden_states(Backbone(model, head), batch)

@@ -3,12 +3,13 @@ import glob
 import hashlib
 import inspect
 import json
+import logging
 import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from utils.fileio import InputError, atomic_dir, commit_dir, commit_files
+from .fileio import InputError, atomic_dir, commit_dir, commit_files
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -76,15 +77,51 @@ def zero_dropout(model):
             module.p = 0.0
 
 
-def _load_model(auto_class, what, path, tokenizer, dtype, trust_remote_code, disable_dropout, **config_overrides):
+class _HeldLoadReport(logging.Filter):
+    """Holds back the LOAD REPORT transformers logs (on every rank) from one from_pretrained."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+def _only_a_new_head(model, info):
+    """Whether a load report says no more than that a sequence classifier was built on a
+    causal LM: its head (`score`) is missing, and the LM head, if the checkpoint had one, unused."""
+    head = {n for n, _ in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")}
+    missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+    others = [key for key, value in info.items() if value and key not in ("missing_keys", "unexpected_keys")]
+    return missing and missing <= head and all(k.startswith("lm_head.") for k in unexpected) and not others
+
+
+def _load_model(auto_class, what, path, tokenizer, dtype, trust_remote_code, disable_dropout, new_head_expected=False,
+                **config_overrides):
     config = load_config(path, trust_remote_code, disable_dropout)
     for key, value in config_overrides.items():
         setattr(config, key, value)
+    report_logger, held = logging.getLogger("transformers.modeling_utils"), _HeldLoadReport()
+    if new_head_expected:
+        report_logger.addFilter(held)
     try:
-        model = auto_class.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
-                                           trust_remote_code=trust_remote_code)
+        model, info = auto_class.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype],
+                                                 trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError, TypeError) as err:
         raise _not_a_model(path, what, err) from None
+    finally:
+        report_logger.removeFilter(held)
+    if held.records and _only_a_new_head(model, info):
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"{path}: a causal LM, so the reward head ({', '.join(sorted(info['missing_keys']))}) "
+                  "starts from random weights", flush=True)
+    else:  # anything else may be a broken checkpoint: every rank shows the whole report
+        for record in held.records:
+            report_logger.handle(record)
     if disable_dropout:
         zero_dropout(model)
     prepare_for_tokenizer(model, tokenizer)
@@ -107,7 +144,8 @@ def load_reward_model(path, tokenizer, dtype="fp32", trust_remote_code=False, di
     from a saved reward model it loads as trained. The pad id is written into the config,
     which is how transformers finds the last token (and how serving engines will)."""
     return _load_model(AutoModelForSequenceClassification, "a reward model", path, tokenizer, dtype,
-                       trust_remote_code, disable_dropout, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+                       trust_remote_code, disable_dropout, new_head_expected=True, num_labels=1,
+                       pad_token_id=tokenizer.pad_token_id)
 
 
 def trainable_reward_model(args, tokenizer):
@@ -205,8 +243,9 @@ def _merge_lora(model, state_dict):
     return out
 
 
-def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True):
-    """Export the engine's model as a Hugging Face directory (safetensors + tokenizer).
+def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True, model_card=None):
+    """Export the engine's model as a Hugging Face directory (safetensors + tokenizer, and
+    `model_card`, the text of its README.md, when given).
 
     Called on every rank. Rank 0 writes into a temporary directory and renames it into place,
     so `output_dir` is always a complete model or absent; with `replace_dir=False` the files
@@ -221,5 +260,8 @@ def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True):
         tmp = atomic_dir(output_dir)
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if model_card is not None:
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(model_card)
         (commit_dir if replace_dir else commit_files)(tmp, output_dir)
     torch.distributed.barrier()

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.fileio import InputError, atomic_write_json
+from .fileio import InputError, atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

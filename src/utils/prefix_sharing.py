@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.fileio import InputError
+from .fileio import InputError
 
 PREFIX_SHARING_CHOICES = ("auto", "on", "off")
 _MASKED_ATTENTION = ("eager", "sdpa")  # the implementations that apply a custom 4D mask as given
@@ -70,7 +70,7 @@ def sharing_support(model):
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return f"{config.model_type} uses sliding-window attention, which a block mask would override"
     if hf.get_output_embeddings() is not None:
-        from utils.logprobs import lm_head
+        from .logprobs import lm_head
 
         why = lm_head(model)[1]
         if why:  # the shared path reduces the head's input itself, so the head must be a plain linear map

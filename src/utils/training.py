@@ -12,17 +12,17 @@ import time
 
 import deepspeed
 import torch
-from tqdm import tqdm
 from transformers import get_scheduler
 
-from utils.checkpointing import (RunState, find_resume_checkpoint, load_resumable_checkpoint, read_run_state,
-                                 run_layout, save_resumable_checkpoint, set_rng_states)
-from utils.distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
-from utils.ds_utils import make_optimizer, train_ds_config
-from utils.fileio import InputError
-from utils.guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
-from utils.model_utils import save_hf_model
-from utils.tracking import Logger
+from .checkpointing import (RunState, find_resume_checkpoint, load_resumable_checkpoint, read_run_state,
+                            run_layout, save_resumable_checkpoint, set_rng_states)
+from .distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
+from .ds_utils import make_optimizer, train_ds_config
+from .fileio import InputError
+from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
+from .model_card import model_card
+from .model_utils import save_hf_model
+from .tracking import Logger, progress_bar
 
 
 def add_metrics(sums, loss, metrics):
@@ -61,7 +61,10 @@ def build_engine(args, model, total_steps, world_size):
     """The DeepSpeed engine around `model`, with an AdamW whose updates the non-finite guard
     can skip and an LR schedule that does not advance on skipped updates."""
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, args)
     guard = NonFiniteGuard(optimizer)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
@@ -128,7 +131,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
         logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
     last_eval = (None, None)  # (step, metrics) of the latest evaluation
     sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
     engine.train()
     if rng:
         set_rng_states(rng)  # last, so that nothing between here and the next batch draws from them
@@ -175,8 +178,9 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
                     last_eval = (step, evaluate(engine, eval_loader, compute_loss, device, summarize_metrics))
                     logger.log("eval", last_eval[1], step)
                 if step in exports:
-                    save_hf_model(engine, tokenizer, os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}"),
-                                  args.zero_stage)
+                    export_dir = os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}")
+                    save_hf_model(engine, tokenizer, export_dir, args.zero_stage,
+                                  model_card=model_card(args, model, export_dir, step, total_steps, world_size))
                 stopping = totals["_stop"] > 0 or state.nonfinite_in_row >= args.max_nonfinite_steps
                 if step in exports or stopping:
                     checkpoint = save_resumable_checkpoint(engine, args, state, layout)
@@ -195,7 +199,8 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     else:
         final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
         logger.log("eval", final_metrics, state.step)
-    save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False)
+    save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False,
+                  model_card=model_card(args, model, args.output_dir, state.step, total_steps, world_size))
     print_rank0(f"saved the final model to {args.output_dir}")
     logger.close()
     return final_metrics

@@ -26,7 +26,7 @@ text tokenised without adding special tokens (a template writes its own BOS).
 """
 import os
 
-from utils.fileio import InputError, read_text, where
+from ..fileio import InputError, read_text, where
 
 CHAT_TEMPLATE_CHOICES = "auto|none|PATH"
 COMPLETION_FIELDS = {"sft": ("chosen",), "pref": ("chosen", "rejected"), "gen": ("completions",),

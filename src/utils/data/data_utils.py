@@ -26,9 +26,9 @@ import uuid
 import datasets
 import torch
 
-from utils.data.chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
-from utils.data.raw_datasets import parse_columns, resolve_dataset
-from utils.fileio import InputError, atomic_dir, commit_new_dir, where
+from .chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
+from .raw_datasets import parse_columns, resolve_dataset
+from ..fileio import InputError, atomic_dir, commit_new_dir, where
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "exo_align")

@@ -8,14 +8,20 @@ one: its prompt messages, and its answers as assistant messages.
     python src/utils/data/pref_to_rw.py data/hh_pref        # writes data/hh_pref_p2r
 """
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # src/, when run as a script
+if __name__ == "__main__" and not __package__:
+    # Run as a script (`python src/utils/data/pref_to_rw.py`): make it the package module it is,
+    # so its relative imports resolve (PEP 366).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # src/
+    __package__ = "utils.data"
+    importlib.import_module(__package__)
 
-from utils.data.raw_datasets import SPLITS, JsonDataset  # noqa: E402
-from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
+from .raw_datasets import SPLITS, JsonDataset  # noqa: E402
+from ..fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
 
 
 def pref_to_rw(records):

@@ -6,36 +6,18 @@ the file, the record and the field (exit 2) before anything is written. Records 
 for a known reason (an empty answer, a quirk of the source data) are skipped and counted, and
 the counts are printed with the reasons.
 """
-import json
 import os
 from collections import Counter
 
-from utils.data.raw_datasets import validate_record
-from utils.fileio import InputError, atomic_dir, atomic_write_json, commit_dir, read_text, where
+from .raw_datasets import validate_record
+from ..fileio import InputError, atomic_dir, atomic_write_json, commit_dir, parse_json_records, read_text, where
 
 
 def read_json_lines(path):
     """Records of a JSON-lines file, whatever its extension: `datasets`' `to_json` writes JSON
     lines into `.json` files too. A file that is one JSON list is read as such."""
     text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path} line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-    else:
-        records = []
-        for line_no, line in enumerate(text.split("\n"), start=1):  # "\n" only: see fileio.read_json_records
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise InputError(f"{where(path, index)}: expected a JSON object, got {type(record).__name__}")
-    return records
+    return parse_json_records(text, path, json_lines=not text.lstrip().startswith("["))
 
 
 def field(record, path, index, *keys, kind=str, nullable=False):

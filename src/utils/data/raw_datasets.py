@@ -26,8 +26,8 @@ import math
 import os
 import re
 
-from utils.data.chat import COMPLETION_FIELDS, is_conversation, normalise_conversation
-from utils.fileio import InputError, read_json_records, where
+from .chat import COMPLETION_FIELDS, is_conversation, normalise_conversation
+from ..fileio import InputError, read_json_records, where
 
 # The standard record of each kind: field -> expected type.
 KIND_FIELDS = {

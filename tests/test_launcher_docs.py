@@ -1,0 +1,18 @@
+"""What the README says a launcher passes is what the launcher passes."""
+import re
+
+from conftest import REPO_ROOT
+
+
+def test_readme_states_the_align_launchers_defaults():
+    readme = (REPO_ROOT / "README.md").read_text()
+    claim = readme[readme.index("The launcher sets "):readme.index("Without the launcher:")]
+    claimed = re.findall(r"`(--\w+)(?: ([^`\s]+))?`", claim.split("(no LoRA")[0])
+    launcher = (REPO_ROOT / "exp/custom_exp/train_exo.sh").read_text()
+    passed = dict(re.findall(r"^\s+(--\w+)(?: (\S+))? \\$", launcher, re.M))
+    assert len(claimed) >= 10
+    for flag, value in claimed:
+        assert flag in passed and passed[flag] == value, (flag, value, passed.get(flag))
+    assert "--lora_dim" not in passed  # the README says it trains the full model
+    # every default the launcher passes is stated
+    assert {flag for flag, value in passed.items() if not value.startswith('"')} == {flag for flag, _ in claimed}
