@@ -27,7 +27,8 @@ setup(
     install_requires=requirements,
     # bench: only exp/bench compares against TRL; see exp/bench/README.md for installing it
     # without letting pip move torch or transformers
-    # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra)
-    extras_require={"test": ["pytest>=7"], "bench": ["trl==1.16.0"], "wandb": ["wandb"]},
+    # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra); the tests log to
+    # W&B offline, so the test extra has it too
+    extras_require={"test": ["pytest>=7", "wandb"], "bench": ["trl==1.16.0"], "wandb": ["wandb"]},
     license="MIT",
 )
