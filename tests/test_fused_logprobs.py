@@ -4,8 +4,6 @@ tied (GPT-2) and untied (Llama), with LoRA, gradient checkpointing and 2-rank Ze
 float64 gradcheck of the autograd Function; the fallback of heads that are more than a matmul."""
 import json
 import logging
-import sys
-import types
 
 import pytest
 import torch
@@ -170,24 +168,8 @@ def test_lora_never_wraps_the_head_and_fused_equals_unfused(small_chunks):
     assert_fused_equals_unfused(model, random_batch(300, seed=4))
 
 
-def test_prefix_sharing_producer_plugs_into_the_head_reduction(monkeypatch, gpt2, small_chunks):
-    """prefix_sharing=True takes (hidden, labels, loss_mask) from utils.prefix_sharing and
-    reduces them fused or through the head's logits (a stand-in producer: the plain one)."""
-    calls = []
-
-    def shared_prefix_hidden_states(backbone, batch):
-        calls.append(backbone)
-        return logprobs.prompt_cut_hidden_states(backbone, batch)
-
-    monkeypatch.setitem(sys.modules, "utils.prefix_sharing",
-                        types.SimpleNamespace(shared_prefix_hidden_states=shared_prefix_hidden_states))
-    batch = random_batch(gpt2.config.vocab_size, seed=5)
-    with torch.no_grad():
-        reference = logprobs.model_sequence_logprobs(gpt2, batch, TEMPERATURE, fused=False)
-        for fused in (True, False):
-            shared = logprobs.model_sequence_logprobs(gpt2, batch, TEMPERATURE, fused=fused, prefix_sharing=True)
-            torch.testing.assert_close(shared, reference, **F32_TOL)
-    assert len(calls) == 2 and all(isinstance(b, logprobs.Backbone) for b in calls)
+# The real shared-prefix producer composed with this head reduction is tested against the plain
+# path in tests/test_prefix_sharing.py (test_shared_prefix_and_fused_head_together_equal_neither).
 
 
 def test_softcapped_head_falls_back_to_the_unfused_path_once(caplog):
