@@ -12,7 +12,7 @@ warning), else its text + EOS (a conversation's answer: the template's tokens fo
 prompt on the left to fit --max_seq_len). "temp" is the --temp scored at and scored_tokens[i]
 a digest of the token sequence scored, so eval_kl.py can refuse two files that scored
 different tokens or temperatures. For a KL estimate score the samples at the temperature they
-were sampled at. Batched, sharded across ranks and resumable (utils/inference.py).
+were sampled at. Batched, sharded across ranks and resumable (utils/sharding.py).
 """
 import os
 import re

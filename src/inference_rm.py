@@ -9,7 +9,7 @@ tokenizer; else text + EOS, or for a conversation the template's tokens up to th
 end-of-turn token; completion cut on the right to --max_gen_len, prompt on the left to fit
 --max_seq_len) and scored by the one-label sequence classifier at its last non-pad token, the
 way reward-model training scores it. Batched, sharded across ranks and resumable
-(utils/inference.py).
+(utils/sharding.py).
 
   label  writes `rw` records {prompt, completions, rewards} to DATA_PATH_rw/SPLIT.json, where a
          trailing `_sft` is dropped from DATA_PATH first (data/imdb_sft -> data/imdb_rw); the

@@ -9,7 +9,7 @@ is tokenised as training tokenises it (a conversation rendered with the chat tem
 generation prompt) and cut on the left (keeping a BOS) to
 max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
 the full prompt text. Generation is batched with left padding and the KV cache, sharded across
-ranks and resumable (utils/inference.py). The checkpoint's generation_config is ignored: what
+ranks and resumable (utils/sharding.py). The checkpoint's generation_config is ignored: what
 is sampled is exactly what the flags say.
 
 A completion ends at the first stop token: EOS, and for conversational prompts the chat
@@ -43,9 +43,9 @@ from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
-from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens,
-                             sharded_map)
+from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
+from utils.sharding import sharded_map
 from utils.args import base_parser
 from utils.distributed import init_distributed
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from utils.data.collators import pad_sequences
 from utils.data.data_utils import Tokenisation
-from utils.inference import read_shard, shard_path, shard_range, sharded_map
+from utils.sharding import read_shard, shard_path, shard_range, sharded_map
 from utils.logprobs import model_sequence_logprobs
 from utils.model_utils import load_causal_lm, load_tokenizer
 
