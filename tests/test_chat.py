@@ -188,7 +188,8 @@ def test_get_raw_dataset_takes_an_entry_added_by_hand(tmp_path):
     assert marker in source
     edited = source.replace(marker, marker + "    if name == 'my_tsv':\n"
                                              "        dataset = MyTsv(name, path, kind or None)\n")
-    module = {"__name__": "edited_data_utils"}
+    # run as a module of the utils.data package, so its relative imports resolve as the original's do
+    module = {"__name__": "utils.data.edited_data_utils", "__package__": "utils.data"}
     exec(compile(edited, "data_utils.py", "exec"), module)
 
     from utils.data.raw_datasets import PromptRawDataset

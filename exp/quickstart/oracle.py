@@ -33,13 +33,15 @@ def oracle_rewards(prompt, completions):
 
 def preference_pairs(records):
     """One pref record per prompt: its best against its worst completion by oracle reward.
-    Prompts whose completions all score the same carry no preference and are left out."""
+    Prompts whose completions all score the same carry no preference and are left out, and so
+    are those whose best or worst is an empty sample (EOS drawn first), which `pref` text cannot
+    hold: the rule inference_class's label_pref follows."""
     pairs = []
     for record in records:
         rewards = oracle_rewards(record["prompt"], record["completions"])
         best = max(range(len(rewards)), key=rewards.__getitem__)
         worst = min(range(len(rewards)), key=rewards.__getitem__)
-        if rewards[best] > rewards[worst]:
+        if rewards[best] > rewards[worst] and record["completions"][best] and record["completions"][worst]:
             pairs.append({"prompt": record["prompt"], "chosen": record["completions"][best],
                           "rejected": record["completions"][worst]})
     return pairs

@@ -1,6 +1,7 @@
 """Process setup: joining the ranks, seeding, rank-0 helpers, each rank's share of the data,
 and `Stage`, what every training stage sets up before its model.
 """
+import atexit
 import collections
 import datetime
 import os
@@ -47,6 +48,14 @@ def add_distributed_args(group):
                             "cover the longest wait on one rank: tokenising the data cache, writing an export")
 
 
+def _leave_process_group():
+    """Destroy the process group while the interpreter is still whole. Left to interpreter
+    teardown, gloo's worker threads can outlive the objects they hold and the process aborts
+    ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_distributed(args):
     """Join the process group the launcher set up (deepspeed, torchrun, or srun around either:
     RANK / LOCAL_RANK / WORLD_SIZE from the environment), or make a one-process group for plain
@@ -68,6 +77,7 @@ def init_distributed(args):
         accelerator.set_device(local_rank)
     timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", DEFAULT_DIST_TIMEOUT_MIN))
     deepspeed.init_distributed(timeout=timeout)
+    atexit.register(_leave_process_group)
     if on_cpu:
         # CPU ranks share their machine's cores; oversubscribed threads would only thrash. The
         # count is of the ranks really on this host, not the launcher's per-node size: "nodes"
