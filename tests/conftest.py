@@ -78,10 +78,33 @@ def launcher(ranks):
     """`python`, or deepspeed on `ranks` CPU ranks with a free rendezvous port (runs may overlap)."""
     if ranks == 1:
         return ["python"]
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
+
+
+def free_port():
+    """A rendezvous port no other run holds now (runs may overlap)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
+        return s.getsockname()[1]
+
+
+def start(cmd, cwd=REPO_ROOT):
+    """Popen in its own process group (launcher and ranks), output merged and line-buffered,
+    for a test that watches a run while it goes (to kill it at a chosen moment); see `finish`."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process, timeout=300):
+    """The rest of a `start`ed run's output once it ends; a timeout kills its whole group."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"timed out: {output[-3000:]}")
+    return output
 
 
 def run(cmd, timeout=600, env=None, **kwargs):

@@ -9,14 +9,11 @@ Runs are few and shared between tests (module fixtures): each costs a launch of 
 """
 import os
 import re
-import signal
-import socket
-import subprocess
 import time
 
 import psutil
 import pytest
-from conftest import REPO_ROOT, SRC, launcher
+from conftest import SRC, finish, free_port, launcher, start
 from safetensors.torch import load_file
 
 # 64 records x 2 groups of K=2 / (4 x 2 ranks) = 16 steps an epoch; 4 are run, a resumable
@@ -37,26 +34,8 @@ SAMPLE_FLAGS = ["--split", "test", "--return_num", "2", "--temp", "1.0", "--max_
 KILL_BOUND_S = 150
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd, cwd=REPO_ROOT):
-    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(process, timeout=400):
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"timed out: {output[-3000:]}")
-    return output
+# a two-node run here takes two interpreters, two rendezvous and two caches
+NODE_RUN_TIMEOUT_S = 400
 
 
 def start_two_nodes(script, flags, root, cache="node-local"):
@@ -81,13 +60,14 @@ def cache_flag(root, node, cache):
 
 def two_nodes(script, flags, root, cache="node-local"):
     """Run on two nodes; return node 0's output (rank 0's lines)."""
-    outputs = [finish(node) for node in start_two_nodes(script, flags, root, cache)]
+    outputs = [finish(node, NODE_RUN_TIMEOUT_S) for node in start_two_nodes(script, flags, root, cache)]
     assert "ChildFailedError" not in "".join(outputs), outputs[0][-3000:] + outputs[1][-3000:]
     return outputs[0]
 
 
 def one_node(script, flags, root, cache=True):
-    return finish(start([*launcher(2), f"src/{script}", *flags, *(["--data_output_path", str(root / "cache")] if cache else [])]))
+    return finish(start([*launcher(2), f"src/{script}", *flags, *(["--data_output_path", str(root / "cache")] if cache else [])]),
+                  NODE_RUN_TIMEOUT_S)
 
 
 def train_flags(config, model, data, out):
@@ -165,7 +145,7 @@ def test_killing_node1_stops_node0_and_resume_ends_bit_equal(training_runs, tiny
         if "[train step 3]" in line:
             break
     else:
-        pytest.fail(f"node 0 ended before step 3: {finish(node1)[-3000:]}")
+        pytest.fail(f"node 0 ended before step 3: {finish(node1, NODE_RUN_TIMEOUT_S)[-3000:]}")
     rank = next(p for p in psutil.Process(node1.pid).children(recursive=True) if "train_exo.py" in " ".join(p.cmdline()))
     killed_at = time.monotonic()
     rank.kill()

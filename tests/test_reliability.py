@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, SRC, launcher, run
+from conftest import REPO_ROOT, SRC, finish, launcher, run, start
 from safetensors.torch import load_file
 
 COMMON = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
@@ -34,23 +34,6 @@ def command(stage, model, data, out, cache, *flags, ranks=2):
     return [*launcher(ranks), f"src/{script}",
             "--model_name_or_path", model, "--data_name_path", f"toy/{kind}:{data[kind]}", "--output_dir", str(out),
             "--data_output_path", str(cache), *COMMON, *stage_flags, *flags]
-
-
-def start(cmd):
-    """Popen in its own process group (launcher and ranks), output merged and line-buffered."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(process, timeout=300):
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"timed out: {output[-3000:]}")
-    return output
 
 
 def run_until(process, seen, act, timeout=300):

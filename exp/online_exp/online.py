@@ -57,7 +57,7 @@ sys.path.insert(0, str(QUICKSTART))
 from utils.fileio import InputError, atomic_file, atomic_write_json, atomic_write_text, cli_main, read_json_records  # noqa: E402,E501
 from utils.loss import LOSS_TYPES  # noqa: E402
 from utils.model_utils import model_fingerprint  # noqa: E402
-from utils.pipeline import Pipeline, StageFailed, run_command  # noqa: E402
+from utils.pipeline import Pipeline, StageFailed, run_command, run_or_exit  # noqa: E402
 
 LAUNCHERS = REPO_ROOT / "exp" / "custom_exp"
 # train_exo.sh names its output MODEL_NAME_DATA/align_LOSS_ncK under OUTPUT_ROOT (= the round's directory)
@@ -410,11 +410,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
     pipe = build(args)
-    try:
-        elapsed = pipe.run()
-    except StageFailed as err:
-        print(f"error: the stage failed; its last lines:\n{err}", file=sys.stderr)
-        sys.exit(1)
+    elapsed = run_or_exit(pipe)
     print((Path(args.output_dir) / "results.md").read_text())
     print(f"online {args.loss_type} finished {args.rounds} rounds in {elapsed / 60:.1f} min; results in "
           f"{args.output_dir}/results.md and {args.output_dir}/reward_kl_per_round.png")

@@ -37,7 +37,7 @@ sys.path.insert(0, str(QUICKSTART))
 sys.path.insert(0, str(REPO_ROOT / "exp" / "online_exp"))
 
 from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
-from utils.pipeline import Pipeline, StageFailed, run_command  # noqa: E402
+from utils.pipeline import Pipeline, run_command, run_or_exit  # noqa: E402
 
 METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
 # Every sampled completion fits the training and scoring cuts whole: the prompts are a few
@@ -249,11 +249,7 @@ def build(args):
 def main(argv=None):
     args = parse_args(argv)
     pipe = build(args)
-    try:
-        elapsed = pipe.run()
-    except StageFailed as err:
-        print(f"error: the stage failed; its last lines:\n{err}", file=sys.stderr)
-        sys.exit(1)
+    elapsed = run_or_exit(pipe)
     print(Path(args.workdir, "results.md").read_text())
     print(f"quickstart finished in {elapsed / 60:.1f} min; results in {args.workdir}/results.md and "
           f"{args.workdir}/reward_vs_kl.png")

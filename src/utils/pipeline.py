@@ -220,3 +220,13 @@ class Pipeline:
             self.redone.add(name)
             print(f"    done in {time.monotonic() - stage_started:.0f} s", flush=True)
         return time.monotonic() - started
+
+
+def run_or_exit(pipe):
+    """A driver's `pipe.run()`: the seconds it took, or, when a stage failed, its last lines on
+    stderr and exit code 1."""
+    try:
+        return pipe.run()
+    except StageFailed as err:
+        print(f"error: the stage failed; its last lines:\n{err}", file=sys.stderr)
+        sys.exit(1)
