@@ -26,6 +26,7 @@ from inference_rm import reward_summary
 from utils.fileio import InputError, atomic_write_json, cli_main, where
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
+from utils.distributed import run_stage
 
 
 def parse_args(argv=None):
@@ -96,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -47,7 +47,7 @@ from utils.inference import add_inference_args, check_inference_args, check_outp
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.sharding import sharded_map
 from utils.args import base_parser
-from utils.distributed import init_distributed
+from utils.distributed import init_distributed, run_stage
 
 
 def parse_args(argv=None):
@@ -242,4 +242,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

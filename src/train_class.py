@@ -28,7 +28,7 @@ from utils.data.data_utils import ClassEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
-from utils.distributed import Stage
+from utils.distributed import Stage, run_stage
 from utils.training import train
 
 
@@ -72,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -29,7 +29,7 @@ from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, distributed_loader, is_rank0, sum_across_ranks, to_device
+from utils.distributed import Stage, distributed_loader, is_rank0, run_stage, sum_across_ranks, to_device
 from utils.tracking import progress_bar
 from utils.training import train
 
@@ -208,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

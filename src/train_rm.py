@@ -33,7 +33,7 @@ from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing, reward_scores
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
-from utils.distributed import Stage
+from utils.distributed import Stage, run_stage
 from utils.training import train
 
 
@@ -79,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -21,7 +21,7 @@ from utils.fileio import InputError, cli_main
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, load_causal_lm
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
-from utils.distributed import Stage
+from utils.distributed import Stage, run_stage
 from utils.training import train
 
 SFT_KINDS = ("sft", "pref")
@@ -83,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,9 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-if __name__ == "__main__":
+from utils.distributed import run_stage  # noqa: E402
+
+
+def run_all():
     # the deepspeed launcher adds --local_rank=N (each rank reads LOCAL_RANK from its environment)
     script, argvs_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     main = runpy.run_path(script, run_name="run_mains")["main"]
     for argv in json.loads(Path(argvs_path).read_text()):
         main(argv)
+
+
+if __name__ == "__main__":
+    run_stage(run_all)

@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "src"))
 
 import torch  # noqa: E402
+from utils.distributed import run_stage  # noqa: E402
 
 
 def peak_rss_mib():
@@ -358,7 +359,7 @@ def prefix_scoring(cfg):
 
 TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling, prefix_scoring)}
 
-if __name__ == "__main__":
+def main():
     task, cfg_path, out_path = sys.argv[1:4]
     with open(cfg_path) as f:
         config = json.load(f)
@@ -366,3 +367,7 @@ if __name__ == "__main__":
     result.setdefault("peak_rss_mib", peak_rss_mib())
     with open(out_path, "w") as f:
         json.dump(result, f)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -4,9 +4,13 @@ and `Stage`, what every training stage sets up before its model.
 import atexit
 import collections
 import datetime
+import faulthandler
 import os
 import random
+import signal
 import socket
+import sys
+import threading
 
 import deepspeed
 import numpy as np
@@ -49,11 +53,53 @@ def add_distributed_args(group):
 
 
 def _leave_process_group():
-    """Destroy the process group while the interpreter is still whole. Left to interpreter
-    teardown, gloo's worker threads can outlive the objects they hold and the process aborts
-    ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    """Destroy the process group while the interpreter is still whole, so that no collective is
+    left to interpreter teardown (see `run_stage`, which ends every entry script)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def run_stage(main):
+    """Run an entry script's `main()`, then end the process with its exit status.
+
+    Everything a normal exit does runs first: waiting for non-daemon threads, the exit handlers
+    (leaving the process group, logging). Interpreter teardown is then skipped, because it
+    can abort a run that succeeded: DeepSpeed holds its gloo process groups from every
+    parameter, so their C++ worker threads outlive the exit handlers, and one still freeing a
+    finished collective's tensors when teardown begins needs the interpreter lock, cannot get
+    it, and takes the process down ("terminate called without an active exception", exit -6).
+    Under torchrun the other nodes then wait five minutes at their exit barrier and fail too.
+
+    A crash in native code (a segfault, an abort) prints every thread's Python stack first."""
+    faulthandler.enable(all_threads=True)
+    try:
+        main()
+        status = 0
+    except SystemExit as exit_:
+        status = _exit_status(exit_.code)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        status = 128 + signal.SIGINT
+    except BaseException:  # noqa: B036 -- reported as the interpreter would, then the same exit
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _exit_status(code):
+    """The status `sys.exit(code)` gives: None is 0, an int itself, anything else is printed and 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 def init_distributed(args):
