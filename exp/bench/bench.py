@@ -116,8 +116,9 @@ def versions():
     import torch
     import transformers
     import trl
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "deepspeed": deepspeed.__version__, "trl": trl.__version__}
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+             "deepspeed": deepspeed.__version__, "trl": trl.__version__}
+    return ", ".join(f"{name} {version}" for name, version in found.items())
 
 
 def machine(load_before):
@@ -135,16 +136,41 @@ def fmt(x, digits=2):
     return f"{x:.{digits}f}"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs, in ~2 minutes")
-    parser.add_argument("--out", default=os.path.join(HERE, "results.md"), help="markdown file the table is written to")
+def bench_parser(doc, out_name):
+    """The flags every benchmark script shares; a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs, in minutes")
+    parser.add_argument("--out", default=os.path.join(HERE, out_name), help="markdown file the table is written to")
     parser.add_argument("--work_dir", default=None, help="scratch directory (default: a fresh temporary one, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs of every run)")
-    args = parser.parse_args()
-    size = SIZES["quick" if args.quick else "full"]
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="exo_bench_")
+    return parser
+
+
+def scratch_dir(args, prefix):
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix=prefix)
     os.makedirs(work_dir, exist_ok=True)
+    return work_dir
+
+
+def write_results(args, text, results, work_dir):
+    """The table to `args.out` (atomically) and the raw figures beside it as JSON; then the
+    scratch directory goes unless it was asked for or kept."""
+    print("\n" + text)
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, args.out)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"[bench] wrote {args.out}")
+    if not args.keep and not args.work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def main():
+    args = bench_parser(__doc__, "results.md").parse_args()
+    size = SIZES["quick" if args.quick else "full"]
+    work_dir = scratch_dir(args, "exo_bench_")
     load_before, started = os.getloadavg()[0], time.perf_counter()
 
     from setup_data import build
@@ -250,7 +276,7 @@ def main():
     }
     lines = [f"Run: `python exp/bench/bench.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}; "
              f"{machine(load_before)}; load average after {os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}.",
+             f"Versions: {versions()}.",
              f"Model: Llama config, {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}, fp32. Data: "
              f"{size['num_train']} pairs (+{size['num_test']} test); token lengths min/mean/max: prompt "
              f"{'/'.join(fmt(x, 0) for x in built['lengths']['prompt'])}, completion incl. EOS "
@@ -290,18 +316,9 @@ def main():
     for vary in ("k", "length"):
         for r in scal[vary]:
             lines.append(f"| {vary} | {r['k']} | {r['seq_len']} | {r['rows']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"figures": figures, "align": align, "check": [check_ours, check_trl], "ratio": ratio,
-                   "logprobs": lp, "sampling": samp, "scaling": scal, "load_before": load_before}, f, indent=1)
-    print(f"[bench] wrote {args.out}")
-    if not args.keep and not args.work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    write_results(args, "\n".join(lines) + "\n",
+                  {"figures": figures, "align": align, "check": [check_ours, check_trl], "ratio": ratio,
+                   "logprobs": lp, "sampling": samp, "scaling": scal, "load_before": load_before}, work_dir)
 
 
 if __name__ == "__main__":

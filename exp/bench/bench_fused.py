@@ -10,24 +10,21 @@ main benchmark's model (vocabulary 8192): peak RSS of train_exo without activati
 checkpointing against TRL's defaults. Every run is a process of its own (worker.py), one after
 the other in one session; see exp/bench/README.md.
 """
-import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "src"))
 sys.path.insert(0, HERE)
 
-from bench import HYPER, SIZES, machine, ours_argv, run_worker, trl_cfg, versions  # noqa: E402
+from bench import (HYPER, SIZES, bench_parser, machine, ours_argv, run_worker, scratch_dir, trl_cfg,  # noqa: E402
+                   versions, write_results)
 
 BIG_VOCAB = 128_256  # Llama 3's
 SIZES_FUSED = {
     "full": dict(big=dict(model=dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4),
-                          num_train=16, num_test=2, batch_size=4, warmup=1),
+                          num_train=32, num_test=2, batch_size=8, warmup=1),
                  main=SIZES["full"]),
     "quick": dict(big=dict(model=dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2),
                            num_train=8, num_test=2, batch_size=2, warmup=1, vocab=16_000),
@@ -53,16 +50,10 @@ def widen_vocab(model_dir, vocab, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs")
-    parser.add_argument("--out", default=os.path.join(HERE, "results_fused.md"), help="markdown file for the table")
-    parser.add_argument("--work_dir", default=None, help="scratch directory (default: a fresh temporary one, removed)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs of every run)")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, "results_fused.md").parse_args()
     sizes = SIZES_FUSED["quick" if args.quick else "full"]
     big, main_size = sizes["big"], sizes["main"]
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="exo_bench_fused_")
-    os.makedirs(work_dir, exist_ok=True)
+    work_dir = scratch_dir(args, "exo_bench_fused_")
     load_before, started = os.getloadavg()[0], time.perf_counter()
 
     from setup_data import build
@@ -114,7 +105,7 @@ def main():
     lines = [f"Run: `python exp/bench/bench_fused.py{' --quick' if args.quick else ''}` on "
              f"{time.strftime('%Y-%m-%d %H:%M')}; {machine(load_before)}; load average after "
              f"{os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}.",
+             f"Versions: {versions()}.",
              f"Vocab-{vocab} model: Llama config, hidden {big['model']['hidden_size']}, {big['model']['num_layers']} "
              f"layers, {big_params / 1e6:.1f}M parameters, fp32; {big['num_train']} pairs, batch {big['batch_size']} "
              f"pairs ({2 * big['batch_size']} rows), {steps} optimizer steps; token lengths min/mean/max: prompt "
@@ -131,17 +122,8 @@ def main():
     for name, r in runs.items():
         lines.append(f"| {name} | {r['steady_step_s']:.2f} | {r['steady_tokens_per_s']:.0f} | {r['wall_s']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['first_loss']:.6f} |")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"figures": figures, "runs": runs, "hyper": HYPER, "load_before": load_before}, f, indent=1)
-    print(f"[bench_fused] wrote {args.out}")
-    if not args.keep and not args.work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    write_results(args, "\n".join(lines) + "\n",
+                  {"figures": figures, "runs": runs, "hyper": HYPER, "load_before": load_before}, work_dir)
 
 
 if __name__ == "__main__":

@@ -9,24 +9,23 @@ Tokens are counted the same way for every run: the unshared token count (every c
 prompt + completion, no padding), whether or not the run encodes the prompt once. Every run is
 its own process (exp/bench/worker.py), so peak RSS is per run. Writes a markdown table.
 """
-import argparse
 import json
 import os
 import random
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "src"))
 sys.path.insert(0, HERE)
 
-from bench import HYPER, TRL_FASTEST, fmt, machine, run_worker, trl_cfg, versions  # noqa: E402
+from bench import (HYPER, TRL_FASTEST, bench_parser, fmt, machine, run_worker, scratch_dir, trl_cfg,  # noqa: E402
+                   versions, write_results)
 
 # (prompt tokens range, completion tokens range, K, records, groups per batch)
 SHAPES = {
-    "TL;DR": dict(prompt=(320, 440), completion=(32, 64), k=4, num_train=16, batch_size=2),
-    "HH": dict(prompt=(96, 192), completion=(32, 64), k=2, num_train=24, batch_size=4),
+    "TL;DR": dict(prompt=(320, 440), completion=(32, 64), k=4, num_train=48, batch_size=2),
+    "HH": dict(prompt=(96, 192), completion=(32, 64), k=2, num_train=96, batch_size=4),
 }
 MODEL = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4)
 QUICK = dict(model=dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4), scale=4)
@@ -79,14 +78,11 @@ def ours_argv(model, data, shape, out_dir, cache_dir, sharing):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks that every part runs")
-    parser.add_argument("--out", default=os.path.join(HERE, "results_prefix.md"), help="markdown file for the table")
-    parser.add_argument("--work_dir", default=None, help="scratch directory (default: a fresh temporary one)")
+    parser = bench_parser(__doc__, "results_prefix.md")
     parser.add_argument("--scoring_only", action="store_true",
                         help="skip the train_exo and TRL runs: only the in-process, interleaved measurements")
     args = parser.parse_args()
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="exo_bench_prefix_")
+    work_dir = scratch_dir(args, "exo_bench_prefix_")
     load_before, started = os.getloadavg()[0], time.perf_counter()
     model, data = build(work_dir, QUICK["model"] if args.quick else MODEL, QUICK["scale"] if args.quick else 1)
 
@@ -137,13 +133,10 @@ def main():
                          f"{fmt(s['unshared_s'] / s['shared_s'])}x faster (max diff {s['max_abs_diff']:.1e}) | - |")
     flags = "".join(f" --{f}" for f in ("quick", "scoring_only") if getattr(args, f))
     header = [f"Command: `python exp/bench/bench_prefix.py{flags}`; "
-              f"{machine(load_before)}; {versions()}; total {time.perf_counter() - started:.0f}s.",
+              f"{machine(load_before)}; versions: {versions()}; total {time.perf_counter() - started:.0f}s.",
               "Tokens = the unshared token count (every candidate's prompt + completion, no padding) for every run.",
               ""]
-    table = "\n".join(header + lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(table)
-    print(table)
+    write_results(args, "\n".join(header + lines) + "\n", {"rows": rows, "load_before": load_before}, work_dir)
 
 
 if __name__ == "__main__":
