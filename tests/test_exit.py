@@ -23,10 +23,10 @@ TEARDOWN_PROBE = textwrap.dedent('''
 
     class SlowToDelete:
         def __del__(self, sleep=time.sleep):
-            sleep(3)
+            sleep(6)
 
     def needs_the_interpreter_later(_):
-        time.sleep(1)
+        time.sleep(2)  # past the exit handlers, into teardown
 
     def main():
         init_distributed(argparse.Namespace(seed=0, dist_timeout_min=1))
