@@ -107,14 +107,14 @@ def finish(process, timeout=300):
     return output
 
 
-def run(cmd, timeout=600, env=None, **kwargs):
-    """Run a command from the repo root; return the CompletedProcess (text output).
+def run(cmd, timeout=600, env=None, cwd=REPO_ROOT, **kwargs):
+    """Run a command (from the repo root unless `cwd`); return the CompletedProcess (text output).
 
     The command gets its own process group, and a timeout kills the whole group: the
     `deepspeed` launcher does not take its ranks down when it is killed, and orphaned ranks
     would hold the CPU (and their rendezvous) for the rest of the suite."""
     env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
-    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True, **kwargs) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)

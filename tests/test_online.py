@@ -122,6 +122,54 @@ def test_two_online_rounds_resume_bit_exactly_after_a_kill(tiny_model, online_in
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
 
 
+PROMPTS_MODULE = """
+import os
+from utils.data.raw_datasets import PromptRawDataset, register_dataset
+
+@register_dataset("toy_lines")
+class ToyLines(PromptRawDataset):
+    \"\"\"One prompt per line of SPLIT.txt.\"\"\"
+    kind = "sft"
+
+    def source(self, split):
+        return os.path.join(self.path, split + ".txt")
+
+    def load_split(self, split):
+        with open(self.source(split), encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+
+    def get_prompt(self, sample):
+        return sample
+
+    def get_chosen(self, sample):
+        return " the end"
+"""
+
+
+def test_online_reads_prompts_through_a_dataset_module(tiny_model, online_inputs, tmp_path):
+    """Prompts in a format of the user's own (--dataset_module, a path relative to where the
+    driver starts) reach sampling and the evaluations: one round runs, on the file's prompts."""
+    prompts_dir, reward_model = tmp_path / "lines", online_inputs[1]
+    prompts_dir.mkdir()
+    for split, n in (("train", 8), ("test", 2)):
+        (prompts_dir / f"{split}.txt").write_text("".join(f"the movie {i} was\n" for i in range(n)))
+    (tmp_path / "my_prompts.py").write_text(PROMPTS_MODULE)
+    out = tmp_path / "out"
+    result = run(["bash", str(REPO_ROOT / "exp/online_exp/run.sh"), "--sft_model", tiny_model,
+                  "--reward_model", reward_model, "--dataset_module", "my_prompts.py",
+                  "--data_name_path", f"toy_lines:{prompts_dir}", "--output_dir", str(out), "--rounds", "1",
+                  "--num_samples", "2", "--max_new_tokens", "4", "--max_length", "12", "--max_iter_step", "2",
+                  "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+                  "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
+                  "--eval_batch_size", "8"], timeout=900, env={"DEVICE_IDS": "0"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    samples = json.loads((out / "round1" / "samples" / "train.json").read_text())
+    assert [s["prompt"] for s in samples] == [f"the movie {i} was" for i in range(8)]
+    evaluated = json.loads((out / "eval" / "round1" / "test.json").read_text())
+    assert [s["prompt"] for s in evaluated] == ["the movie 0 was", "the movie 1 was"]
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
+
+
 def test_online_bad_flags_are_one_line(tiny_model, online_inputs, tmp_path):
     prompts, reward_model = online_inputs
     base = ["bash", "exp/online_exp/run.sh", "--sft_model", tiny_model, "--reward_model", reward_model,

@@ -25,7 +25,7 @@ outputs; the final policy is the `policy` of the last round's manifest.
 Resuming: rerunning the same command skips every finished stage and continues a killed one (a
 killed alignment resumes from its last checkpoint, exactly). A changed flag redoes the stages it
 shapes and everything after them:
-  --sft_model, --data_name_path, --seed                    everything
+  --sft_model, --data_name_path, --dataset_module, --seed  everything
   sampling (--num_samples, --temp, --max_new_tokens, --max_length, --sample_batch_size)
                                                            every round, from round 1's sampling
   --reward_model, scoring (--max_seq_len, --max_gen_len, --score_batch_size)
@@ -88,6 +88,9 @@ def parse_args(argv=None):
     g.add_argument("--data_name_path", required=True,
                    help="NAME/KIND:PATH of the prompts (any kind with a prompt); the train split is sampled and "
                         "aligned on, the test split evaluated")
+    g.add_argument("--dataset_module", nargs="*", default=[], metavar="MODULE",
+                   help="Python files or module names that register the prompts' dataset class (README: Your own "
+                        "format); sampling and evaluation import them")
     g.add_argument("--output_dir", required=True, help="every round, the results and the logs go here")
     g.add_argument("--force", nargs="*", default=None, metavar="STAGE",
                    help="redo these stages (and every stage after that depends on them); no name: redo all")
@@ -162,7 +165,13 @@ def parse_args(argv=None):
         raise InputError(f"--data_name_path {args.data_name_path!r}: expected NAME/KIND:PATH")
     for flag in ("sft_model", "reward_model", "output_dir"):
         setattr(args, flag, os.path.abspath(getattr(args, flag)))
+    # the stages run from the repository root: a module file is found from where this was started
+    args.dataset_module = [os.path.abspath(m) if m.endswith(".py") else m for m in args.dataset_module]
     return args
+
+
+def dataset_module_flags(args):
+    return ["--dataset_module", *args.dataset_module] if args.dataset_module else []
 
 
 def check_inputs(args):
@@ -222,7 +231,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
     env = {"TB_ROOT": str(Path(args.output_dir) / "tb_logs"), **(env or {})}
     sampling = {"num_samples": args.num_samples, "temp": args.temp, "max_new_tokens": args.max_new_tokens,
                 "max_length": args.max_length, "batch_size": args.sample_batch_size, "seed": args.seed,
-                "sft_model": args.sft_model, "data": args.data_name_path}
+                "sft_model": args.sft_model, "data": args.data_name_path, "dataset_module": args.dataset_module}
     scoring = {"reward_model": args.reward_model, "max_seq_len": args.max_seq_len, "max_gen_len": args.max_gen_len,
                "batch_size": args.score_batch_size}
     training = {"loss_type": args.loss_type, "reference": args.reference, "max_iter_step": args.max_iter_step,
@@ -243,7 +252,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                          "--return_num", str(args.num_samples), "--temp", str(args.temp), "--top_k", "0",
                          "--top_p", "1.0", "--max_new_tokens", str(args.max_new_tokens),
                          "--max_length", str(args.max_length), "--batch_size", str(args.sample_batch_size),
-                         "--seed", str(args.seed + r), "--output_path", samples], log, env)
+                         "--seed", str(args.seed + r), "--output_path", samples, *dataset_module_flags(args)], log, env)
             check_source_model(samples / "train.json", source)
             atomic_write_json(round_dir(args, r) / "manifest.json",
                               {"round": r, "source_model": str(source), "reference": str(reference),
@@ -288,7 +297,8 @@ def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps, inp
     settings = {"inputs": inputs, "eval_samples": args.eval_samples, "eval_seed": args.eval_seed, "batch_size": args.eval_batch_size,
                 "oracle": args.oracle, "reward_model": args.reward_model, "temp": args.temp,
                 "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "max_seq_len": args.max_seq_len,
-                "max_gen_len": args.max_gen_len, "sft_model": args.sft_model, "data": args.data_name_path}
+                "max_gen_len": args.max_gen_len, "sft_model": args.sft_model, "data": args.data_name_path,
+                "dataset_module": args.dataset_module}
     pipe.stage(stage_name, f"{name}'s test samples: reward-model reward{', oracle' if args.oracle != 'none' else ''}"
                f"{', KL(pi || pi_sft)' if name != 'round0' else ''}", deps, settings, [Path(eval_root) / name],
                lambda log: run_command(
@@ -297,7 +307,8 @@ def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps, inp
                     "--temp", str(args.temp), "--max_new_tokens", str(args.max_new_tokens),
                     "--max_length", str(args.max_length), "--max_seq_len", str(args.max_seq_len),
                     "--max_gen_len", str(args.max_gen_len), "--batch_size", str(args.eval_batch_size),
-                    "--seed", str(args.eval_seed), "--reward_model", args.reward_model, "--oracle", args.oracle], log))
+                    "--seed", str(args.eval_seed), "--reward_model", args.reward_model, "--oracle", args.oracle,
+                    *dataset_module_flags(args)], log))
 
 
 # -- the report -----------------------------------------------------------------------------

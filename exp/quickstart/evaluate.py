@@ -38,6 +38,8 @@ from utils.fileio import InputError, atomic_write_json, cli_main, read_json_reco
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", required=True, help="NAME/KIND:PATH whose test split holds the prompts")
+    parser.add_argument("--dataset_module", nargs="*", default=[], metavar="MODULE",
+                        help="Python files or module names that register the prompts' dataset class")
     parser.add_argument("--sft_model", required=True, help="the SFT model, pi_sft of the KL")
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                         help="a policy to evaluate (repeatable); results go to OUTPUT_DIR/NAME")
@@ -77,7 +79,8 @@ def evaluate(name, model_path, args):
                             "--return_num", str(args.return_num), "--temp", str(args.temp), "--top_k", "0",
                             "--top_p", "1.0", "--max_new_tokens", str(args.max_new_tokens),
                             "--max_length", str(args.max_length), "--batch_size", str(args.batch_size),
-                            "--seed", str(args.seed), "--output_path", out])
+                            "--seed", str(args.seed), "--output_path", out,
+                            *(["--dataset_module", *args.dataset_module] if args.dataset_module else [])])
     kl_file = os.path.join(out, "kl.json")
     if os.path.abspath(model_path) == os.path.abspath(args.sft_model):
         atomic_write_json(kl_file, {"kl": 0.0, "n": 0, "policy": model_path, "sft": model_path})
