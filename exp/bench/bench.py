@@ -146,6 +146,26 @@ def bench_parser(doc, out_name):
     return parser
 
 
+def run_header(script, args, load_before, started):
+    """A results table's first lines: the command, when, the machine, how long; the versions."""
+    return [f"Run: `python exp/bench/{script}{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}; "
+            f"{machine(load_before)}; load average after {os.getloadavg()[0]:.2f}; took "
+            f"{time.perf_counter() - started:.0f} s.",
+            f"Versions: {versions()}."]
+
+
+def figure_rows(descr, figures, targets):
+    """The `| figure | measured | ratio | target | met |` table of {name: (label, measured)},
+    each ratio `figures[name]` checked against `targets[name]` = (">=" or "<=", target)."""
+    rows = ["| figure | measured | ratio | target | met |", "|---|---|---|---|---|"]
+    for name, (label, measured) in descr.items():
+        op, target = targets[name]
+        value = figures[name]
+        met = value >= target if op == ">=" else value <= target
+        rows.append(f"| {label} | {measured} | {fmt(value)} | {op} {target} | {'yes' if met else '**no**'} |")
+    return rows
+
+
 def scratch_dir(args, prefix):
     work_dir = args.work_dir or tempfile.mkdtemp(prefix=prefix)
     os.makedirs(work_dir, exist_ok=True)
@@ -239,11 +259,6 @@ def main():
     loss_diff = abs(check_ours["first_loss"] - check_trl["first_loss"])
     same_math = loss_diff <= 1e-4 * max(1.0, abs(check_trl["first_loss"]))
 
-    def met(name):
-        op, target = TARGETS[name]
-        value = figures[name]
-        return "yes" if (value >= target if op == ">=" else value <= target) else "**no**"
-
     descr = {
         "tokens_vs_trl_default": ("steady-state alignment tokens/s vs TRL defaults",
                                   f"{ours['steady_tokens_per_s']:.0f} vs {trl_d['steady_tokens_per_s']:.0f} tok/s"),
@@ -274,18 +289,12 @@ def main():
         "sampling_speedup": ("batched sampling vs one prompt at a time",
                              f"{samp['batched']['tokens_per_s']:.0f} vs {samp['one_at_a_time']['tokens_per_s']:.0f} tok/s"),
     }
-    lines = [f"Run: `python exp/bench/bench.py{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"{machine(load_before)}; load average after {os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
-             f"Versions: {versions()}.",
+    lines = [*run_header("bench.py", args, load_before, started),
              f"Model: Llama config, {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}, fp32. Data: "
              f"{size['num_train']} pairs (+{size['num_test']} test); token lengths min/mean/max: prompt "
              f"{'/'.join(fmt(x, 0) for x in built['lengths']['prompt'])}, completion incl. EOS "
              f"{'/'.join(fmt(x, 0) for x in built['lengths']['completion'])}. Batch {size['batch_size']} pairs, "
-             f"{steps} optimizer steps per epoch.", "",
-             "| figure | measured | ratio | target | met |", "|---|---|---|---|---|"]
-    for name, (label, measured) in descr.items():
-        op, target = TARGETS[name]
-        lines.append(f"| {label} | {measured} | {fmt(figures[name])} | {op} {target} | {met(name)} |")
+             f"{steps} optimizer steps per epoch.", "", *figure_rows(descr, figures, TARGETS)]
     lines.append(f"| same math: first-step loss, exo-align vs TRL exo_pair (distinct reference) | "
                  f"{check_ours['first_loss']:.6f} vs {check_trl['first_loss']:.6f} | diff {loss_diff:.1e} | "
                  f"equal | {'yes' if same_math else '**no**'} |")

@@ -18,8 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "src"))
 sys.path.insert(0, HERE)
 
-from bench import (HYPER, SIZES, bench_parser, machine, ours_argv, run_worker, scratch_dir, trl_cfg,  # noqa: E402
-                   versions, write_results)
+from bench import (HYPER, SIZES, bench_parser, figure_rows, ours_argv, run_header, run_worker,  # noqa: E402
+                   scratch_dir, trl_cfg, write_results)
 
 BIG_VOCAB = 128_256  # Llama 3's
 SIZES_FUSED = {
@@ -98,24 +98,14 @@ def main():
                             f"{main_f:.0f} vs {main_t:.0f} MiB"),
     }
 
-    def met(name):
-        op, target = TARGETS[name]
-        return "yes" if (figures[name] <= target if op == "<=" else figures[name] >= target) else "**no**"
-
-    lines = [f"Run: `python exp/bench/bench_fused.py{' --quick' if args.quick else ''}` on "
-             f"{time.strftime('%Y-%m-%d %H:%M')}; {machine(load_before)}; load average after "
-             f"{os.getloadavg()[0]:.2f}; took {time.perf_counter() - started:.0f} s.",
-             f"Versions: {versions()}.",
+    lines = [*run_header("bench_fused.py", args, load_before, started),
              f"Vocab-{vocab} model: Llama config, hidden {big['model']['hidden_size']}, {big['model']['num_layers']} "
              f"layers, {big_params / 1e6:.1f}M parameters, fp32; {big['num_train']} pairs, batch {big['batch_size']} "
              f"pairs ({2 * big['batch_size']} rows), {steps} optimizer steps; token lengths min/mean/max: prompt "
              f"{'/'.join(f'{x:.0f}' for x in built['lengths']['prompt'])}, completion "
              f"{'/'.join(f'{x:.0f}' for x in built['lengths']['completion'])}. Main model: "
              f"{main_built['params'] / 1e6:.1f}M parameters, vocab {main_built['vocab']} (exp/bench/bench.py's).", "",
-             "| figure | measured | ratio | target | met |", "|---|---|---|---|---|"]
-    for name, (label, measured) in descr.items():
-        op, target = TARGETS[name]
-        lines.append(f"| {label} | {measured} | {figures[name]:.2f} | {op} {target} | {met(name)} |")
+             *figure_rows(descr, figures, TARGETS)]
     lines += ["", "Runs (train_exo: `--group_by_length`, cached reference, no activation checkpointing; TRL: "
               "DPOTrainer defaults, activation checkpointing on, reference run every step):", "",
               "| run | steady step s | steady tok/s | epoch wall s | peak RSS MiB | first-step loss |", "|---|---|---|---|---|---|"]
