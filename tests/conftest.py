@@ -96,15 +96,20 @@ def start(cmd, cwd=REPO_ROOT):
                             start_new_session=True)
 
 
-def finish(process, timeout=300):
-    """The rest of a `start`ed run's output once it ends; a timeout kills its whole group."""
+def communicate(process, timeout, what):
+    """(stdout, stderr) of a process started in its own group once it ends; a timeout kills the
+    whole group and fails the test, naming `what` and showing the output's ends."""
     try:
-        output, _ = process.communicate(timeout=timeout)
+        return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"timed out: {output[-3000:]}")
-    return output
+        outputs = process.communicate()
+        pytest.fail(f"timed out after {timeout}s: {what}\n" + "".join(out[-3000:] for out in outputs if out))
+
+
+def finish(process, timeout=300):
+    """The rest of a `start`ed run's output once it ends; a timeout kills its whole group."""
+    return communicate(process, timeout, " ".join(map(str, process.args)))[0]
 
 
 def run(cmd, timeout=600, env=None, cwd=REPO_ROOT, **kwargs):
@@ -116,12 +121,7 @@ def run(cmd, timeout=600, env=None, cwd=REPO_ROOT, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True, **kwargs) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{stdout[-2000:]}{stderr[-2000:]}")
+        stdout, stderr = communicate(process, timeout, " ".join(map(str, cmd)))
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
