@@ -170,9 +170,6 @@ def parse_args(argv=None):
     return args
 
 
-def dataset_module_flags(args):
-    return ["--dataset_module", *args.dataset_module] if args.dataset_module else []
-
 
 def check_inputs(args):
     """The inputs exist (not part of parse_args: the quickstart describes its rounds before it has
@@ -252,7 +249,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                          "--return_num", str(args.num_samples), "--temp", str(args.temp), "--top_k", "0",
                          "--top_p", "1.0", "--max_new_tokens", str(args.max_new_tokens),
                          "--max_length", str(args.max_length), "--batch_size", str(args.sample_batch_size),
-                         "--seed", str(args.seed + r), "--output_path", samples, *dataset_module_flags(args)], log, env)
+                         "--seed", str(args.seed + r), "--output_path", samples, "--dataset_module", *args.dataset_module], log, env)
             check_source_model(samples / "train.json", source)
             atomic_write_json(round_dir(args, r) / "manifest.json",
                               {"round": r, "source_model": str(source), "reference": str(reference),
@@ -308,7 +305,7 @@ def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps, inp
                     "--max_length", str(args.max_length), "--max_seq_len", str(args.max_seq_len),
                     "--max_gen_len", str(args.max_gen_len), "--batch_size", str(args.eval_batch_size),
                     "--seed", str(args.eval_seed), "--reward_model", args.reward_model, "--oracle", args.oracle,
-                    *dataset_module_flags(args)], log))
+                    "--dataset_module", *args.dataset_module], log))
 
 
 # -- the report -----------------------------------------------------------------------------

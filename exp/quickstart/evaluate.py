@@ -80,7 +80,7 @@ def evaluate(name, model_path, args):
                             "--top_p", "1.0", "--max_new_tokens", str(args.max_new_tokens),
                             "--max_length", str(args.max_length), "--batch_size", str(args.batch_size),
                             "--seed", str(args.seed), "--output_path", out,
-                            *(["--dataset_module", *args.dataset_module] if args.dataset_module else [])])
+                            "--dataset_module", *args.dataset_module])
     kl_file = os.path.join(out, "kl.json")
     if os.path.abspath(model_path) == os.path.abspath(args.sft_model):
         atomic_write_json(kl_file, {"kl": 0.0, "n": 0, "policy": model_path, "sft": model_path})

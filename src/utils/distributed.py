@@ -77,12 +77,9 @@ def run_stage(main):
         status = 0
     except SystemExit as exit_:
         status = _exit_status(exit_.code)
-    except KeyboardInterrupt:
+    except BaseException as err:  # noqa: B036 -- reported as the interpreter would, with its status
         sys.excepthook(*sys.exc_info())
-        status = 128 + signal.SIGINT
-    except BaseException:  # noqa: B036 -- reported as the interpreter would, then the same exit
-        sys.excepthook(*sys.exc_info())
-        status = 1
+        status = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
