@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from make_tiny_model import build_config
 from utils import logprobs
+from utils.heads import HeadInput
 from utils.data.collators import AlignmentCollator
 from utils.loss import alignment_loss, sequence_logprobs
 
@@ -194,7 +195,7 @@ def test_softcapped_head_falls_back_to_the_unfused_path_once(caplog):
         "(final_logit_softcapping=1.0); using the unfused path (full logits)"]
     torch.testing.assert_close(fused[0], unfused, atol=0, rtol=0)
     # and the check matters: the plain matmul of the head would give other log-probs
-    hidden, labels, mask = logprobs.prompt_cut_hidden_states(logprobs.Backbone(model, model.lm_head), batch)
+    hidden, labels, mask = logprobs.prompt_cut_hidden_states(HeadInput(model, model.lm_head), batch)
     plain = logprobs.fused_sequence_logprobs(hidden.detach(), model.lm_head.weight, labels, mask, TEMPERATURE)
     assert (plain - unfused).abs().max() > 1
     with pytest.raises(ValueError, match="prefix sharing"):

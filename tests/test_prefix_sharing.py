@@ -10,7 +10,8 @@ from conftest import launcher, run
 
 from utils.loss import alignment_loss, sequence_logprobs
 from utils.data.collators import AlignmentCollator, pad_sequences
-from utils.prefix_sharing import (Decoder, pack_groups, resolve_prefix_sharing, shared_prefix_hidden_states,
+from utils.heads import HeadInput
+from utils.prefix_sharing import (pack_groups, resolve_prefix_sharing, shared_prefix_hidden_states,
                                   shared_prefix_scores, sharing_support)
 
 ATOL = 1e-5
@@ -57,8 +58,8 @@ def unshared_logps(model, batch):
 
 
 def shared_logps(model, batch):
-    """The local reference of the interface: backbone -> shared hidden states -> LM head -> log-probs."""
-    hidden, labels, loss_mask = shared_prefix_hidden_states(model.base_model, batch)
+    """The interface: head input of the packed forward -> LM head -> log-probs."""
+    hidden, labels, loss_mask = shared_prefix_hidden_states(HeadInput(model), batch)
     return sequence_logprobs(model.get_output_embeddings()(hidden), labels, loss_mask)
 
 
@@ -108,7 +109,7 @@ def test_rows_with_nothing_in_common_and_cut_prompts_share_only_what_is_common(a
 
 def test_model_sequence_logprobs_through_the_top_module_and_the_collator(arch_model):
     """The stages' path: model_sequence_logprobs(prefix_sharing=True) runs the backbone through
-    the model's own forward (Decoder) and reads the group sizes AlignmentCollator adds."""
+    the model's own forward (HeadInput) and reads the group sizes AlignmentCollator adds."""
     from utils.logprobs import model_sequence_logprobs
 
     model = load_lm(arch_model)
@@ -188,7 +189,7 @@ def test_unsupported_models_are_explained_and_on_refuses_them(arch_model, capsys
     assert resolve_prefix_sharing("off", model) is False
     with pytest.raises(InputError, match="--prefix_sharing on"):
         resolve_prefix_sharing("on", model)
-    assert isinstance(Decoder(model).decoder, type(model.base_model))
+    assert HeadInput(model).head is model.get_output_embeddings()
 
 
 # -- the stages' --prefix_sharing ------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stag
     assert len(errors) == 1 and errors[0].startswith("error: --prefix_sharing on") and err.strip().endswith(errors[0])
     assert not (stage_runs["bloom_on"][3] / "bloom_on.json").exists()
     out, _ = _ok(stage_runs, "bloom_auto")
-    assert len(re.findall(r"prefix sharing off for the model: .*position_ids", out)) == 1, out
+    assert len(re.findall(r"prefix sharing off for the model: .*ALiBi", out)) == 1, out
 
 
 def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align_data, tmp_path):

@@ -22,24 +22,20 @@ logit scale, a head that is not an nn.Linear or has forward hooks of its own) ar
 they take the unfused path, with one logged line.
 """
 import argparse
-import contextlib
+import inspect
 import logging
 
 import torch
 
+from .heads import HeadInput, lm_head, unwrap
 from .loss import sequence_logprobs
-from .model_utils import _accepts_logits_to_keep, _unwrap
+from .prefix_sharing import shared_prefix_hidden_states
 
 logger = logging.getLogger(__name__)
 
 # Elements of one [rows, vocab] chunk of logits: 32 MiB in fp32, 64 rows at a 128k vocabulary
 # (enough for the matmul to run at speed; the chunk is all the memory the reduction adds).
 _CHUNK_ELEMENTS = 1 << 23
-
-# Config fields by which a model transforms its head's output, with the value that means "no
-# transform": the fused head computes h W^T + b only, so a model with any other value is not fused.
-_HEAD_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1.0,
-                    "lm_head_multiplier": 1.0, "output_multiplier_scale": None, "logit_softcapping": None}
 
 _fallback_logged = set()
 
@@ -54,16 +50,6 @@ def add_fused_logprobs_arg(parser):
 
 
 # -- the fused head reduction ---------------------------------------------------------------
-def _gathered(params):
-    """Every rank's share of ZeRO-3 partitioned parameters, gathered for the duration of the
-    `with`; a no-op for ordinary tensors. Collective under ZeRO-3: every rank must enter it."""
-    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
 class _FusedSequenceLogprobs(torch.autograd.Function):
     """sum_t mask_t * log softmax((hidden_{t-1} W^T + b) / tau)[labels_t], chunked over rows.
 
@@ -72,8 +58,8 @@ class _FusedSequenceLogprobs(torch.autograd.Function):
     turns them into d/dlogits = g mask (onehot - softmax) / tau in place and multiplies out the
     gradients of the chunk's hidden rows and of W (and b), accumulated in float32 or wider.
     Logits are made in the weight's dtype (as the model's own head makes them) and reduced in
-    float32 at least. Under ZeRO-3 the caller gathers the weight around the forward (autograd
-    records the full shape the gradient must have); the backward gathers it again itself.
+    float32 at least. Under ZeRO-3 it runs as the head module's forward (`head_logprobs`), so
+    the weight is gathered around the forward and the backward by the head's own hooks.
     """
 
     @staticmethod
@@ -116,25 +102,24 @@ class _FusedSequenceLogprobs(torch.autograd.Function):
         grad_rows = torch.empty_like(rows) if need_hidden else None
         grad_weight = grad_bias = None
         row_scale = grad_out.to(compute_dtype)[seq] * weights / tau  # d out_seq / d logit, up to (onehot - p)
-        with _gathered((weight, bias)):
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
+        if need_bias and bias is not None:
+            grad_bias = torch.zeros(bias.shape, dtype=compute_dtype, device=bias.device)
+        step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        for start in range(0, len(seq), step):
+            chunk = slice(start, start + step)
+            grad_logits = _FusedSequenceLogprobs._logits(rows[chunk], weight, bias, compute_dtype, tau)
+            grad_logits.sub_(lse[chunk, None]).exp_().neg_()  # -softmax
+            grad_logits.scatter_add_(-1, targets[chunk, None],
+                                     torch.ones_like(targets[chunk, None], dtype=compute_dtype))
+            grad_logits.mul_(row_scale[chunk, None])
+            if need_hidden:
+                grad_rows[chunk] = grad_logits.to(weight.dtype) @ weight
             if need_weight:
-                grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
-            if need_bias and bias is not None:
-                grad_bias = torch.zeros(bias.shape, dtype=compute_dtype, device=bias.device)
-            step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
-            for start in range(0, len(seq), step):
-                chunk = slice(start, start + step)
-                grad_logits = _FusedSequenceLogprobs._logits(rows[chunk], weight, bias, compute_dtype, tau)
-                grad_logits.sub_(lse[chunk, None]).exp_().neg_()  # -softmax
-                grad_logits.scatter_add_(-1, targets[chunk, None],
-                                         torch.ones_like(targets[chunk, None], dtype=compute_dtype))
-                grad_logits.mul_(row_scale[chunk, None])
-                if need_hidden:
-                    grad_rows[chunk] = grad_logits.to(weight.dtype) @ weight
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.T, rows[chunk].to(compute_dtype))
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+                grad_weight.addmm_(grad_logits.T, rows[chunk].to(compute_dtype))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
         grad_hidden = None
         if need_hidden:
             grad_hidden = torch.zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=rows.device)
@@ -155,80 +140,25 @@ def fused_sequence_logprobs(hidden, weight, labels, loss_mask, temperature=1.0, 
     hidden: [N, L, H]; weight: [V, H] (bias: [V]); labels, loss_mask: [N, L], aligned as in
     `utils.loss.sequence_logprobs` (the Hugging Face convention, the shift happens here).
     Returns [N] in float32 (float64 for a float64 weight). Differentiable in hidden, weight and
-    bias. Under ZeRO-3 a partitioned weight (and bias) is gathered for the forward and again
-    for the backward, so every rank must call it, also with nothing in its loss mask.
+    bias. `weight` and `bias` must be whole tensors: for a model's head, partitioned under
+    ZeRO-3, call `head_logprobs`, which runs this as the head module's forward.
     """
-    with _gathered((weight, bias)):
-        return _FusedSequenceLogprobs.apply(hidden, weight, bias, labels, loss_mask, float(temperature))
+    return _FusedSequenceLogprobs.apply(hidden, weight, bias, labels, loss_mask, float(temperature))
 
 
 # -- the model: its head, its final hidden states -------------------------------------------
-def lm_head(model):
-    """(head, None) when `model`'s logits are exactly its final hidden states through an
-    nn.Linear (weight, maybe bias), the case the fused reduction computes; else (None, why)."""
-    base = _unwrap(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is None:
-        return None, "the model has no output embeddings"
-    if type(head).forward is not torch.nn.Linear.forward:
-        return None, f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
-    # a hook may change what the head returns; DeepSpeed's only gather and release its weight
-    hooks = [*head._forward_pre_hooks.values(), *head._forward_hooks.values()]
-    foreign = [h for h in hooks if not getattr(h, "__module__", "").startswith("deepspeed")]
-    if foreign:
-        return None, f"its LM head has forward hooks ({getattr(foreign[0], '__qualname__', foreign[0])})"
-    configs = [base.config]
-    if hasattr(base.config, "get_text_config"):
-        configs.append(base.config.get_text_config())
-    for config in configs:
-        for key, identity in _HEAD_TRANSFORMS.items():
-            value = getattr(config, key, identity)
-            if value != identity:
-                return None, f"its logits are transformed after the head ({key}={value})"
-    return head, None
-
-
 def _log_fallback(model, why):
     if why not in _fallback_logged:
         _fallback_logged.add(why)
         logger.warning("fused log-probs: %s: %s; using the unfused path (full logits)",
-                       type(_unwrap(model)).__name__, why)
-
-
-class Backbone:
-    """The model up to its LM head. Calling it runs the model's whole forward (through the
-    DeepSpeed engine and peft wrapper, so their hooks fire as in any forward) with the given
-    keyword arguments, records what the head reads and lets the head compute the last position
-    only. Returns (hidden [N, L, H], the model's output); L is what the model passes to its
-    head (all positions, or the last `logits_to_keep`)."""
-
-    def __init__(self, model, head):
-        self.model, self.head = model, head
-
-    def __call__(self, **model_kwargs):
-        captured = []
-
-        def record(module, args):
-            captured.append(args[0])
-            return (args[0][:, -1:], *args[1:])
-
-        # first of the head's hooks, so that ZeRO-3's hooks see only the cut input: they tie the
-        # head's backward to its inputs and outputs, and the head's output here has no backward
-        handle = self.head.register_forward_pre_hook(record, prepend=True)
-        try:
-            outputs = self.model(**model_kwargs)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"the LM head ran {len(captured)} times in one forward; expected once")
-        return captured[0], outputs
+                       type(unwrap(model)).__name__, why)
 
 
 def _prompt_cut(model, batch):
     """(start, kwargs): the first position whose output predicts a loss token, and the
-    `logits_to_keep` that cuts everything before it (when the model takes one)."""
+    `logits_to_keep` that cuts everything before it (when the model's forward takes one)."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    if not _accepts_logits_to_keep(model):
+    if "logits_to_keep" not in inspect.signature(unwrap(model).forward).parameters:
         return 0, {}
     first_loss_pos = int(loss_mask.float().argmax(-1).min())
     start = max(0, first_loss_pos - 1)  # the position before a token predicts it
@@ -237,8 +167,9 @@ def _prompt_cut(model, batch):
 
 def prompt_cut_hidden_states(backbone, batch):
     """Producer of (hidden, labels, loss_mask) for the head reduction: one forward of the
-    collated batch; only positions from the one before the first completion token on are
-    kept (the prompt prefix every row shares is cut with `logits_to_keep`)."""
+    collated batch through `backbone` (a utils.heads.HeadInput); only positions from the one
+    before the first completion token on are kept (the prompt prefix every row shares is cut
+    with `logits_to_keep` where the model takes it)."""
     start, kwargs = _prompt_cut(backbone.model, batch)
     hidden, _ = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                          **kwargs)
@@ -254,11 +185,30 @@ def _unfused_model_logprobs(model, batch, temperature):
     return sequence_logprobs(logits, input_ids[:, start:], loss_mask[:, start:], temperature, overwrite_logits=True)
 
 
+def _as_forward_of(head, reduction, hidden):
+    """reduction(hidden) computed as `head`'s own forward, so that the hooks on the head run
+    around it as around any forward of it. Under ZeRO-3 they gather the partitioned weight for
+    the forward, gather it again when the backward reaches the head and release it only once
+    autograd has accumulated the weight's gradient. (A gather of one's own around the backward
+    releases the weight before that accumulation, which then fails on the partitioned,
+    0-element parameter of an untied head.)"""
+    own = head.__dict__.get("forward")
+    head.forward = reduction
+    try:
+        return head(hidden)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
 def head_logprobs(head, hidden, labels, loss_mask, temperature=1.0, fused=True):
     """Step 2: per-sequence log-probs [N] from final hidden states through the LM head `head`
-    (an nn.Linear, see lm_head), fused or through its [N, L, V] logits."""
+    (an nn.Linear, see utils.heads.lm_head), fused or through its [N, L, V] logits."""
     if fused:
-        return fused_sequence_logprobs(hidden, head.weight, labels, loss_mask, temperature, head.bias)
+        return _as_forward_of(head, lambda rows: fused_sequence_logprobs(rows, head.weight, labels, loss_mask,
+                                                                         temperature, head.bias), hidden)
     return sequence_logprobs(head(hidden), labels, loss_mask, temperature, overwrite_logits=True)
 
 
@@ -268,8 +218,8 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
     `model` is a causal LM, maybe inside a peft wrapper or a DeepSpeed engine. fused: the head
     reduction without logits (fused_sequence_logprobs); a model whose head is more than a
     linear map takes the unfused path instead, saying so once. prefix_sharing: the hidden
-    states come from utils.prefix_sharing.shared_prefix_hidden_states(backbone, batch), which
-    encodes each group's shared prompt once.
+    states come from utils.prefix_sharing.shared_prefix_hidden_states, which encodes each
+    group's shared prompt once (the caller has checked the model with sharing_support).
     """
     head, why = lm_head(model)
     if head is None:
@@ -280,9 +230,9 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
         return _unfused_model_logprobs(model, batch, temperature)
     if not fused and not prefix_sharing:
         return _unfused_model_logprobs(model, batch, temperature)
+    backbone = HeadInput(model, head)
     if prefix_sharing:
-        from .prefix_sharing import Decoder, shared_prefix_hidden_states
-        hidden, labels, loss_mask = shared_prefix_hidden_states(Decoder(model), batch)
+        hidden, labels, loss_mask = shared_prefix_hidden_states(backbone, batch)
     else:
-        hidden, labels, loss_mask = prompt_cut_hidden_states(Backbone(model, head), batch)
+        hidden, labels, loss_mask = prompt_cut_hidden_states(backbone, batch)
     return head_logprobs(head, hidden, labels, loss_mask, temperature, fused)

@@ -1,7 +1,6 @@
 """Tokenizer and model loading, LoRA, saving in HF format (log-probs of a model: utils.logprobs)."""
 import glob
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -186,15 +185,6 @@ def apply_lora(model, lora_dim, lora_alpha=None, target_modules="all-linear", on
             if "lora_" not in name and ".original_module." not in name:
                 param.requires_grad_(True)
     return model
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)  # DeepSpeed engine
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _accepts_logits_to_keep(model):
-    return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
 
 
 def model_fingerprint(path):

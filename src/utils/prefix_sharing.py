@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .fileio import InputError
+from .heads import HeadInput, lm_head, unwrap
 
 PREFIX_SHARING_CHOICES = ("auto", "on", "off")
 _MASKED_ATTENTION = ("eager", "sdpa")  # the implementations that apply a custom 4D mask as given
@@ -48,10 +49,45 @@ def add_prefix_sharing_arg(parser):
 
 
 # -- which models ---------------------------------------------------------------------------
-def unwrap(model):
-    """The Hugging Face model inside a DeepSpeed engine and/or a peft wrapper."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+# The architectures (config.model_type) on which the packed forward is tested exact against the
+# unshared one (tests/test_arch_matrix.py): tokens mix only through attention, placed by
+# position ids, under the mask given. `auto` shares on these only; `on` also only on these.
+SHARING_ARCHITECTURES = ("falcon", "gemma", "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "mixtral", "opt",
+                         "phi3", "qwen2", "qwen3")
+_STATE_SPACE_FIELDS = ("mamba", "ssm", "conv_", "linear_", "attn_layer_period", "layers_block_type")
+
+
+def _attention_window(config):
+    """Why attention in `config` is not plain causal attention over the whole row, or None."""
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"sliding-window attention (sliding_window={config.sliding_window})"
+    if "local" in (getattr(config, "attention_layers", None) or ()):
+        return f"local attention layers (window_size={getattr(config, 'window_size', None)})"
+    if getattr(config, "attention_chunk_size", None):
+        return f"chunked attention (attention_chunk_size={config.attention_chunk_size})"
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - {"full_attention"})
+    if other:
+        return f"layers other than full attention ({', '.join(map(str, other))})"
+    return None
+
+
+def _inexact_because(config):
+    """Why the block mask would not give the unshared forward's hidden states, or None."""
+    if getattr(config, "alibi", False) or config.model_type in ("bloom", "mpt"):
+        return "it places tokens by ALiBi, not by position ids"
+    window = _attention_window(config)
+    if window:
+        return f"it has {window}, which the block mask would override"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps the attention logits"
+    if config.model_type in SHARING_ARCHITECTURES:
+        return None
+    fields = sorted(key for key in config.to_dict() if any(mark in key for mark in _STATE_SPACE_FIELDS))
+    if fields:
+        return f"it has state-space, convolution or linear-attention layers ({fields[0]}), which mix tokens " \
+               "outside the attention mask"
+    return f"{config.model_type} is not among the architectures it is tested exact on " \
+           f"({', '.join(SHARING_ARCHITECTURES)})"
 
 
 def sharing_support(model):
@@ -59,21 +95,17 @@ def sharing_support(model):
     classifier, possibly wrapped), else the reason it is not."""
     hf = unwrap(model)
     config = hf.config
+    why = _inexact_because(config)
+    if why:
+        return why
     attention = getattr(config, "_attn_implementation", None)
     if attention not in _MASKED_ATTENTION:
         return f"attention implementation {attention!r} does not take a custom block mask (eager and sdpa do)"
-    decoder = hf.base_model
-    if decoder is hf or "position_ids" not in inspect.signature(decoder.forward).parameters:
-        return f"{type(hf).__name__} has no decoder that takes position_ids"
-    if getattr(config, "alibi", False) or config.model_type in ("bloom", "mpt"):
-        return f"{config.model_type} places tokens by ALiBi, not by position ids"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return f"{config.model_type} uses sliding-window attention, which a block mask would override"
+    if "position_ids" not in inspect.signature(hf.forward).parameters:
+        return f"{type(hf).__name__}'s forward takes no position_ids"
     if hf.get_output_embeddings() is not None:
-        from .logprobs import lm_head
-
         why = lm_head(model)[1]
-        if why:  # the shared path reduces the head's input itself, so the head must be a plain linear map
+        if why:  # the shared path computes the head itself, so the head must be a plain linear map
             return f"the shared path needs the LM head's input, but {why}"
     else:
         if getattr(hf, "score", None) is None:
@@ -192,42 +224,12 @@ def pack_groups(batch):
 
 
 # -- running a model on it --------------------------------------------------------------------
-def _decoder(model):
-    return unwrap(model).base_model
-
-
-class Decoder:
-    """The transformer body of `model` (engine, peft or HF) as a callable returning its output
-    (`last_hidden_state`), run through the model's own top-level forward: DeepSpeed's ZeRO-3
-    starts each step's parameter bookkeeping in a hook on the top module, and peft's wrappers
-    live there too. The body's output is caught with a forward hook; the causal LM's head
-    runs on one position only (`logits_to_keep=1`), the score head of a classifier on all
-    (one output per position, a negligible cost)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.decoder = _decoder(model)
-        self.extra = {"logits_to_keep": 1} if unwrap(model).get_output_embeddings() is not None else {}
-
-    def __call__(self, **kwargs):
-        caught = []
-        handle = self.decoder.register_forward_hook(lambda module, args, output: caught.append(output))
-        try:
-            self.model(**kwargs, **self.extra)
-        finally:
-            handle.remove()
-        return caught[-1]
-
-
-def _packed_hidden_states(backbone, packed, dtype):
-    out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_bias(dtype),
-                   position_ids=packed.position_ids, use_cache=False)
-    return out.last_hidden_state.flatten(0, 1)
-
-
-def _dtype_of(backbone):
-    module = backbone.decoder if isinstance(backbone, Decoder) else backbone
-    return module.get_input_embeddings().weight.dtype
+def _packed_hidden_states(backbone, packed):
+    """The head's input at every position of the packed rows, flattened to [G * T, H]."""
+    dtype = unwrap(backbone.model).get_input_embeddings().weight.dtype
+    hidden, _ = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_bias(dtype),
+                         position_ids=packed.position_ids, use_cache=False)
+    return hidden.flatten(0, 1)
 
 
 def shared_prefix_hidden_states(backbone, batch):
@@ -237,11 +239,11 @@ def shared_prefix_hidden_states(backbone, batch):
     per-sequence log-probs of the unshared forward. Row n's window starts one position before
     its first loss token and is as long as the longest completion of the batch (+1).
 
-    `backbone` is the transformer body (an HF base model such as model.transformer /
-    model.model, or a Decoder around a wrapped model) taking input_ids, a 4D attention_mask
-    and position_ids. The batch needs `group_sizes` (or `rewards` [B, K])."""
+    `backbone` is a utils.heads.HeadInput of the model (engine, peft or HF): the model's own
+    forward, run with input_ids, a 4D attention_mask and position_ids, its head's input caught.
+    The batch needs `group_sizes` (or `rewards` [B, K])."""
     packed = pack_groups(batch)
-    hidden = _packed_hidden_states(backbone, packed, _dtype_of(backbone))
+    hidden = _packed_hidden_states(backbone, packed)
     lengths = packed.row_lengths
     start = (first_loss_positions(batch["loss_mask"], lengths) - 1).clamp(min=0)
     window = int((lengths - start).max())
@@ -265,8 +267,7 @@ def shared_prefix_scores(model, batch):
     (at the last non-pad token), with each group's prompt encoded once."""
     hf = unwrap(model)
     packed = pack_groups(batch)
-    backbone = Decoder(model)
-    hidden = _packed_hidden_states(backbone, packed, _dtype_of(backbone))
+    hidden = _packed_hidden_states(HeadInput(model), packed)
     last = last_token_positions(batch["input_ids"], hf.config.pad_token_id)[:, None]
     return hf.score(hidden[packed.flat_index(last)[:, 0]])[:, 0]
 
