@@ -65,10 +65,14 @@ def _attention_window(config):
         return f"local attention layers (window_size={getattr(config, 'window_size', None)})"
     if getattr(config, "attention_chunk_size", None):
         return f"chunked attention (attention_chunk_size={config.attention_chunk_size})"
-    other = sorted(set(getattr(config, "layer_types", None) or ()) - {"full_attention"})
-    if other:
-        return f"layers other than full attention ({', '.join(map(str, other))})"
+    windowed = sorted(t for t in set(_layer_types(config)) if any(w in t for w in ("sliding", "local", "chunk")))
+    if windowed:
+        return f"{', '.join(windowed)} layers"
     return None
+
+
+def _layer_types(config):
+    return [str(t) for t in getattr(config, "layer_types", None) or ()]
 
 
 def _inexact_because(config):
@@ -80,6 +84,9 @@ def _inexact_because(config):
         return f"it has {window}, which the block mask would override"
     if getattr(config, "attn_logit_softcapping", None):
         return "it soft-caps the attention logits"
+    others = sorted(set(_layer_types(config)) - {"full_attention", "attention"})
+    if others:
+        return f"it has {', '.join(others)} layers, which mix tokens outside the attention mask"
     if config.model_type in SHARING_ARCHITECTURES:
         return None
     fields = sorted(key for key in config.to_dict() if any(mark in key for mark in _STATE_SPACE_FIELDS))
