@@ -37,13 +37,14 @@ import os
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
 from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens
+from utils.heads import token_vocab_size
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.sharding import sharded_map
 from utils.args import base_parser
@@ -138,7 +139,8 @@ class CompletionLogprobs(LogitsProcessor):
     `generate` calls a processor once per step with the ids so far, before the temperature
     warper; the distribution of step t is kept until step t + 1 shows which token was drawn
     from it, and `finish` reads the last step's token. Nothing else changes the logits (no
-    filtering, no bar on EOS), so this is the distribution each token was drawn from.
+    filtering, no bar on EOS; only the padded-vocabulary mask, before it), so this is the
+    distribution each token was drawn from.
     """
 
     def __init__(self, temperature):
@@ -163,16 +165,20 @@ def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
 
     Returns per prompt, a list per completion of: `ids`, the drawn token ids up to and with
     the first stop token (config.eos_token_id, a list; all max_new_tokens of them when none was
-    drawn); `stops`, that stop token or None; `texts`, the decoded ids before it; and `logps`
+    drawn; never an id past the tokenizer of a padded vocabulary, utils.heads.token_vocab_size); `stops`, that stop token or None; `texts`, the decoded ids before it; and `logps`
     (with `save_logps`, else None), log p^temp(ids | prompt) summed over exactly those ids.
     """
     device = next(model.parameters()).device
     batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
     prompt_len = batch["input_ids"].shape[1]
     recorder = CompletionLogprobs(config.temperature) if save_logps else None
+    processors = [recorder] if recorder else []
+    tokens = token_vocab_size(model)
+    if tokens is not None:  # the padded-vocabulary rule: ids past the tokenizer are never drawn
+        vocab = model.config.get_text_config().vocab_size
+        processors.insert(0, SuppressTokensLogitsProcessor(range(tokens, vocab), device=device))
     torch.manual_seed(seed)
-    sequences = model.generate(**batch, generation_config=config,
-                               logits_processor=LogitsProcessorList([recorder] if recorder else []))
+    sequences = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList(processors))
     drawn = sequences[:, prompt_len:]
 
     is_stop = torch.isin(drawn, torch.tensor(config.eos_token_id, device=drawn.device))

@@ -62,16 +62,36 @@ def align_data(tmp_path_factory):
     return dirs
 
 
+def _align_texts(align_data):
+    texts = [" ".join(WORDS + POSITIVE + NEGATIVE)] * 4
+    with open(os.path.join(align_data["rw"], "train.json")) as f:
+        for record in json.load(f):
+            texts += [record["prompt"], *record["completions"]]
+    return texts
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, align_data):
     """A tiny GPT-2 and tokenizer trained on the synthetic data's text (no pad token)."""
     from make_tiny_model import make_tiny_model
 
-    texts = [" ".join(WORDS + POSITIVE + NEGATIVE)] * 4
-    with open(os.path.join(align_data["rw"], "train.json")) as f:
-        for record in json.load(f):
-            texts += [record["prompt"], *record["completions"]]
-    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "gpt2"), texts, arch="gpt2", seed=0)
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "gpt2"), _align_texts(align_data), arch="gpt2",
+                           seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_of(tmp_path_factory, align_data, tiny_model):
+    """arch -> a tiny model of make_tiny_model's `arch` (gpt2: tiny_model), tokenizer as tiny_model's."""
+    from make_tiny_model import make_tiny_model
+
+    made = {"gpt2": tiny_model}
+
+    def of(arch):
+        if arch not in made:
+            made[arch] = make_tiny_model(str(tmp_path_factory.mktemp("tiny") / arch), _align_texts(align_data),
+                                         arch=arch, seed=0)
+        return made[arch]
+    return of
 
 
 def launcher(ranks):

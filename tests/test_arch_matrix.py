@@ -165,12 +165,15 @@ def matrix():
     for name in FAMILIES:
         model = build(name)
         reason = sharing_support(model)
-        shared = max_difference(model, lambda m, b: forced_sharing(m, b), batch)
+        try:
+            shared = f"{max_difference(model, forced_sharing, batch):.1e}"
+        except Exception as err:  # noqa: BLE001 (a refused family may not even run packed)
+            shared = f"{type(err).__name__}"
         why = lm_head(model)[1]
         fused = (max_difference(model, lambda m, b: model_sequence_logprobs(m, b, TEMPERATURE), batch)
                  if why is None else None)
         rows.append(f"| {name} | {'shared' if reason is None else 'unshared: ' + reason} | "
-                    f"{shared:.1e}{'' if reason is None else ' (forced)'} | "
+                    f"{shared}{'' if reason is None else ' (forced)'} | "
                     f"{'fused' if why is None else 'fallback: ' + why} | {'-' if fused is None else f'{fused:.1e}'} |")
     return "\n".join(rows)
 

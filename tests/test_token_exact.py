@@ -34,10 +34,11 @@ def read(path):
         return json.load(f)
 
 
-def tiny_vocab_model(path, seed, noise_from=None):
+def tiny_vocab_model(path, seed, noise_from=None, padding=0):
     """A random GPT-2 over EOS + WORDS (word-level tokenizer) whose completions of PROMPTS are
     cut by MAX_NEW about half of the time; with `noise_from`, that model with noise on every
-    weight (a policy about 1 nat away from it)."""
+    weight (a policy about 1 nat away from it). `padding`: that many more embedding and head
+    rows than the tokenizer has tokens (a padded vocabulary, as Pythia's and Qwen's)."""
     vocab = {"<eos>": EOS, **{w: i + 1 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -45,7 +46,7 @@ def tiny_vocab_model(path, seed, noise_from=None):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", model_max_length=16)
     torch.manual_seed(seed)
     if noise_from is None:
-        config = GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=16,
+        config = GPT2Config(vocab_size=len(vocab) + padding, n_embd=16, n_layer=1, n_head=2, n_positions=16,
                             bos_token_id=EOS, eos_token_id=EOS, initializer_range=0.1)
         model = GPT2LMHeadModel(config)
     else:
@@ -69,8 +70,9 @@ def exact_kl(policy_path, ref_path, prompt, temp=TEMP, max_new=MAX_NEW):
     kl = p_cut = 0.0
     for step in range(max_new):
         inputs = torch.tensor([prompt_ids + prefix for prefix, _, _ in frontier])
-        lp = torch.log_softmax(policy(inputs).logits[:, -1] / temp, -1).tolist()
-        lq = torch.log_softmax(ref(inputs).logits[:, -1] / temp, -1).tolist()
+        # the padded-vocabulary rule: ids past the tokenizer are no tokens, never drawn nor normalised over
+        lp = torch.log_softmax(policy(inputs).logits[:, -1, :len(tokenizer)] / temp, -1).tolist()
+        lq = torch.log_softmax(ref(inputs).logits[:, -1, :len(tokenizer)] / temp, -1).tolist()
         grown = []
         for (prefix, a, b), row_p, row_q in zip(frontier, lp, lq):
             for token, (tp, tq) in enumerate(zip(row_p, row_q)):
@@ -110,9 +112,11 @@ def forked(cases, tmp_path):
     return [(code, (results / f"{i}.out").read_text(), (results / f"{i}.err").read_text()) for i, code in enumerate(codes)]
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    return tiny_vocab_model(tmp_path_factory.mktemp("tiny_vocab") / "sft", seed=0)
+@pytest.fixture(scope="module", params=[0, 3], ids=["exact_vocab", "padded_vocab"])
+def sft_model(request, tmp_path_factory):
+    """The reference model; padded_vocab: 3 head rows past the tokenizer, whose logits the
+    random head makes as large as any token's (so the sampler would draw them, unmasked)."""
+    return tiny_vocab_model(tmp_path_factory.mktemp("tiny_vocab") / "sft", seed=0, padding=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +165,7 @@ def test_pipeline_kl_estimate_agrees_with_the_enumerated_kl(pipeline, exact):
     records = read(pipeline["gen"])
     stops = [s for r in records for s in r["stop_token"]]
     assert len(stops) == len(PROMPTS) * RETURN_NUM
+    assert max(i for r in records for ids in r["completion_ids"] for i in ids) <= len(WORDS)  # tokens only
     assert 0.25 < stops.count(None) / len(stops) < 0.75  # many samples cut by --max_new_tokens
     assert 0.25 < exact["p_cut"] < 0.75
     estimate = read(pipeline["gen_kl"])

@@ -63,6 +63,20 @@ def lm_head(model):
     return head, None
 
 
+def token_vocab_size(model):
+    """How many of the head's outputs are tokens: len(tokenizer) where the model was loaded for
+    one (utils.model_utils.prepare_for_tokenizer) and its vocabulary is padded beyond it (Pythia:
+    50304 rows for 50277 tokens; Qwen), else None (all of them).
+
+    The padded-vocabulary rule, the same everywhere: an id >= len(tokenizer) is no token. The
+    sampler never draws one (its logit is -inf) and every log-prob's normaliser leaves it out
+    (log softmax over the first len(tokenizer) logits), in sampling, scoring and training alike,
+    so the distribution a completion was sampled from is the one it is scored under."""
+    hf = unwrap(model)
+    size, rows = getattr(hf, "token_vocab_size", None), getattr(hf.config.get_text_config(), "vocab_size", None)
+    return size if size is not None and rows is not None and size < rows else None
+
+
 class HeadInput:
     """The model up to its head. Calling it runs the model's whole forward with the given
     keyword arguments and returns (hidden [N, L, H], the model's output): what the head read.

@@ -7,8 +7,11 @@ shared prompt prefix, say) can replace the first and keep the second:
 
 1. a producer turns a collated batch into (hidden [N, L, H], labels [N, L], loss_mask [N, L]):
    the final hidden states the LM head reads, in the Hugging Face convention (hidden[:, t-1]
-   predicts labels[:, t]). `prompt_cut_hidden_states` is the plain one: one forward of the
-   batch, the prompt prefix every row shares cut before the head (`logits_to_keep`).
+   predicts labels[:, t]). Both producers run the model's own forward through one
+   utils.heads.HeadInput, which catches the head's input with a pre-hook on the head.
+   `prompt_cut_hidden_states` is the plain one: one forward of the batch, the prompt prefix
+   every row shares cut before the head (`logits_to_keep`, where the model's forward takes it);
+   utils.prefix_sharing.shared_prefix_hidden_states packs each group's prompt once.
 2. the head reduction: `fused_sequence_logprobs` (default) or the model's own head followed by
    `utils.loss.sequence_logprobs` (the unfused path, which builds [N, L, V] logits).
 
@@ -17,7 +20,10 @@ logits are made, reduced (logsumexp, the label's logit, the temperature) and dro
 backward recomputes them chunk by chunk and accumulates the gradients of the hidden states and
 of the head weight (and bias). Peak extra memory is one chunk of logits, not [N, L, V]: with a
 128k vocabulary, 16 candidates x 1024 tokens of logits would be 8.6 GB in fp32, and as much
-again for their gradient. Heads that are more than a linear map (logit soft-capping, a final
+again for their gradient. The reduction runs as the head module's own forward (`head_logprobs`),
+so whatever hooks the head carries run around it: under ZeRO-3 they gather a partitioned head
+(tied or untied, with or without a bias) for the forward and again for the backward, until its
+gradient is accumulated. Heads that are more than a linear map (logit soft-capping, a final
 logit scale, a head that is not an nn.Linear or has forward hooks of its own) are not fused:
 they take the unfused path, with one logged line.
 """
@@ -27,7 +33,7 @@ import logging
 
 import torch
 
-from .heads import HeadInput, lm_head, unwrap
+from .heads import HeadInput, lm_head, token_vocab_size, unwrap
 from .loss import sequence_logprobs
 from .prefix_sharing import shared_prefix_hidden_states
 
@@ -176,11 +182,13 @@ def prompt_cut_hidden_states(backbone, batch):
     return hidden, batch["input_ids"][:, start:], batch["loss_mask"][:, start:]
 
 
-def _unfused_model_logprobs(model, batch, temperature):
+def _unfused_model_logprobs(model, batch, temperature, vocab=None):
     """The model's own logits, then utils.loss.sequence_logprobs: the unfused path."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     start, kwargs = _prompt_cut(model, batch)
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs).logits
+    if vocab is not None:  # the padded-vocabulary rule (utils.heads.token_vocab_size)
+        logits = logits[..., :vocab]
     # nothing else reads these logits, so backward may build their gradient in their place
     return sequence_logprobs(logits, input_ids[:, start:], loss_mask[:, start:], temperature, overwrite_logits=True)
 
@@ -203,13 +211,17 @@ def _as_forward_of(head, reduction, hidden):
             head.forward = own
 
 
-def head_logprobs(head, hidden, labels, loss_mask, temperature=1.0, fused=True):
+def head_logprobs(head, hidden, labels, loss_mask, temperature=1.0, fused=True, vocab=None):
     """Step 2: per-sequence log-probs [N] from final hidden states through the LM head `head`
-    (an nn.Linear, see utils.heads.lm_head), fused or through its [N, L, V] logits."""
+    (an nn.Linear, see utils.heads.lm_head), fused or through its [N, L, V] logits; over the
+    first `vocab` outputs only where given (utils.heads.token_vocab_size)."""
     if fused:
-        return _as_forward_of(head, lambda rows: fused_sequence_logprobs(rows, head.weight, labels, loss_mask,
-                                                                         temperature, head.bias), hidden)
-    return sequence_logprobs(head(hidden), labels, loss_mask, temperature, overwrite_logits=True)
+        def reduction(rows):
+            bias = None if head.bias is None else head.bias[:vocab]
+            return fused_sequence_logprobs(rows, head.weight[:vocab], labels, loss_mask, temperature, bias)
+        return _as_forward_of(head, reduction, hidden)
+    logits = head(hidden) if vocab is None else head(hidden)[..., :vocab]
+    return sequence_logprobs(logits, labels, loss_mask, temperature, overwrite_logits=True)
 
 
 def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sharing=False):
@@ -219,20 +231,23 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
     reduction without logits (fused_sequence_logprobs); a model whose head is more than a
     linear map takes the unfused path instead, saying so once. prefix_sharing: the hidden
     states come from utils.prefix_sharing.shared_prefix_hidden_states, which encodes each
-    group's shared prompt once (the caller has checked the model with sharing_support).
+    group's shared prompt once (the caller has checked the model with sharing_support). Ids
+    past the tokenizer of a padded vocabulary are left out of the normaliser
+    (utils.heads.token_vocab_size).
     """
     head, why = lm_head(model)
+    vocab = token_vocab_size(model)
     if head is None:
         if prefix_sharing:
             raise ValueError(f"prefix sharing needs the LM head's input, but {why}")
         if fused:
             _log_fallback(model, why)
-        return _unfused_model_logprobs(model, batch, temperature)
+        return _unfused_model_logprobs(model, batch, temperature, vocab)
     if not fused and not prefix_sharing:
-        return _unfused_model_logprobs(model, batch, temperature)
+        return _unfused_model_logprobs(model, batch, temperature, vocab)
     backbone = HeadInput(model, head)
     if prefix_sharing:
         hidden, labels, loss_mask = shared_prefix_hidden_states(backbone, batch)
     else:
         hidden, labels, loss_mask = prompt_cut_hidden_states(backbone, batch)
-    return head_logprobs(head, hidden, labels, loss_mask, temperature, fused)
+    return head_logprobs(head, hidden, labels, loss_mask, temperature, fused, vocab)

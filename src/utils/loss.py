@@ -56,14 +56,27 @@ class _SequenceLogprobs(torch.autograd.Function):
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         out = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
         lse = torch.zeros(logits.shape[:2], dtype=compute_dtype, device=logits.device)
+        scratch = None  # one chunk, reused: a fresh allocation per chunk costs more than the arithmetic
         for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
             if mask is None:
                 continue
-            scaled = _SequenceLogprobs._scaled(logits[:, start:stop], compute_dtype, temperature)
+            chunk = logits[:, start:stop]
+            if scratch is None:
+                scratch = torch.empty(chunk.shape, dtype=compute_dtype, device=logits.device)
+            work = scratch[:, :stop - start]
+            # logsumexp(x / tau) = max / tau + log sum exp((x - max) / tau), built in the scratch
+            top = chunk.amax(-1, keepdim=True).to(compute_dtype)
+            if chunk.dtype == compute_dtype:
+                torch.sub(chunk, top, out=work)
+            else:
+                work.copy_(chunk).sub_(top)
+            if temperature != 1.0:
+                work.div_(temperature)
+                top = top / temperature
+            lse[:, start:stop] = work.exp_().sum(-1).log_().add_(top.squeeze(-1))
             target = labels[:, start + 1:stop + 1].unsqueeze(-1)
-            lse[:, start:stop] = scaled.logsumexp(-1)
-            token_logps = scaled.gather(-1, target).squeeze(-1) - lse[:, start:stop]
-            out += (token_logps * mask).sum(-1)
+            label_logits = _SequenceLogprobs._scaled(chunk.gather(-1, target).squeeze(-1), compute_dtype, temperature)
+            out += ((label_logits - lse[:, start:stop]) * mask).sum(-1)
         ctx.save_for_backward(logits, labels, loss_mask, lse)
         ctx.temperature = temperature
         ctx.overwrite_logits = overwrite_logits

@@ -164,6 +164,8 @@ def prepare_for_tokenizer(model, tokenizer):
     model.config.use_cache = False  # no KV cache when training: it only costs memory
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    # the padded-vocabulary rule (utils.heads.token_vocab_size): ids past the tokenizer are no tokens
+    model.token_vocab_size = len(tokenizer)
 
 
 def apply_lora(model, lora_dim, lora_alpha=None, target_modules="all-linear", only_optimize_lora=False,

@@ -21,10 +21,17 @@ K times": the cache route needs `use_cache` in the training forward, which trans
 off under gradient checkpointing, and it takes two forwards where packing takes one (one
 ZeRO-3 parameter gather per step, as without sharing).
 
-It needs an attention implementation that takes a custom 4D mask (eager, sdpa; not
-flash-attention or flex) and a model that places tokens by `position_ids` (not ALiBi, no
-sliding window); `sharing_support` says why a model does not qualify. Tested exact (1e-5,
-fp32) on GPT-2 and Llama against the unshared forward.
+The packed forward is the model's own top-level forward (so DeepSpeed's and peft's hooks run
+as in any forward), its head's input caught by utils.heads.HeadInput, a pre-hook on the head.
+
+It is exact only where tokens mix through a full causal attention mask alone, placed by
+`position_ids`: not with sliding-window, local or chunked attention (the block mask replaces
+the window), state-space, convolution or linear-attention layers (they mix tokens outside the
+mask), ALiBi or soft-capped attention. So sharing is on only for the architectures of
+SHARING_ARCHITECTURES, each tested exact (1e-5, fp32, gradients included) against the unshared
+forward in tests/test_arch_matrix.py, and only with an attention implementation that takes a
+custom 4D mask (eager, sdpa; not flash-attention or flex); `sharing_support` says why a model
+does not qualify.
 """
 import inspect
 from dataclasses import dataclass
@@ -42,9 +49,10 @@ _MASKED_ATTENTION = ("eager", "sdpa")  # the implementations that apply a custom
 def add_prefix_sharing_arg(parser):
     parser.add_argument("--prefix_sharing", default="auto", choices=PREFIX_SHARING_CHOICES,
                         help="encode the prompt once per group of candidates instead of once per candidate "
-                             "(exact; saves the prompt's compute and memory K-1 times over): auto = on where the "
-                             "model supports it (eager or sdpa attention, position ids, no ALiBi or sliding "
-                             "window), else off with a note; on = stop if it does not")
+                             "(exact; saves the prompt's compute and memory K-1 times over): auto = on for the "
+                             "architectures it is tested exact on (GPT-2, GPT-NeoX, Llama, Mistral, Mixtral, "
+                             "Qwen2/3, Gemma, Phi-3, OPT, GPT-Neo, Falcon; no sliding/local window, SSM layers "
+                             "or ALiBi; eager or sdpa attention), else off with a note; on = stop if it is not")
     return parser
 
 
