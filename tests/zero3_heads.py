@@ -44,7 +44,7 @@ def step(head, fused, batch):
 
 
 def main():
-    head, out = sys.argv[1], sys.argv[2]
+    head, out = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # the launcher adds it
     deepspeed.init_distributed("gloo")
     batch = random_batch(VOCAB)
     results = {name: step(head, fused, batch) for name, fused in (("fused", True), ("unfused", False))}
