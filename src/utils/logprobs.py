@@ -267,7 +267,8 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
 
     `model` is a causal LM, maybe inside a peft wrapper or a DeepSpeed engine. fused: the head
     reduction without logits (fused_sequence_logprobs); a model whose head is more than a
-    linear map takes the unfused path instead, saying so once. prefix_sharing: the hidden
+    linear map takes the unfused path instead, saying so once. prefix_sharing (True or "on";
+    "auto": only where packing saves work, utils.prefix_sharing.packed_layout): the hidden
     states come from utils.prefix_sharing.shared_prefix_hidden_states(backbone, batch), which
     encodes each group's shared prompt once.
     """
@@ -278,11 +279,15 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
         if fused:
             _log_fallback(model, why)
         return _unfused_model_logprobs(model, batch, temperature)
-    if not fused and not prefix_sharing:
-        return _unfused_model_logprobs(model, batch, temperature)
+    packed = None
     if prefix_sharing:
+        from .prefix_sharing import packed_layout
+        packed = packed_layout(model, batch, prefix_sharing)  # auto: None where packing costs more
+    if not fused and packed is None:
+        return _unfused_model_logprobs(model, batch, temperature)
+    if packed is not None:
         from .prefix_sharing import Decoder, shared_prefix_hidden_states
-        hidden, labels, loss_mask = shared_prefix_hidden_states(Decoder(model), batch)
+        hidden, labels, loss_mask = shared_prefix_hidden_states(Decoder(model), batch, packed)
     else:
         hidden, labels, loss_mask = prompt_cut_hidden_states(Backbone(model, head), batch)
     return head_logprobs(head, hidden, labels, loss_mask, temperature, fused)
