@@ -138,16 +138,25 @@ def reference_logps(ref_engine, dataset, collator, args, device, prefix_sharing=
     return values
 
 
+def reference_cache_path(args, data_key):
+    """Where the reference log-probs of the data `data_key` are cached, keyed on everything
+    that changes their values: the data, the reference model, tau, the dtype, the head
+    reduction and --prefix_sharing as given."""
+    # The fused and unfused reductions agree to ~1e-6, not bit for bit, and so do the shared and
+    # unshared forwards (auto and on pack different batches, off none); a model that auto would
+    # share inexactly must not hand its values to an off run: a run reads its own kind.
+    key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}|"
+                         f"{'fused' if args.fused_logprobs else 'logits'}|sharing={args.prefix_sharing}".encode())
+    return os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
+
+
 def cached_reference_logps(reference, dataset, data_key, collator, args, device):
-    """reference_logps, cached as .npy beside the tokenised data, keyed on data, model and tau.
+    """reference_logps, cached as .npy beside the tokenised data (reference_cache_path).
     `reference()` gives the reference engine and whether it shares prompts; it is only loaded
     on a cache miss. The pass is collective, so the ranks agree: the cache is used only when
     every rank has it (a new node's own disk may not), and it is written by the writers of that
     directory (`is_cache_writer`)."""
-    # the fused and unfused reductions agree to ~1e-6, not bit for bit: a run reads its own kind
-    key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}|"
-                         f"{'fused' if args.fused_logprobs else 'logits'}".encode())
-    path = os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
+    path = reference_cache_path(args, data_key)
     if sum_across_ranks({"missing": not os.path.exists(path)})["missing"] == 0:
         return np.load(path, allow_pickle=False)
     engine, prefix_sharing = reference()

@@ -301,20 +301,47 @@ def test_alignment_encoder_pref_pairs(tokenizer, tmp_path):
         assert row["rewards"] == [1.0, 0.0]
 
 
-def test_alignment_encoder_truncates_each_candidate(tokenizer, tmp_path):
-    """Each candidate goes through the same join rule (long prompt cut left, long completion cut right)."""
-    recs = [{"prompt": PROMPT, "completions": [ANSWER * 3, " ok"], "rewards": [1, 0]}]
-    (tmp_path / "rw").mkdir()
-    (tmp_path / "rw" / "train.jsonl").write_text(json.dumps(recs[0]) + "\n", encoding="utf-8")
-    tok = Tokenisation(tokenizer, 10, 4)
+def test_join_group_cuts_the_prompt_once_for_the_longest_completion():
+    """join_group: every completion cut right to max_gen_len, the prompt cut left once so that
+    the longest fits; every row gets the same prompt ids and fits max_seq_len."""
+    tok = Tokenisation(_FakeTok(), max_seq_len=10, max_gen_len=4)
+    eos = _FakeTok.eos_token_id
+    prompt = list(range(100, 110))
+    group = [[21, eos], list(range(30, 40)) + [eos], [41, 42, eos]]  # 2, 4 after the cut, 3
+    joined = tok.join_group(prompt, group)
+    assert joined == [(prompt[-6:] + [21, eos], 6), (prompt[-6:] + [30, 31, 32, 33], 6),
+                      (prompt[-6:] + [41, 42, eos], 6)]
+    assert tok.prompts_cut == 3
+    # a group that fits keeps its whole prompt; join is the group of one
+    assert tok.join_group(prompt[:4], group) == [(prompt[:4] + c[:4], 4) for c in group]
+    assert tok.join(prompt, [21, eos]) == (prompt[-8:] + [21, eos], 8)
+
+
+def test_alignment_encoder_cuts_each_groups_prompt_once_and_sharing_takes_it_whole(tokenizer, tmp_path):
+    """A long prompt is cut once per group of K (for the group's longest candidate), so every
+    candidate of a group starts with the same prompt ids, each row fits max_seq_len, and
+    prefix sharing then shares the whole prompt; another group of the same record is cut for
+    its own longest candidate."""
+    from utils.prefix_sharing import pack_groups
+
+    short, long_ = [" ok", " yes"], [ANSWER * 3, " no"]
+    recs = [{"prompt": PROMPT, "completions": long_ + short, "rewards": [1, 0, 1, 0]}]
+    write_json(tmp_path / "rw", "train.json", recs)
+    tok = Tokenisation(tokenizer, 12, 5)
     ds, _ = build_align(tmp_path / "rw", "rw", tok, tmp_path / "cache", k=2)
-    row = ds[0]
     p = tokenizer(PROMPT)["input_ids"]
     eos = tokenizer.eos_token_id
-    c1 = ids_of(tokenizer, " ok") + [eos]
-    assert row["input_ids"][0] == p[-6:] + ids_of(tokenizer, ANSWER * 3)[:4]
-    assert row["input_ids"][1] == p[-(10 - len(c1)):] + c1
-    assert row["prompt_lens"] == [6, 10 - len(c1)]
+    completions = [ids_of(tokenizer, c) + [eos] for c in long_ + short]
+    assert len(p) > 12
+    for group, row in zip((completions[:2], completions[2:]), ds):
+        kept = [c[:5] for c in group]
+        room = 12 - max(len(c) for c in kept)
+        assert row["prompt_lens"] == [room, room]
+        assert row["input_ids"] == [p[-room:] + c for c in kept]
+        assert all(len(ids) <= 12 for ids in row["input_ids"])
+    assert ds[0]["prompt_lens"] != ds[1]["prompt_lens"]  # each group its own cut
+    packed = pack_groups(AlignmentCollator(tokenizer.pad_token_id)(list(ds)))
+    assert packed.row_prefix.tolist() == [n for row in ds for n in row["prompt_lens"]]
 
 
 # --------------------------------------------------------------------------------------

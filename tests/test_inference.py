@@ -231,8 +231,8 @@ def test_reward_labels_and_eval(reward_model, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
     with torch.no_grad():
         for record, values in zip(GEN_RECORDS, (r["rewards"] for r in labelled)):
-            for completion, value in zip(record["completions"], values):
-                ids, _ = tok.join(tok.prompts([record["prompt"]])[0], tok.completions([completion])[0])
+            joined = tok.join_group(tok.prompts([record["prompt"]])[0], tok.completions(record["completions"]))
+            for (ids, _), value in zip(joined, values):
                 assert model(input_ids=torch.tensor([ids])).logits.item() == pytest.approx(value, abs=1e-5)
 
     ok(run(["python", "src/inference_rm.py", *common, "--mode", "eval"], timeout=300))
@@ -251,7 +251,7 @@ def direct_logps(model_path, records, max_seq_len, max_gen_len):
     with torch.no_grad():
         for record in records:
             prompt = tok.prompts([record["prompt"]])[0]
-            joined = [tok.join(prompt, c) for c in tok.record_completions(record)]
+            joined = tok.join_group(prompt, tok.record_completions(record))
             batch = pad_sequences([s for s, _ in joined], [n for _, n in joined], tokenizer.pad_token_id)
             out.append(model_sequence_logprobs(model, batch).tolist())
     return out

@@ -285,10 +285,11 @@ def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stag
 
 
 def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align_data, tmp_path):
-    """One 2-rank ZeRO-3 run with the online reference and --group_by_length, sharing on vs off:
-    the same eval and train losses (to the 6 digits logged)."""
+    """One 2-rank ZeRO-3 run with the online reference and --group_by_length, sharing on (and
+    auto, whose ranks agree on each batch's path) vs off: the same eval and train losses (to the
+    6 digits logged)."""
     results = {}
-    for mode in ("on", "off"):
+    for mode in ("on", "auto", "off"):
         cmd = [*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model,
                "--data_name_path", f"toy/rw:{align_data['rw']}", "--output_dir", str(tmp_path / mode),
                "--data_output_path", str(tmp_path / "cache"), "--zero_stage", "3", "--loss_type", "exo-rw",
@@ -301,4 +302,5 @@ def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align
         results[mode] = re.findall(r"\[(train|eval) step (\d+)\] loss=([-\d.e]+)", result.stdout)
     assert len(results["on"]) >= 4
     assert [r[:2] for r in results["on"]] == [r[:2] for r in results["off"]]
-    assert [float(r[2]) for r in results["on"]] == pytest.approx([float(r[2]) for r in results["off"]], rel=1e-4)
+    for mode in ("on", "auto"):
+        assert [float(r[2]) for r in results[mode]] == pytest.approx([float(r[2]) for r in results["off"]], rel=1e-4)

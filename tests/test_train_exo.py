@@ -252,3 +252,25 @@ def test_accuracy_counts_only_a_strict_win_of_the_best_labelled_candidate():
     assert alignment_metrics(same, same, rewards, 0.1)["rewards/accuracies"] == 0
     policy = torch.tensor([[2.0, 1.0, 2.0], [0.0, 3.0, 1.0]])  # group 0 ties at the top, group 1 wins
     assert alignment_metrics(policy, same, rewards, 0.1)["rewards/accuracies"] == 0.5
+
+
+def test_reference_cache_is_keyed_on_the_sharing_mode(tiny_model, align_data, tmp_path):
+    """A change of --prefix_sharing recomputes the cached reference log-probs (shared and
+    unshared values agree only to float precision, and not at all where auto would share
+    inexactly)."""
+    from train_exo import parse_args, reference_cache_path
+
+    base = ["--model_name_or_path", tiny_model, "--data_name_path", f"toy/rw:{align_data['rw']}",
+            "--output_dir", str(tmp_path / "out"), "--data_output_path", str(tmp_path / "cache"), *TINY_FLAGS]
+    paths = {mode: reference_cache_path(parse_args(base + ["--prefix_sharing", mode]), "data")
+             for mode in ("auto", "on", "off")}
+    assert len(set(paths.values())) == 3
+    assert reference_cache_path(parse_args(base), "data") == paths["auto"]  # the default
+    assert reference_cache_path(parse_args(base), "other data") != paths["auto"]
+
+    common = ["--loss_type", "exo-rw", "--num_contrastive", "4", "--max_iter_step", "1"]
+    for mode in ("auto", "off"):
+        train_exo(tiny_model, f"toy/rw:{align_data['rw']}", tmp_path / mode, tmp_path / "cache", *common,
+                  "--prefix_sharing", mode, ranks=1)
+    ref_files = [f for f in os.listdir(tmp_path / "cache") if f.startswith("ref_logps_")]
+    assert len(ref_files) == 4  # train and test, for auto and for off

@@ -96,7 +96,7 @@ def test_sft_loss_is_the_mean_nll_of_the_trained_tokens(tiny_model):
 # -- reward model ---------------------------------------------------------------------------
 def test_pair_encoder_tokenises_chosen_and_rejected_by_the_shared_rule(tiny_model, easy_pref_data, tmp_path):
     """PairEncoder: each pref record -> [prompt + chosen + EOS, prompt + rejected + EOS] as
-    Tokenisation.join makes them; PairCollator lays the pairs out c0, r0, c1, r1, ..."""
+    Tokenisation.join_group makes them (one prompt cut for both); PairCollator lays the pairs out c0, r0, c1, r1, ..."""
     from utils.data.data_utils import PairEncoder, Tokenisation, build_dataset, load_raw_datasets
 
     tokenizer = load_tokenizer(tiny_model)
@@ -107,7 +107,7 @@ def test_pair_encoder_tokenises_chosen_and_rejected_by_the_shared_rule(tiny_mode
         records = json.load(f)
     for example, record in zip(dataset, records):
         (prompt,) = tok.prompts([record["prompt"]])
-        expected = [tok.join(prompt, c) for c in tok.completions([record["chosen"], record["rejected"]])]
+        expected = tok.join_group(prompt, tok.completions([record["chosen"], record["rejected"]]))
         assert example == {"input_ids": [ids for ids, _ in expected], "prompt_lens": [n for _, n in expected]}
     batch = PairCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     rows = [dataset[0]["input_ids"][0], dataset[0]["input_ids"][1], dataset[1]["input_ids"][0]]

@@ -115,9 +115,12 @@ def versions():
     import deepspeed
     import torch
     import transformers
-    import trl
+    try:
+        import trl
+    except ImportError:  # only the TRL comparisons need it; bench_prefix.py --shapes can run without
+        trl = None
     found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-             "deepspeed": deepspeed.__version__, "trl": trl.__version__}
+             "deepspeed": deepspeed.__version__, "trl": trl.__version__ if trl else "not installed"}
     return ", ".join(f"{name} {version}" for name, version in found.items())
 
 

@@ -86,7 +86,8 @@ def ours_align(cfg):
     tracking.Logger.log = timed_log
     started = time.perf_counter()
     train_exo.main(cfg["argv"])
-    return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"])}
+    from utils.sharing_cost import tally  # how --prefix_sharing auto scored the batches (all passes)
+    return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"]), "sharing_tally": dict(tally)}
 
 
 def trl_align(cfg):
@@ -307,9 +308,10 @@ def sampling(cfg):
 
 
 def prefix_scoring(cfg):
-    """Seconds to score every completion of cfg["data"]/train.json, batch by batch as
-    calc_logprobs / inference_rm / the cached reference pass batch them, sharing on and off;
-    the best of cfg["repeats"] passes, alternating, after one untimed warm-up batch."""
+    """Seconds to score every completion of cfg["data"]/train.json (its first
+    cfg["num_records"]), batch by batch as calc_logprobs / inference_rm / the cached reference
+    pass batch them, sharing on (or cfg["sharing"], e.g. "auto") and off; the best of
+    cfg["repeats"] passes, alternating, after one untimed warm-up batch."""
     from utils.data.data_utils import Tokenisation
     from utils.inference import completion_batch
     from utils.logprobs import model_sequence_logprobs
@@ -320,7 +322,8 @@ def prefix_scoring(cfg):
     tokenizer = load_tokenizer(cfg["model"])
     tok = Tokenisation(tokenizer, cfg["max_seq_len"], cfg["max_gen_len"])
     with open(os.path.join(cfg["data"], "train.json")) as f:
-        records = json.load(f)
+        records = json.load(f)[:cfg.get("num_records")]
+    on = cfg.get("sharing", True)
     batches = [completion_batch(tok, records[i:i + cfg["batch_size"]]) for i in range(0, len(records), cfg["batch_size"])]
     scorers = {"reference": (load_causal_lm(cfg["model"], tokenizer).eval(),
                              lambda m, b, share: model_sequence_logprobs(m, b, prefix_sharing=share)),
@@ -328,9 +331,9 @@ def prefix_scoring(cfg):
     result = {}
     policy = scorers["reference"][0].train()
     step_batches = batches[:cfg["step_batches"]]
-    best = {True: float("inf"), False: float("inf")}
+    best = {on: float("inf"), False: float("inf")}
     for repeat in range(cfg["repeats"] + 1):  # the first pass warms up
-        for share in (True, False):
+        for share in (on, False):
             started = time.perf_counter()
             for b in step_batches:
                 model_sequence_logprobs(policy, b, prefix_sharing=share).sum().backward()
@@ -338,22 +341,24 @@ def prefix_scoring(cfg):
                 best[share] = min(best[share], time.perf_counter() - started)
     policy.zero_grad(set_to_none=True)
     policy.eval()
-    result["policy_fwd_bwd"] = {"shared_s": best[True], "unshared_s": best[False], "max_abs_diff": float("nan"),
+    result["policy_fwd_bwd"] = {"shared_s": best[on], "unshared_s": best[False], "max_abs_diff": float("nan"),
                                 "tokens": sum(int(b["attention_mask"].sum()) for b in step_batches)}
     with torch.no_grad():
         for name, (model, score) in scorers.items():
-            best = {True: float("inf"), False: float("inf")}
+            best = {on: float("inf"), False: float("inf")}
             outputs = {}
-            for share in (True, False):
+            for share in (on, False):
                 score(model, batches[0], share)
             for _ in range(cfg["repeats"]):
-                for share in (True, False):
+                for share in (on, False):
                     started = time.perf_counter()
                     outputs[share] = torch.cat([score(model, b, share) for b in batches])
                     best[share] = min(best[share], time.perf_counter() - started)
-            result[name] = {"shared_s": best[True], "unshared_s": best[False],
-                            "max_abs_diff": float((outputs[True] - outputs[False]).abs().max())}
+            result[name] = {"shared_s": best[on], "unshared_s": best[False],
+                            "max_abs_diff": float((outputs[on] - outputs[False]).abs().max())}
     result["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches)
+    from utils.sharing_cost import tally  # how sharing "auto" scored the batches, where asked for
+    result["sharing_tally"] = dict(tally)
     return result
 
 

@@ -145,11 +145,11 @@ def check_prompts(records, tok, source):
 
 def completion_sequences(tok, records):
     """(token ids, prompt length) of every (prompt, completion) pair of `records`, record-major,
-    cut by the training rule: the sampled ids where a record carries them, else text + EOS."""
+    cut by the training rule (a record's completions are one group: its prompt is cut once):
+    the sampled ids where a record carries them, else text + EOS."""
     sequences, prompt_lens = [], []
     for prompt_ids, record in zip(tok.prompts(r["prompt"] for r in records), records):
-        for completion_ids in tok.record_completions(record):
-            ids, prompt_len = tok.join(prompt_ids, completion_ids)
+        for ids, prompt_len in tok.join_group(prompt_ids, tok.record_completions(record)):
             sequences.append(ids)
             prompt_lens.append(prompt_len)
     return sequences, prompt_lens

@@ -35,7 +35,7 @@ import torch
 
 from .heads import HeadInput, lm_head, token_vocab_size, unwrap
 from .loss import sequence_logprobs
-from .prefix_sharing import shared_prefix_hidden_states
+from .prefix_sharing import packed_layout, shared_prefix_hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
 
     `model` is a causal LM, maybe inside a peft wrapper or a DeepSpeed engine. fused: the head
     reduction without logits (fused_sequence_logprobs); a model whose head is more than a
-    linear map takes the unfused path instead, saying so once. prefix_sharing: the hidden
+    linear map takes the unfused path instead, saying so once. prefix_sharing (True or "on";
+    "auto": only where packing saves work, utils.prefix_sharing.packed_layout): the hidden
     states come from utils.prefix_sharing.shared_prefix_hidden_states, which encodes each
     group's shared prompt once (the caller has checked the model with sharing_support). Ids
     past the tokenizer of a padded vocabulary are left out of the normaliser
@@ -243,11 +244,12 @@ def model_sequence_logprobs(model, batch, temperature=1.0, fused=True, prefix_sh
         if fused:
             _log_fallback(model, why)
         return _unfused_model_logprobs(model, batch, temperature, vocab)
-    if not fused and not prefix_sharing:
+    packed = packed_layout(model, batch, prefix_sharing)  # auto: None where packing costs more
+    if not fused and packed is None:
         return _unfused_model_logprobs(model, batch, temperature, vocab)
     backbone = HeadInput(model, head)
-    if prefix_sharing:
-        hidden, labels, loss_mask = shared_prefix_hidden_states(backbone, batch)
+    if packed is not None:
+        hidden, labels, loss_mask = shared_prefix_hidden_states(backbone, batch, packed)
     else:
         hidden, labels, loss_mask = prompt_cut_hidden_states(backbone, batch)
     return head_logprobs(head, hidden, labels, loss_mask, temperature, fused, vocab)

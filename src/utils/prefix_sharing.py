@@ -11,8 +11,9 @@ run through the transformer with a block attention mask (a suffix sees the share
 itself, causally; nothing else) and position ids that restart after the prefix for every
 suffix, so that every suffix token gets exactly the hidden state it would get in its own
 unshared row. The shared prefix is the longest common prefix of the group's rows before the
-first loss position, so sharing stays exact when the tokenisation rule cut some prompts on the
-left to fit a long completion (those rows simply share less). The hidden states are then
+first loss position. The tokenisation rule cuts a long prompt once per group, so a cut group
+still shares its whole prompt; rows that differ before their completions anyway (data
+tokenised elsewhere) share only their common part, and sharing stays exact. The hidden states are then
 gathered back into one row per candidate for the LM head (log-probs) or the score head
 (reward models).
 
@@ -41,6 +42,7 @@ import torch.distributed as dist
 
 from .fileio import InputError
 from .heads import HeadInput, lm_head, unwrap
+from .sharing_cost import decide_sharing
 
 PREFIX_SHARING_CHOICES = ("auto", "on", "off")
 _MASKED_ATTENTION = ("eager", "sdpa")  # the implementations that apply a custom 4D mask as given
@@ -52,7 +54,9 @@ def add_prefix_sharing_arg(parser):
                              "(exact; saves the prompt's compute and memory K-1 times over): auto = on for the "
                              "architectures it is tested exact on (GPT-2, GPT-NeoX, Llama, Mistral, Mixtral, "
                              "Qwen2/3, Gemma, Phi-3, OPT, GPT-Neo, Falcon; no sliding/local window, SSM layers "
-                             "or ALiBi; eager or sdpa attention), else off with a note; on = stop if it is not")
+                             "or ALiBi; eager or sdpa attention), else off with a note, and only for the batches "
+                             "that packing makes cheaper (short prompts with long completions are scored "
+                             "unshared); on = every batch, and stop if the model does not qualify")
     return parser
 
 
@@ -131,13 +135,14 @@ def sharing_support(model):
 
 
 def resolve_prefix_sharing(mode, model, what="the model"):
-    """--prefix_sharing auto|on|off for `model` -> whether to share. auto falls back with one
-    line saying why; `on` with a model that cannot share is an input error (exit 2)."""
+    """--prefix_sharing auto|on|off for `model` -> False (never share), "auto" (share the
+    batches it makes cheaper) or "on" (share every batch). auto falls back with one line
+    saying why; `on` with a model that cannot share is an input error (exit 2)."""
     if mode == "off":
         return False
     reason = sharing_support(model)
     if reason is None:
-        return True
+        return mode
     if mode == "on":
         raise InputError(f"--prefix_sharing on: {what} cannot share prompts ({reason}); use auto or off")
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -191,6 +196,18 @@ def first_loss_positions(loss_mask, lengths):
     """The first loss position of every row; a row without one counts as all prompt."""
     has_loss = loss_mask.bool().any(-1)
     return torch.where(has_loss, loss_mask.long().argmax(-1), lengths)
+
+
+def packed_layout(model, batch, prefix_sharing):
+    """The batch's PackedGroups when it is to be scored shared, else None: `prefix_sharing`
+    False (or None) never shares, "auto" shares where packing costs less than the unshared
+    batch (utils/sharing_cost.py), "on" or True always."""
+    if not prefix_sharing:
+        return None
+    packed = pack_groups(batch)
+    shared = decide_sharing(model, unwrap(model), tuple(batch["input_ids"].shape), tuple(packed.input_ids.shape),
+                            prefix_sharing, batch["input_ids"].device)
+    return packed if shared else None
 
 
 def pack_groups(batch):
@@ -247,7 +264,7 @@ def _packed_hidden_states(backbone, packed):
     return hidden.flatten(0, 1)
 
 
-def shared_prefix_hidden_states(backbone, batch):
+def shared_prefix_hidden_states(backbone, batch, packed=None):
     """(hidden [N, L, H], labels [N, L], loss_mask [N, L]) of a collated batch, one row per
     candidate, in the Hugging Face convention (hidden[:, t-1] predicts labels[:, t]; the label
     at 0 is unused), so that an LM head and utils.loss.sequence_logprobs give exactly the
@@ -256,8 +273,9 @@ def shared_prefix_hidden_states(backbone, batch):
 
     `backbone` is a utils.heads.HeadInput of the model (engine, peft or HF): the model's own
     forward, run with input_ids, a 4D attention_mask and position_ids, its head's input caught.
-    The batch needs `group_sizes` (or `rewards` [B, K])."""
-    packed = pack_groups(batch)
+    The batch needs `group_sizes` (or `rewards` [B, K]); `packed` is its pack_groups layout
+    when the caller has it already."""
+    packed = pack_groups(batch) if packed is None else packed
     hidden = _packed_hidden_states(backbone, packed)
     lengths = packed.row_lengths
     start = (first_loss_positions(batch["loss_mask"], lengths) - 1).clamp(min=0)
@@ -277,11 +295,11 @@ def last_token_positions(input_ids, pad_token_id):
     return (index * (input_ids != pad_token_id)).argmax(-1)
 
 
-def shared_prefix_scores(model, batch):
+def shared_prefix_scores(model, batch, packed=None):
     """A one-label sequence classifier's score of every row, [N], as its own forward reads it
     (at the last non-pad token), with each group's prompt encoded once."""
     hf = unwrap(model)
-    packed = pack_groups(batch)
+    packed = pack_groups(batch) if packed is None else packed
     hidden = _packed_hidden_states(HeadInput(model), packed)
     last = last_token_positions(batch["input_ids"], hf.config.pad_token_id)[:, None]
     return hf.score(hidden[packed.flat_index(last)[:, 0]])[:, 0]
@@ -289,7 +307,9 @@ def shared_prefix_scores(model, batch):
 
 def reward_scores(model, batch, prefix_sharing=False):
     """A one-label sequence classifier's score of every row of a collated batch, [N], read at
-    the last non-pad token; with `prefix_sharing`, each group's prompt is encoded once."""
-    if prefix_sharing:
-        return shared_prefix_scores(model, batch)
+    the last non-pad token; with `prefix_sharing` (auto: where it saves work, see
+    packed_layout), each group's prompt is encoded once."""
+    packed = packed_layout(model, batch, prefix_sharing)
+    if packed is not None:
+        return shared_prefix_scores(model, batch, packed)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]

@@ -22,6 +22,7 @@ from .fileio import InputError
 from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
 from .model_card import model_card
 from .model_utils import save_hf_model
+from .sharing_cost import sharing_summary
 from .tracking import Logger, progress_bar
 
 
@@ -202,5 +203,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False,
                   model_card=model_card(args, model, args.output_dir, state.step, total_steps, world_size))
     print_rank0(f"saved the final model to {args.output_dir}")
+    if sharing_summary():  # which batches --prefix_sharing auto packed (rank 0's, reference pass included)
+        print_rank0(sharing_summary())
     logger.close()
     return final_metrics

@@ -30,7 +30,8 @@ from .chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
 from .raw_datasets import parse_columns, resolve_dataset
 from ..fileio import InputError, atomic_dir, commit_new_dir, where
 
-CACHE_VERSION = 1
+# 2: the prompt is cut once per group of candidates (Tokenisation.join_group), not per candidate
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "exo_align")
 
 
@@ -121,7 +122,7 @@ class Tokenisation:
         self.chat = ChatTemplate(tokenizer, chat_template)
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
-        self.prompts_cut = 0  # sequences whose prompt `join` cut, reported once a split is tokenised
+        self.prompts_cut = 0  # sequences whose prompt `join_group` cut, reported once a split is tokenised
         # Tokens the tokenizer puts in front of every text (a BOS); left cuts keep them.
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         special = tokenizer("a")["input_ids"]
@@ -183,16 +184,23 @@ class Tokenisation:
 
     def join(self, prompt_ids, completion_ids):
         """(input_ids, prompt_len) with the completion cut right, then the prompt cut left."""
-        completion_ids = completion_ids[:self.max_gen_len]
-        room = self.max_seq_len - len(completion_ids)
+        return self.join_group(prompt_ids, [completion_ids])[0]
+
+    def join_group(self, prompt_ids, group):
+        """[(input_ids, prompt_len)] of every completion of `group` (the candidates of one
+        prompt): each completion cut right, then the prompt cut left ONCE, so that the group's
+        longest completion fits. Every candidate is conditioned on the same prompt tokens, as
+        the K samples of one prompt are, and prefix sharing can encode them once."""
+        group = [completion_ids[:self.max_gen_len] for completion_ids in group]
+        room = self.max_seq_len - max((len(completion_ids) for completion_ids in group), default=0)
         if len(prompt_ids) > room:
-            self.prompts_cut += 1
+            self.prompts_cut += len(group)
             # the BOS a tokenizer (or a chat template) puts in front stays
             keep = self.num_prefix or int(self.chat.template is not None and room > 1
                                            and prompt_ids[0] == self.tokenizer.bos_token_id)
             prefix = prompt_ids[:keep]
             prompt_ids = prefix + prompt_ids[len(prompt_ids) - (room - len(prefix)):]
-        return prompt_ids + completion_ids, len(prompt_ids)
+        return [(prompt_ids + completion_ids, len(prompt_ids)) for completion_ids in group]
 
     def fingerprint(self):
         tok = self.tokenizer
@@ -286,18 +294,20 @@ class AlignmentEncoder(Encoder):
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
         for prompt_ids, record in zip(self.tok.prompts(batch["prompt"]), records):
             texts, rewards = self.candidates(record)
-            joined = [self.tok.join(prompt_ids, c) for c in self.tok.record_completions(record, texts)]
+            completions = self.tok.record_completions(record, texts)
             for start in range(0, len(texts), self.num_contrastive):
                 group = slice(start, start + self.num_contrastive)
-                out["input_ids"].append([ids for ids, _ in joined[group]])
-                out["prompt_lens"].append([n for _, n in joined[group]])
+                joined = self.tok.join_group(prompt_ids, completions[group])
+                out["input_ids"].append([ids for ids, _ in joined])
+                out["prompt_lens"].append([n for _, n in joined])
                 out["rewards"].append(rewards[group])
         return out
 
 
 class PairEncoder(Encoder):
-    """pref record -> {input_ids [2][T], prompt_lens [2]}: (prompt + chosen, prompt + rejected),
-    each by the Tokenisation rule, for the pairwise reward-model loss."""
+    """pref record -> {input_ids [2][T], prompt_lens [2]}: (prompt + chosen, prompt + rejected)
+    by the Tokenisation rule (one group: the prompt is cut once, for the longer of the two),
+    for the pairwise reward-model loss."""
 
     def __init__(self, tok, source, kind):
         if kind != "pref":
@@ -307,11 +317,11 @@ class PairEncoder(Encoder):
 
     def __call__(self, batch, indices):
         prompts = self.tok.prompts(batch["prompt"])
-        chosen = [self.tok.join(p, c) for p, c in zip(prompts, self.tok.completions(batch["chosen"], batch["prompt"]))]
-        rejected = [self.tok.join(p, c)
-                    for p, c in zip(prompts, self.tok.completions(batch["rejected"], batch["prompt"]))]
-        return {"input_ids": [[c, r] for (c, _), (r, _) in zip(chosen, rejected)],
-                "prompt_lens": [[c, r] for (_, c), (_, r) in zip(chosen, rejected)]}
+        chosen = self.tok.completions(batch["chosen"], batch["prompt"])
+        rejected = self.tok.completions(batch["rejected"], batch["prompt"])
+        pairs = [self.tok.join_group(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)]
+        return {"input_ids": [[ids for ids, _ in pair] for pair in pairs],
+                "prompt_lens": [[n for _, n in pair] for pair in pairs]}
 
 
 class ClassEncoder(Encoder):
