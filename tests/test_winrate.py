@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,8 @@ def read(path):
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     """policy gen data (2 completions per prompt), a baseline of reference answers (sft) and
-    another policy's gen data, on 12 prompts; one test prompt is conversational-free text."""
+    another policy's gen data, on 12 prompts, no two answers to a prompt alike; and a short
+    judge prompt that fits a tiny model."""
     root = tmp_path_factory.mktemp("winrate")
     words = "good great fun the movie was bad awful dull plot".split()
     policy, reference, other = [], [], []
@@ -41,7 +41,7 @@ def samples(tmp_path_factory):
         prompt = f"review {i} the movie"
         policy.append({"prompt": prompt, "completions": [" ".join(words[(i + j + k) % 10] for k in range(3 + j))
                                                          for j in range(2)]})
-        reference.append({"prompt": prompt, "chosen": " ".join(words[(2 * i + k) % 10] for k in range(4))})
+        reference.append({"prompt": prompt, "chosen": " ".join(words[(2 * i + k) % 10] for k in range(5))})
         other.append({"prompt": prompt, "completions": [" ".join(words[(3 * i + j + k) % 10] for k in range(2))
                                                         for j in range(2)]})
     dirs = {name: str(root / name) for name in ("policy", "reference", "other")}
@@ -65,9 +65,10 @@ def error_line(capsys, *argv):
     """The one error line (and exit code) of an eval_winrate run that must fail."""
     with pytest.raises(SystemExit) as stopped:
         eval_winrate.main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return stopped.value.code, err[0]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]  # beside the progress bar
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return stopped.value.code, lines[0]
 
 
 # -- the statistics -------------------------------------------------------------------------------
@@ -153,8 +154,7 @@ def test_reward_model_judge_is_sigmoid_of_reward_difference(samples, tmp_path, a
                                                                                          "test.json"))):
         per = []
         for a, b in zip(p["completions"], o["completions"]):
-            s = 1 / (1 + math.exp(reward(p["prompt"], b) - reward(p["prompt"], a)))
-            per.append(s if s != 0.5 else 0.5)
+            per.append(1 / (1 + math.exp(reward(p["prompt"], b) - reward(p["prompt"], a))))
         scores.append(sum(per) / len(per))
     assert result["win_rate"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
     assert result["position_consistency"] == 1.0  # a reward model sees no order
@@ -359,6 +359,10 @@ class VLLMServer:
         self.log.close()
 
 
+def with_url(cmd, server):
+    return [server.url if arg == "{url}" else arg for arg in cmd]
+
+
 def cache_lines(path):
     return sum(1 for line in open(path) if line.strip()) if os.path.exists(path) else 0
 
@@ -375,17 +379,23 @@ def test_openai_judge_on_a_real_vllm_server_killed_and_resumed(samples, tmp_path
     # head_dim 32: vLLM's CPU attention needs at least that
     judge = make_tiny_model(str(tmp_path / "judge"), ["Which is better? A B review the movie good bad"] * 4,
                             arch="llama", hidden_size=64, num_heads=2, max_positions=512, chat_template="chatml")
+    # 5 times the prompts (160 judgments), so that the kill lands well before the end
+    policy, reference = tmp_path / "policy", tmp_path / "reference"
+    for source, target in ((samples["policy"], policy), (samples["reference"], reference)):
+        write_split(str(target), "test", [{**r, "prompt": f"{r['prompt']} ({copy})"} for copy in range(5)
+                                          for r in read(os.path.join(source, "test.json"))])
+    total = 4 * len(read(policy / "test.json"))
     out, cache = tmp_path / "real.json", tmp_path / "real.judgments.jsonl"
-    cmd = [sys.executable, str(REPO_ROOT / "src" / "eval_winrate.py"), "--policy", samples["policy"],
-           "--baseline", samples["reference"], "--baseline_kind", "sft", "--output_path", str(out),
-           "--judge", "openai:tiny-judge", "--judge_prompt", samples["judge_prompt"], "--judge_backoff", "0.2",
+    cmd = [sys.executable, str(REPO_ROOT / "src" / "eval_winrate.py"), "--policy", str(policy),
+           "--baseline", str(reference), "--baseline_kind", "sft", "--output_path", str(out),
+           "--judge", "openai:tiny-judge", "--judge_base_url", "{url}", "--judge_prompt", samples["judge_prompt"], "--judge_backoff", "0.2",
            "--judge_retries", "2", "--judge_timeout", "30", "--bootstrap", "200",
            "--judge_extra_body", json.dumps({"structured_outputs": {"choice": ["A", "B"]}})]
 
     server = VLLMServer(judge, str(tmp_path / "vllm1.log"))
     try:
         # one request at a time, so the kill lands mid-run
-        run = start(cmd + ["--judge_concurrency", "1"])
+        run = start(with_url(cmd, server) + ["--judge_concurrency", "1"])
         deadline = time.monotonic() + 300
         while cache_lines(cache) < 8 and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -396,21 +406,21 @@ def test_openai_judge_on_a_real_vllm_server_killed_and_resumed(samples, tmp_path
         assert len(errors) == 1 and "judgments failed" in errors[0] and "unreachable" in errors[0], output[-3000:]
         assert "Traceback" not in output and not out.exists()
         done_before = cache_lines(cache)
-        assert 8 <= done_before < 48
+        assert 8 <= done_before < total
     finally:
         server.kill()
 
     server = VLLMServer(judge, str(tmp_path / "vllm2.log"))
     try:
-        run = start(cmd + ["--judge_concurrency", "4"])
+        run = start(with_url(cmd, server) + ["--judge_concurrency", "4"])
         output = finish(run)
         assert run.returncode == 0, output[-3000:]
         result = read(out)
-        assert result["cached"] == done_before and result["requests"] == 48 - done_before, output[-3000:]
+        assert result["cached"] == done_before and result["requests"] == total - done_before, output[-3000:]
         assert result["failed"] == 0 and 0 <= result["win_rate"] <= 1 and "| " in result["markdown_row"]
         print(output)
         # only ever "A": exactly 50%, from the real server
-        always_first = start(cmd + ["--judge_extra_body", json.dumps({"structured_outputs": {"choice": ["A"]}}),
+        always_first = start(with_url(cmd, server) + ["--judge_extra_body", json.dumps({"structured_outputs": {"choice": ["A"]}}),
                                     "--output_path", str(tmp_path / "first.json")])
         assert always_first.wait(300) == 0 or pytest.fail(finish(always_first)[-3000:])
         first = read(tmp_path / "first.json")
@@ -419,7 +429,7 @@ def test_openai_judge_on_a_real_vllm_server_killed_and_resumed(samples, tmp_path
         server.kill()
 
     # with the server gone, the rerun is answered from the cache alone
-    run = start(cmd)
+    run = start(with_url(cmd, server))
     output = finish(run)
-    assert run.returncode == 0 and read(out)["requests"] == 0 and read(out)["cached"] == 48, output[-3000:]
+    assert run.returncode == 0 and read(out)["requests"] == 0 and read(out)["cached"] == total, output[-3000:]
     assert read(out)["win_rate"] == result["win_rate"]

@@ -109,21 +109,26 @@ def judge_all(judge, triples, cache, progress=None):
     not asked again, new ones are cached as each arrives. Returns (values, number taken from the cache)."""
     keys = [cache.key(*t) for t in triples]
     values = [cache.get(k) for k in keys]
-    todo = [i for i, v in enumerate(values) if v is None]
+    todo = {}  # each distinct triple is asked once: key -> the positions it fills
+    for i, (key, value) in enumerate(zip(keys, values)):
+        if value is None:
+            todo.setdefault(key, []).append(i)
+    asked = list(todo.values())
+    cached = len(triples) - sum(len(positions) for positions in asked)
     if progress is not None:
-        progress.update(len(triples) - len(todo))
+        progress.update(cached)
 
     def done(position, value):
-        i = todo[position]
-        values[i] = value
+        for i in asked[position]:
+            values[i] = value
         if not isinstance(value, Failed):
-            cache.put(keys[i], value)
+            cache.put(keys[asked[position][0]], value)
         if progress is not None:
-            progress.update(1)
+            progress.update(len(asked[position]))
 
-    if todo:
-        judge.judge([triples[i] for i in todo], done)
-    return values, len(triples) - len(todo)
+    if asked:
+        judge.judge([triples[positions[0]] for positions in asked], done)
+    return values, cached
 
 
 # -- judges ------------------------------------------------------------------------------------
@@ -145,15 +150,17 @@ class RewardModelJudge(ScoreJudge):
     def __init__(self, path, args):
         import torch
         from .data.data_utils import Tokenisation
-        from .model_utils import load_reward_model, load_tokenizer
+        from .model_utils import check_position_limit, load_reward_model, load_tokenizer, model_fingerprint
 
+        check_position_limit(path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
         self.torch = torch
         self.batch_size = args.batch_size
         tokenizer = load_tokenizer(path, args.trust_remote_code)
         self.tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
         self.model = load_reward_model(path, tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True).eval()
-        self.id = {"judge": f"rm:{os.path.abspath(path)}", "max_seq_len": args.max_seq_len,
-                   "max_gen_len": args.max_gen_len}
+        # the weights' fingerprint: a model retrained in place is another judge
+        self.id = {"judge": f"rm:{model_fingerprint(path)}", "max_seq_len": args.max_seq_len,
+                   "max_gen_len": args.max_gen_len, "chat_template": args.chat_template}
 
     def scores(self, answers):
         from .inference import completion_batch
@@ -184,7 +191,8 @@ class FunctionJudge(ScoreJudge):
         if not callable(getattr(module, name, None)):
             raise InputError(f"--judge fn:{spec}: {path} has no function {name}")
         self.function = getattr(module, name)
-        self.id = {"judge": f"fn:{os.path.abspath(path)}:{name}"}
+        self.id = {"judge": f"fn:{os.path.abspath(path)}:{name}",
+                   "code": hashlib.sha256(read_text(path).encode()).hexdigest()}
 
     def scores(self, answers):
         return [self.function(p, [answer_text(a)])[0] for p, a in answers]
@@ -200,7 +208,7 @@ class LocalLMJudge:
 
     def __init__(self, path, template, args):
         import torch
-        from .model_utils import load_causal_lm, load_tokenizer
+        from .model_utils import load_causal_lm, load_tokenizer, model_fingerprint
 
         self.torch, self.template, self.batch_size = torch, template, args.batch_size
         self.tokenizer = load_tokenizer(path, args.trust_remote_code)
@@ -213,7 +221,7 @@ class LocalLMJudge:
         self.label_ids = [ids[0] for ids in self.label_ids]
         self.model = load_causal_lm(path, self.tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True).eval()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
-        self.id = {"judge": f"lm:{os.path.abspath(path)}", "template": hashlib.sha256(template.encode()).hexdigest()}
+        self.id = {"judge": f"lm:{model_fingerprint(path)}", "template": hashlib.sha256(template.encode()).hexdigest()}
 
     def judge(self, triples, done):
         inputs = []
