@@ -66,8 +66,9 @@ def parse_args(argv=None):
                    help="JSON-lines cache of every judgment; default OUTPUT_PATH with .judgments.jsonl")
     g.add_argument("--batch_size", type=int, default=8, help="sequences per forward of the rm and lm judges")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="precision of a local judge")
-    g.add_argument("--max_seq_len", type=int, default=1024, help="rm judge: prompt + answer tokens (prompt cut left)")
-    g.add_argument("--max_gen_len", type=int, default=512, help="rm judge: answer tokens (cut on the right)")
+    g.add_argument("--max_seq_len", type=int, default=512,
+                   help="rm judge: prompt + answer tokens (prompt cut on the left), as inference_rm.py takes it")
+    g.add_argument("--max_gen_len", type=int, default=256, help="rm judge: answer tokens (cut on the right)")
     g.add_argument("--chat_template", default="auto",
                    help="rm judge: how conversational records are rendered (auto, none or a Jinja PATH)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow a local judge's own model code to run")

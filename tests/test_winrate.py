@@ -136,8 +136,8 @@ def test_reward_model_judge_is_sigmoid_of_reward_difference(samples, tmp_path, a
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a fresh head would score everything ~0
     model.save_pretrained(rm_dir)
-    result = winrate(samples, tmp_path, "--judge", f"rm:{rm_dir}", "--baseline", samples["other"], baseline="other",
-                     kind="gen")
+    result = winrate(samples, tmp_path, "--judge", f"rm:{rm_dir}", "--max_seq_len", "128", "--max_gen_len", "32",
+                     baseline="other", kind="gen")
     tok = AutoTokenizer.from_pretrained(rm_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
