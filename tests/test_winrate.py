@@ -160,12 +160,13 @@ def test_reward_model_judge_is_sigmoid_of_reward_difference(samples, tmp_path, a
     assert result["position_consistency"] == 1.0  # a reward model sees no order
 
 
-def test_local_lm_judge_reads_label_probabilities(samples, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # absolute and rotary positions: left padding must not matter
+def test_local_lm_judge_reads_label_probabilities(samples, tmp_path, arch):
     from make_tiny_model import make_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     judge = make_tiny_model(str(tmp_path / "judge"), ["Which is better? A B review the movie good bad"] * 4,
-                            arch="llama", num_heads=2, max_positions=512, chat_template="chatml")
+                            arch=arch, num_heads=2, max_positions=512, chat_template="chatml")
     result = winrate(samples, tmp_path, "--judge", f"lm:{judge}", "--judge_prompt", samples["judge_prompt"])
     tok = AutoTokenizer.from_pretrained(judge)
     model = AutoModelForCausalLM.from_pretrained(judge).eval()

@@ -241,8 +241,10 @@ class LocalLMJudge:
                 continue
             padded = self.tokenizer.pad({"input_ids": [ids for _, ids in fits]}, padding_side="left",
                                         return_tensors="pt")
+            # positions counted from each row's first real token, so left padding changes nothing
+            positions = (padded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             with self.torch.no_grad():
-                logits = self.model(**padded).logits[:, -1].float()
+                logits = self.model(**padded, position_ids=positions).logits[:, -1].float()
             pair = self.torch.softmax(logits[:, self.label_ids], dim=-1)[:, 0].tolist()
             for (i, _), p in zip(fits, pair):
                 done(i, p)
