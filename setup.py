@@ -27,8 +27,11 @@ setup(
     install_requires=requirements,
     # bench: only exp/bench compares against TRL; see exp/bench/README.md for installing it
     # without letting pip move torch or transformers
+    # judge: eval_winrate.py's openai:MODEL judge (any OpenAI-compatible endpoint); the tests run it
+    # against a local fake server, so the test extra has it too
     # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra); the tests log to
     # W&B offline, so the test extra has it too
-    extras_require={"test": ["pytest>=7", "wandb"], "bench": ["trl==1.16.0"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=7", "wandb", "openai>=1.40"], "bench": ["trl==1.16.0"], "wandb": ["wandb"],
+                    "judge": ["openai>=1.40"]},
     license="MIT",
 )

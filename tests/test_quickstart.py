@@ -28,8 +28,13 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
         assert -1 <= row["reward"] <= 1 and math.isfinite(row["kl"]) and row["n"] == 16 * 2, row
     assert rows[0]["kl"] == 0
     table = (workdir / "results.md").read_text()
-    assert "| method | checkpoint | oracle reward | KL(pi ‖ pi_sft) |" in table
+    assert "| method | checkpoint | oracle reward | KL(pi ‖ pi_sft) | win rate vs SFT (oracle) |" in table
     assert f"| exo-rw | ckpt2 | {rows[2]['reward']:.3f}" in table
+    # every aligned checkpoint judged against the SFT samples, both orders, no judgment failed
+    assert "win_rate" not in rows[0] and all(0 <= r["win_rate"] <= 1 for r in rows[1:])
+    winrate = json.loads((workdir / "eval" / "exo-rw" / "ckpt2" / "winrate.json").read_text())
+    assert winrate["num_pairs"] == 16 * 2 and winrate["failed"] == 0 and winrate["position_consistency"] == 1
+    assert f"{rows[2]['win_rate']:.3f} [" in table
     assert table in first.stdout  # printed at the end
     assert (workdir / "reward_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
     # the stages wrote where the launchers put them

@@ -48,6 +48,15 @@ def load(path):
         return json.load(f)
 
 
+def check_winrate(ckpt, num_pairs):
+    """The README's last step judged every sample against the reference, in both orders, and
+    wrote the run's table."""
+    result = load(ckpt / "winrate_rm.json")
+    assert result["num_pairs"] == num_pairs and result["failed"] == 0 and 0 <= result["win_rate"] <= 1
+    assert result["position_consistency"] == 1.0  # a reward model sees no order
+    assert result["markdown_row"] in (ckpt.parent / "winrate_rm.md").read_text()
+
+
 def test_imdb_readme(tmp_path, tiny_model):
     raw = recipe_fixtures.write_aclimdb(str(tmp_path / "raw"))
     result = run_readme("imdb", tmp_path, {"GPT2": tiny_model, "ACLIMDB": raw, "LOSSES": "exo-rw dpo-pref"})
@@ -85,6 +94,7 @@ def test_tldr_readme(tmp_path, tiny_pythia):
     results = tmp_path / "data" / "tldr_infer_res" / "pythia-2.8b_tldr" / "align_dpo-rw_nc2" / "ckpt1"
     assert len(load(results / "test.json")) == 6  # every kept test prompt (fewer than 512)
     assert load(results / "test_reward_eval.json")["n"] == 6 * 4
+    check_winrate(results, 6 * 4)
 
 
 def test_hh_readme(tmp_path, tiny_pythia):
@@ -93,3 +103,4 @@ def test_hh_readme(tmp_path, tiny_pythia):
     assert "skipped 1: chosen and rejected differ before the last turn" in result.stdout
     results = tmp_path / "data" / "hh_infer_res" / "pythia-2.8b_hh" / "align_exo-pref_nc2" / "ckpt1"
     assert load(results / "test_reward_eval.json")["n"] == 6 * 4
+    check_winrate(results, 6 * 4)

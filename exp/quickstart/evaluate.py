@@ -12,6 +12,8 @@ For each NAME=PATH, in OUTPUT_DIR/NAME:
   reward.json        mean oracle (VADER) reward of the samples (oracle.py); not with --oracle none
   rw/test.json       with --reward_model: the samples scored by it, as rw data (src/inference_rm.py)
   rm_reward.json     with --reward_model: their mean reward-model reward
+  winrate.json       with --winrate_baseline: the samples' win rate against the baseline's samples of the
+                     same prompts, judged by the oracle in both orders (src/eval_winrate.py)
 
 These are the entry points a GPU user runs one launcher call at a time; here they are called
 in one process, because on a CPU each launch costs ~15 s of start-up for a few seconds of work,
@@ -24,12 +26,14 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = Path(__file__).resolve().parent
+REPO_ROOT = QUICKSTART.parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import calc_logprobs  # noqa: E402
 import eval_kl  # noqa: E402
+import eval_winrate  # noqa: E402
 import inference_rm  # noqa: E402
 import inference_sft  # noqa: E402
 from utils.fileio import InputError, atomic_write_json, cli_main, read_json_records  # noqa: E402
@@ -59,6 +63,11 @@ def parse_args(argv=None):
     parser.add_argument("--oracle", default="vader", choices=["vader", "none"],
                         help="vader: the quickstart's oracle reward, VADER's sentiment of prompt + completion "
                              "(reward.json); none: no oracle")
+    parser.add_argument("--winrate_baseline", default=None, metavar="GEN_DIR",
+                        help="also judge each policy's samples against these (e.g. the SFT model's test samples): "
+                             "winrate.json; not for the --sft_model itself")
+    parser.add_argument("--winrate_judge", default=f"fn:{QUICKSTART / 'oracle.py'}:oracle_rewards",
+                        help="the judge of --winrate_baseline (src/eval_winrate.py --judge); default the VADER oracle")
     args = parser.parse_args(argv)
     for spec in args.model:
         name, sep, path = spec.partition("=")
@@ -103,6 +112,11 @@ def evaluate(name, model_path, args):
                                                                                                          "test.json"))])
         atomic_write_json(os.path.join(out, "rm_reward.json"), {**rm_summary, "model": args.reward_model})
         print(f"{name}: reward-model reward {rm_summary['mean']:.4f} (std {rm_summary['std']:.4f})", flush=True)
+    winrate_file = os.path.join(out, "winrate.json")
+    if args.winrate_baseline and os.path.abspath(model_path) != os.path.abspath(args.sft_model) \
+            and not os.path.exists(winrate_file):
+        eval_winrate.main(["--policy", out, "--baseline", args.winrate_baseline, "--judge", args.winrate_judge,
+                           "--name", name, "--output_path", winrate_file])
     if args.oracle == "vader":
         from oracle import reward_summary
         summary = reward_summary(samples)

@@ -15,7 +15,8 @@ Stages, each through the launcher or entry point a GPU user runs:
   pref_to_rw   the oracle pairs as rw data with rewards [1, 0] (src/utils/data/pref_to_rw.py)
   align_M      EXO / DPO from the SFT model, saving checkpoints (train_exo.sh): the -rw losses on the
                reward model's rw data with K = --num_samples, the -pref losses on the oracle pairs (K = 2)
-  eval_M       every checkpoint's test samples: oracle reward and KL(pi || pi_sft) (evaluate.py)
+  eval_M       every checkpoint's test samples: oracle reward, KL(pi || pi_sft) and the win rate against
+               the SFT model's test samples, judged by the oracle in both orders (evaluate.py)
   online_*     with --online_rounds R: R rounds of online EXO (exp/online_exp/online.py) from the SFT
                model, each sampling from the previous round's policy, scoring with the reward model and
                training --online_steps steps of exo-rw; evaluated as the checkpoints are (method online-exo-rw)
@@ -198,21 +199,26 @@ def build(args):
     eval_root = w / "eval"
     eval_settings = {"eval_samples": args.eval_samples}
 
-    def evaluate(name, models_to_eval):
+    def evaluate(name, models_to_eval, winrate_baseline=None):
+        # winrate_baseline: gen data the samples are judged against (win rate vs the SFT model)
+        winrate = ["--winrate_baseline", winrate_baseline] if winrate_baseline else []
+
         def run(log):
             run_command([sys.executable, QUICKSTART / "evaluate.py", "--prompts", f"{DATA_NAME}/sft:{prompts_dir}",
                          "--sft_model", sft, *[f"--model={n}={p}" for n, p in models_to_eval],
                          "--output_dir", eval_root / name, "--return_num", str(args.eval_samples),
                          "--temp", str(SAMPLING_TEMP), "--max_new_tokens", str(MAX_NEW_TOKENS),
-                         "--max_length", str(MAX_LENGTH), "--batch_size", "128", "--seed", str(args.seed + 1)], log)
+                         "--max_length", str(MAX_LENGTH), "--batch_size", "128", "--seed", str(args.seed + 1),
+                         *winrate], log)
         return run
 
     pipe.stage("eval_sft", "the SFT model's test samples: oracle reward", ["sft"], eval_settings, [eval_root / "sft"],
                evaluate("sft", [("sft", sft)]))
     for method, directory in align_dirs.items():
         ckpts = [(f"ckpt{i}", directory / f"ckpt{i}") for i in range(1, args.num_checkpoints + 1)]
-        pipe.stage(f"eval_{method}", f"{method} checkpoints: oracle reward and KL(pi || pi_sft)",
-                   [f"align_{method}"], eval_settings, [eval_root / method], evaluate(method, ckpts))
+        pipe.stage(f"eval_{method}", f"{method} checkpoints: oracle reward, KL(pi || pi_sft), win rate vs SFT",
+                   [f"align_{method}", "eval_sft"], {**eval_settings, "winrate": "oracle, both orders"},
+                   [eval_root / method], evaluate(method, ckpts, eval_root / "sft" / "sft"))
 
     runs = {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)] for m in align_dirs}}
     if args.online_rounds:
