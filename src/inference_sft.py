@@ -43,7 +43,8 @@ from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
-from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens
+from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts,
+                             generate_once_per_prompt, scored_tokens)
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.sharding import sharded_map
 from utils.args import base_parser
@@ -171,8 +172,8 @@ def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
     prompt_len = batch["input_ids"].shape[1]
     recorder = CompletionLogprobs(config.temperature) if save_logps else None
     torch.manual_seed(seed)
-    sequences = model.generate(**batch, generation_config=config,
-                               logits_processor=LogitsProcessorList([recorder] if recorder else []))
+    sequences = generate_once_per_prompt(model, batch, config,
+                                         logits_processor=LogitsProcessorList([recorder] if recorder else []))
     drawn = sequences[:, prompt_len:]
 
     is_stop = torch.isin(drawn, torch.tensor(config.eos_token_id, device=drawn.device))
