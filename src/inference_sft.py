@@ -8,8 +8,9 @@ Only the records' prompts are used (any kind with a prompt: sft, pref, gen, rw).
 is tokenised as training tokenises it (a conversation rendered with the chat template and its
 generation prompt) and cut on the left (keeping a BOS) to
 max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
-the full prompt text. Generation is batched with left padding and the KV cache, sharded across
-ranks and resumable (utils/sharding.py). The checkpoint's generation_config is ignored: what
+the full prompt text. Generation is batched with left padding and the KV cache, each prompt's
+cache computed once and shared by its --return_num samples (utils/inference.py:
+generate_once_per_prompt), sharded across ranks and resumable (utils/sharding.py). The checkpoint's generation_config is ignored: what
 is sampled is exactly what the flags say.
 
 A completion ends at the first stop token: EOS, and for conversational prompts the chat
@@ -31,7 +32,9 @@ when its --max_gen_len is at least --max_new_tokens and --max_seq_len at least -
 
 Reproducible: a batch's seed comes from --seed and the position of its first prompt, so the
 same command (same --seed, --batch_size and number of ranks) gives the same file, also when
-it resumes after a crash.
+it resumes after a crash. The random draws are those of plain generate(num_return_sequences=K) with
+the batch's seed, so files sampled before the prompt was shared hold the same samples up to
+float rounding (a draw on a near tie can flip).
 """
 import os
 
@@ -43,7 +46,8 @@ from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.data_utils import Tokenisation, load_raw_datasets
 from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
-from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens
+from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts,
+                             generate_once_per_prompt, scored_tokens)
 from utils.heads import token_vocab_size
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.sharding import sharded_map
@@ -178,7 +182,7 @@ def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
         vocab = model.config.get_text_config().vocab_size
         processors.insert(0, SuppressTokensLogitsProcessor(range(tokens, vocab), device=device))
     torch.manual_seed(seed)
-    sequences = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList(processors))
+    sequences = generate_once_per_prompt(model, batch, config, logits_processor=LogitsProcessorList(processors))
     drawn = sequences[:, prompt_len:]
 
     is_stop = torch.isin(drawn, torch.tensor(config.eos_token_id, device=drawn.device))

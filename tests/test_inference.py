@@ -207,6 +207,48 @@ def test_save_logps_equal_model_logprobs_of_the_drawn_tokens(tiny_model):
     torch.testing.assert_close(torch.tensor(stored), direct, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
+    """generate_once_per_prompt (each prompt's cache computed once, repeated K times) draws, for
+    the same seed, the ids plain generate(num_return_sequences=K) draws, from the same
+    distributions: left-padded prompts of several lengths, a 1-token one among them (its
+    shared prefix is all padding)."""
+    from inference_sft import CompletionLogprobs, sampling_config
+    from make_tiny_model import builtin_corpus, make_tiny_model
+    from transformers import LogitsProcessorList
+    from utils.inference import generate_once_per_prompt
+
+    path = make_tiny_model(str(tmp_path / arch), builtin_corpus(), arch=arch)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer, disable_dropout=True).eval()
+
+    class Args:
+        temp, top_k, top_p, max_new_tokens, return_num = 0.9, 0, 1.0, 6, 3
+
+    config = sampling_config(Args, tokenizer)
+    model.generation_config = config
+    prompts = [tokenizer(t)["input_ids"] for t in ("the movie was good and the plot", "a", "dull acting")]
+    prompts[1] = prompts[1][:1]
+    batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    fed = []  # (rows, tokens) of every forward
+    model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    drawn, prefills = {}, {}
+    for name, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),
+                           ("once", lambda **kw: generate_once_per_prompt(model, batch, config, **kw))):
+        recorder = CompletionLogprobs(Args.temp)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            sequences = generate(logits_processor=LogitsProcessorList([recorder]))
+        drawn[name] = (sequences, recorder.finish(sequences))
+        prefills[name], fed[:] = fed[0], []
+    width = batch["input_ids"].shape[1]
+    assert prefills == {"plain": (len(prompts) * Args.return_num, width), "once": (len(prompts), width - 1)}
+    assert drawn["once"][0].shape == (len(prompts) * Args.return_num, batch["input_ids"].shape[1] + Args.max_new_tokens)
+    assert torch.equal(drawn["once"][0], drawn["plain"][0])
+    torch.testing.assert_close(drawn["once"][1], drawn["plain"][1], atol=1e-5, rtol=0)
+
+
 # -- scoring ------------------------------------------------------------------------------
 GEN_RECORDS = [{"prompt": "the movie was", "completions": ["good fun", "bad", "a great film"]},
                {"prompt": "acting and music", "completions": ["awful and dull", "very good", "the plot"]},

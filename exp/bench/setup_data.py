@@ -69,3 +69,21 @@ def build(work_dir, model_size, num_train, num_test, seed=0):
     stats = {k: (min(v), sum(v) / len(v), max(v)) for k, v in lengths.items()}
     return {"model": model_dir, "ref_model": ref_dir, "data": data_dir, "params": params,
             "vocab": len(tokenizer), "lengths": stats}
+
+
+def build_sampling(work_dir, model_size, num_prompts, prompt_tokens, max_positions, seed=0):
+    """A Llama-config model of `model_size` under work_dir/sampling_model and `num_prompts`
+    prompts of `prompt_tokens` = [min, max] tokens (uniform) in work_dir/sampling_prompts.json;
+    returns their paths and the model's parameter count."""
+    rng = random.Random(seed)
+    words = word_pool(rng, 12000)
+    corpus = [" ".join(rng.choice(words) for _ in range(30)) for _ in range(6000)]
+    model_dir = os.path.join(work_dir, "sampling_model")
+    make_tiny_model(model_dir, corpus, arch="llama", max_positions=max_positions, seed=seed, **model_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [text_of_tokens(tokenizer, words, rng, rng.randint(*prompt_tokens), False) for _ in range(num_prompts)]
+    prompts_path = os.path.join(work_dir, "sampling_prompts.json")
+    with open(prompts_path, "w") as f:
+        json.dump(prompts, f)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    return {"model": model_dir, "prompts": prompts_path, "params": params}

@@ -7,7 +7,8 @@ Tasks (bench.py runs them; each writes a JSON result):
   step_ratio    train_exo's and train_sft's loss + backward + optimizer step on identical batches
   scaling       exo step time against K and against sequence length
   logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
-  sampling      inference_sft.sample batched against one prompt at a time
+  sampling      inference_sft.sample (prompts prefilled once) against plain generate, at TL;DR
+                shape, as model FLOP/s over the cores' matmul FLOP/s measured around each run
   prefix_scoring  the reference pass (model_sequence_logprobs) and inference_rm's scoring
                 (reward_scores) over `gen` records, each with and without prefix sharing, and
                 the policy's forward + backward on the first batches, sharing on and off
@@ -277,11 +278,28 @@ def logprobs(cfg):
     return result
 
 
+def matmul_flops(repeats=10):
+    """FLOP/s of a 1024^2 fp32 matmul on these cores, now (one warm-up product first)."""
+    x, y = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x @ y
+    started = time.perf_counter()
+    for _ in range(repeats):
+        x @ y
+    return 2 * 1024 ** 3 * repeats / (time.perf_counter() - started)
+
+
 def sampling(cfg):
-    """inference_sft's per-batch sampling (the function its sharded loop calls) with many
-    prompts per batch against one prompt per call; tokens are the completions' drawn tokens."""
+    """inference_sft.sample (each prompt prefilled once, its cache repeated K times) against
+    plain generate(num_return_sequences=K) (what sample ran before), batch by batch as the
+    sampling stage's sharded loop calls it, rounds alternating which goes first, each timed
+    between two measurements of the cores' matmul FLOP/s. Model arithmetic counts 2 x
+    parameters per token that plain generate feeds: every prompt once per sample, every drawn
+    token but the last. Forward hooks split the time into prefill (forwards of more than one
+    token a row), decode steps, and everything outside the model (generate's Python, the
+    sampling, the cache's repeat)."""
     import argparse
 
+    import inference_sft
     from inference_sft import fit_prompt, sample, sampling_config
     from utils.data.data_utils import Tokenisation
     from utils.model_utils import load_causal_lm, load_tokenizer
@@ -289,22 +307,58 @@ def sampling(cfg):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg["model"])
     model = load_causal_lm(cfg["model"], tokenizer, disable_dropout=True).eval()
+    params = sum(p.numel() for p in model.parameters())
     tok = Tokenisation(tokenizer, cfg["max_length"], cfg["max_new_tokens"])
-    with open(os.path.join(cfg["data"], "train.json")) as f:
-        prompts = [r["prompt"] for r in json.load(f)][:cfg["num_prompts"]]
-    prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(prompts)]
+    with open(cfg["prompts"]) as f:
+        prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(json.load(f))]
+    k = cfg["return_num"]
     config = sampling_config(argparse.Namespace(temp=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
-                                                return_num=cfg["return_num"]), tokenizer)
+                                                return_num=k), tokenizer)
+    model.generation_config = config
+    once = inference_sft.generate_once_per_prompt
+    modes = {"prefilled_once": once,
+             "plain_generate": lambda m, batch, c, **kw: m.generate(**batch, generation_config=c, **kw)}
+
+    forward_s, started_at = {"prefill": 0.0, "decode": 0.0}, []
+    model.register_forward_pre_hook(lambda module, args, kwargs: started_at.append(time.perf_counter()),
+                                    with_kwargs=True)
+
+    def forward_end(module, args, kwargs, output):
+        kind = "prefill" if kwargs["input_ids"].shape[1] > 1 else "decode"
+        forward_s[kind] += time.perf_counter() - started_at.pop()
+    model.register_forward_hook(forward_end, with_kwargs=True)
+
+    def run(mode):
+        inference_sft.generate_once_per_prompt = modes[mode]
+        forward_s.update(prefill=0.0, decode=0.0)
+        fed = drawn = 0
+        started = time.perf_counter()
+        for i in range(0, len(prompt_ids), cfg["batch_size"]):
+            batch = prompt_ids[i:i + cfg["batch_size"]]
+            ids = sample(model, tokenizer, batch, config, i)[0]
+            fed += sum(k * len(p) + sum(len(c) - 1 for c in per_prompt) for p, per_prompt in zip(batch, ids))
+            drawn += sum(len(c) for per_prompt in ids for c in per_prompt)
+        s = time.perf_counter() - started
+        return {"s": s, "fed_tokens": fed, "drawn_tokens": drawn, "model_flops": 2 * params * fed / s,
+                "prefill_s": forward_s["prefill"], "decode_s": forward_s["decode"],
+                "outside_model_s": s - forward_s["prefill"] - forward_s["decode"]}
+
     sample(model, tokenizer, prompt_ids[:1], config, 0)  # warm-up
-    result = {}
-    for name, batch_size in (("batched", cfg["batch_size"]), ("one_at_a_time", 1)):
-        tokens, started = 0, time.perf_counter()
-        for i in range(0, len(prompt_ids), batch_size):
-            ids = sample(model, tokenizer, prompt_ids[i:i + batch_size], config, i)[0]
-            tokens += sum(len(c) for per_prompt in ids for c in per_prompt)
-        elapsed = time.perf_counter() - started
-        result[name] = {"batch_size": batch_size, "tokens": tokens, "s": elapsed, "tokens_per_s": tokens / elapsed}
-    return result
+    rounds = []
+    for r in range(cfg["rounds"]):
+        order = list(modes) if r % 2 == 0 else list(modes)[::-1]
+        flops = [matmul_flops()]
+        result = {}
+        for mode in order:
+            result[mode] = run(mode)
+            flops.append(matmul_flops())
+            result[mode]["matmul_flops"] = (flops[-2] + flops[-1]) / 2  # the two that bracket the run
+            result[mode]["ratio"] = result[mode]["model_flops"] / result[mode]["matmul_flops"]
+        rounds.append(result)
+    inference_sft.generate_once_per_prompt = once
+    summary = {mode: {key: statistics.mean(r[mode][key] for r in rounds) for key in rounds[0][mode]}
+               for mode in modes}
+    return {"params": params, "rounds": rounds, **summary}
 
 
 def prefix_scoring(cfg):

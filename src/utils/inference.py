@@ -5,7 +5,9 @@ Scoring `gen` data (reward model, log-probs) tokenises every (prompt, completion
 training rule (utils/data/data_utils.py), so a score here is the score training computes: a
 completion with its sampled ids (and the tokenizer that made them) is scored on those ids.
 """
+import copy
 import hashlib
+import inspect
 import json
 import os
 
@@ -195,3 +197,46 @@ def score_completions(records, tok, score, device, output_file, settings, args, 
 
     return sharded_map(records, process, output_file, settings, args.batch_size, write=write, desc=desc,
                        save_interval=args.save_interval)
+
+
+# -- sampling -----------------------------------------------------------------------------
+def cache_argument(model):
+    """The name under which `model`'s forward takes and returns its KV cache (`cache` in recent
+    transformers, `past_key_values` before), or None for a model that takes neither."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def generate_once_per_prompt(model, batch, config, **generate_kwargs):
+    """`model.generate(**batch, generation_config=config)`, each prompt's KV cache computed once.
+
+    With num_return_sequences = K, `generate` repeats every prompt K times and runs the K copies
+    through the model, so K - 1 of every K prompt tokens fed are redundant (at TL;DR shapes,
+    ~400-token prompts and ~50-token completions, prefill is most of the arithmetic). Here all
+    but each prompt's last token go through the model once, the resulting cache is repeated K
+    times (`Cache.batch_repeat_interleave`, rows prompt-major as `generate` orders them), and
+    `generate` continues from it with one row per sample, feeding each row's last prompt token.
+    Its random draws are the ones plain `generate` makes (one multinomial over the same
+    [B*K, vocab] rows a step, after the same seed), so the samples follow the same
+    distribution and, up to float rounding of a differently split prefill, are the same
+    samples. Models whose cache is not a transformers `Cache` (or K = 1, or 1-token prompts:
+    nothing to share) take plain `generate`.
+    """
+    k = config.num_return_sequences or 1
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    name = cache_argument(model)
+    if (k == 1 or input_ids.shape[1] < 2 or name is None or model.config.is_encoder_decoder
+            or not model._supports_default_dynamic_cache()):
+        return model.generate(**batch, generation_config=config, **generate_kwargs)
+    params = inspect.signature(model.forward).parameters
+    prefix = {"input_ids": input_ids[:, :-1], "attention_mask": mask[:, :-1], "use_cache": True}
+    if "position_ids" in params:  # left padding: positions count real tokens, as generate counts them
+        prefix["position_ids"] = (mask[:, :-1].long().cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in params:
+        prefix["logits_to_keep"] = 1  # the prefix's logits are never read
+    cache = getattr(model(**prefix), name)
+    cache.batch_repeat_interleave(k)
+    per_sample = copy.deepcopy(config)
+    per_sample.num_return_sequences = 1
+    return model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                          generation_config=per_sample, **{name: cache}, **generate_kwargs)
