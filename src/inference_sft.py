@@ -32,6 +32,10 @@ when its --max_gen_len is at least --max_new_tokens and --max_seq_len at least -
 Reproducible: a batch's seed comes from --seed and the position of its first prompt, so the
 same command (same --seed, --batch_size and number of ranks) gives the same file, also when
 it resumes after a crash.
+
+--backend vllm samples the same records with a vLLM engine per rank (utils/vllm_sampling.py;
+vllm is optional and imported only then): each completion seeded from --seed, its prompt's
+position and its number, so its file depends on neither --batch_size nor the number of ranks.
 """
 import argparse
 import os
