@@ -80,10 +80,14 @@ class VllmSampler:
         self.vllm, self.tokenizer, self.stop_ids, self.args = vllm, tokenizer, list(stop_ids), args
 
     def close(self):
-        """Shut the engine down (its workers, its process groups); idempotent. Call it before the
-        stage returns: the engine's own finalizer would run after the exit handler that leaves
-        the launcher's process group (utils/distributed.py) and fail on its groups."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Shut the engine down (its workers, its process groups, its renderer's thread pools);
+        idempotent. Call it before the stage returns: the engine's own finalizers would run
+        after the exit handler that leaves the launcher's process group (utils/distributed.py)
+        and fail on its groups, and run_stage waits for every non-daemon thread, the pools'
+        idle workers too, which only a shutdown ends."""
+        engine = self.llm.llm_engine
+        engine.engine_core.shutdown()
+        engine.renderer.shutdown()
 
     def params(self, seed):
         a = self.args
