@@ -199,3 +199,27 @@ def test_backend_vllm_without_vllm_is_one_line(llama, prompts, tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert "--backend vllm: vllm cannot be imported" in done.stderr and "README: Install" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sharded_map_replica_computes_its_slice_and_writes_nothing(tmp_path):
+    """The other ranks of a tensor-parallel engine: they run the slice of the rank they copy
+    (resuming where its shard was saved) but save, merge and return nothing."""
+    from utils.sharding import sharded_map
+
+    inputs = [f"x{i}" for i in range(6)]
+    output = tmp_path / "out" / "test.json"
+    seen = []
+
+    def process(items, first_index):
+        seen.extend(items)
+        return [{"item": item} for item in items]
+
+    common = dict(output_file=output, settings={}, batch_size=2, save_interval=0, world_size=2)
+    assert sharded_map(inputs, process, rank=1, replica=True, **common) is None
+    assert seen == ["x3", "x4", "x5"] and not (tmp_path / "out").exists()
+    assert sharded_map(inputs, process, rank=1, **common) is None  # the rank it copies saves
+    seen.clear()
+    assert sharded_map(inputs, process, rank=1, replica=True, **common) is None
+    assert seen == []  # its shard is complete: reused, as that rank reuses it
+    assert sharded_map(inputs, process, rank=0, replica=True, **common) is None and not output.exists()
+    assert sharded_map(inputs, process, rank=0, **common) == [{"item": x} for x in inputs]
