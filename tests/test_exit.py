@@ -5,7 +5,7 @@ gloo groups from every parameter, so their worker threads outlive the exit handl
 that needs the interpreter lock after teardown has begun aborts the process ("terminate called
 without an active exception", exit -6). The probe below provokes that every time; the same
 probe ended by `run_stage` exits 0. `run_stage` otherwise ends a process as the interpreter
-would: the same exit status, exit handlers run, non-daemon threads waited for.
+would: the same exit status, exit handlers run, thread pools ended, non-daemon threads waited for.
 """
 import sys
 import textwrap
@@ -64,6 +64,7 @@ def test_run_stage_exits_0_where_teardown_would_abort(tmp_path):
 
 ENDINGS = textwrap.dedent('''
     import atexit, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     from utils.distributed import run_stage
     from utils.fileio import InputError, cli_main
 
@@ -72,6 +73,7 @@ ENDINGS = textwrap.dedent('''
         ending = sys.argv[1]
         atexit.register(print, "exit handler ran")
         threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
+        ThreadPoolExecutor(2).submit(time.sleep, 0)  # its idle worker ends at exit, as the interpreter ends it
         if ending == "exit 3":
             sys.exit(3)
         if ending == "exit text":

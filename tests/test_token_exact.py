@@ -34,11 +34,12 @@ def read(path):
         return json.load(f)
 
 
-def tiny_vocab_model(path, seed, noise_from=None, padding=0):
+def tiny_vocab_model(path, seed, noise_from=None, padding=0, n_embd=16, n_head=2, scale=0.1):
     """A random GPT-2 over EOS + WORDS (word-level tokenizer) whose completions of PROMPTS are
     cut by MAX_NEW about half of the time; with `noise_from`, that model with noise on every
-    weight (a policy about 1 nat away from it). `padding`: that many more embedding and head
-    rows than the tokenizer has tokens (a padded vocabulary, as Pythia's and Qwen's)."""
+    weight (a policy about 1 nat away from it); `scale` is the std of both. `padding`: that many
+    more embedding and head rows than the tokenizer has tokens (a padded vocabulary, as Pythia's
+    and Qwen's). vLLM's CPU attention needs n_embd / n_head >= 32."""
     vocab = {"<eos>": EOS, **{w: i + 1 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -46,14 +47,14 @@ def tiny_vocab_model(path, seed, noise_from=None, padding=0):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", model_max_length=16)
     torch.manual_seed(seed)
     if noise_from is None:
-        config = GPT2Config(vocab_size=len(vocab) + padding, n_embd=16, n_layer=1, n_head=2, n_positions=16,
-                            bos_token_id=EOS, eos_token_id=EOS, initializer_range=0.1)
+        config = GPT2Config(vocab_size=len(vocab) + padding, n_embd=n_embd, n_layer=1, n_head=n_head,
+                            n_positions=16, bos_token_id=EOS, eos_token_id=EOS, initializer_range=scale)
         model = GPT2LMHeadModel(config)
     else:
         model = AutoModelForCausalLM.from_pretrained(noise_from)
         with torch.no_grad():
             for param in model.parameters():
-                param.add_(torch.randn_like(param) * 0.1)
+                param.add_(torch.randn_like(param) * scale)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -119,13 +120,10 @@ def sft_model(request, tmp_path_factory):
     return tiny_vocab_model(tmp_path_factory.mktemp("tiny_vocab") / "sft", seed=0, padding=request.param)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, sft_model):
-    """Sample from pi, score with pi and pi_sft on the ids and (a copy) on the text + EOS, estimate
-    both KLs. Returns {name: path} of every file, plus the stage outputs."""
-    root = tmp_path_factory.mktemp("token_exact")
-    sft = sft_model
-    policy = tiny_vocab_model(root / "policy", seed=1, noise_from=sft)
+def run_pipeline(root, sft, policy, backend="hf"):
+    """Sample from pi with `backend` (a vLLM engine starts in a process of its own: its start-up
+    outlasts a forked case's timeout), score with pi and pi_sft on the ids and (a copy) on the
+    text + EOS, estimate both KLs. Returns {name: path} of every file, plus the stage outputs."""
     write_split(root / "prompts", "test", [{"prompt": p, "chosen": "a"} for p in PROMPTS])
     (root / "as_text.py").write_text(AS_TEXT)
     gen, text = root / "gen", root / "text"
@@ -133,13 +131,20 @@ def pipeline(tmp_path_factory, sft_model):
     paths = {"sft": sft, "policy": policy, "gen": gen / "test.json", "text": text / "test.json"}
     score = ["--split", "test", "--max_seq_len", "10", "--max_gen_len", str(MAX_NEW + 1), "--temp", str(TEMP),
              "--batch_size", "1"]
-    cases = [["src/inference_sft.py", "--model_name_or_path", policy, "--data_name_path", f"toy/sft:{root / 'prompts'}",
-              "--output_path", str(gen), "--split", "test", "--return_num", str(RETURN_NUM), "--temp", str(TEMP),
-              "--max_new_tokens", str(MAX_NEW), "--max_length", "8", "--batch_size", "2", "--seed", "3", "--save_logps"],
-             [str(root / "as_text.py"), str(paths["gen"]), str(paths["text"])]]
+    sampling = ["src/inference_sft.py", "--model_name_or_path", policy, "--data_name_path", f"toy/sft:{root / 'prompts'}",
+                "--output_path", str(gen), "--split", "test", "--return_num", str(RETURN_NUM), "--temp", str(TEMP),
+                "--max_new_tokens", str(MAX_NEW), "--max_length", "8", "--batch_size", "2", "--seed", "3",
+                "--save_logps", "--backend", backend]
+    if backend != "hf":
+        done = run(["python", *sampling], timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    cases = [sampling] if backend == "hf" else []
+    cases.append([str(root / "as_text.py"), str(paths["gen"]), str(paths["text"])])
     for data, name in ((gen, "gen"), (text, "text")):
         for model in ("policy", "sft"):
             paths[f"{name}_{model}"] = root / f"{name}_{model}.json"
+            if (name, model) == ("text", "policy"):
+                warned = len(cases)  # the first scoring of text: its warning
             cases.append(["src/calc_logprobs.py", "--model_name_or_path", paths[model], "--data_path", str(data),
                           *score, "--output_path", str(paths[f"{name}_{model}"])])
     for name in ("gen", "text"):
@@ -151,8 +156,14 @@ def pipeline(tmp_path_factory, sft_model):
     for argv, (code, out, err) in zip(cases[:-1], outputs):
         assert code == 0, f"{argv[0]}: {err[-3000:]}"
     paths["refused"] = outputs[-1]
-    paths["text_warning"] = outputs[4][2]
+    paths["text_warning"] = outputs[warned][2]
     return paths
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, sft_model):
+    root = tmp_path_factory.mktemp("token_exact")
+    return run_pipeline(root, sft_model, tiny_vocab_model(root / "policy", seed=1, noise_from=sft_model))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ Resuming: rerunning the same command skips every finished stage and continues a 
 killed alignment resumes from its last checkpoint, exactly). A changed flag redoes the stages it
 shapes and everything after them:
   --sft_model, --data_name_path, --dataset_module, --seed  everything
-  sampling (--num_samples, --temp, --max_new_tokens, --max_length, --sample_batch_size)
+  sampling (--num_samples, --temp, --max_new_tokens, --max_length, --sample_batch_size,
+            --sampling_backend)
                                                            every round, from round 1's sampling
   --reward_model, scoring (--max_seq_len, --max_gen_len, --score_batch_size)
                                                            every evaluation and round, from round 1
@@ -108,6 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=int, default=200, help="tokens sampled per completion at most")
     g.add_argument("--max_length", type=int, default=512, help="prompt + new tokens when sampling")
     g.add_argument("--sample_batch_size", type=int, default=8, help="prompts per sampling batch and rank")
+    g.add_argument("--sampling_backend", default="hf", choices=["hf", "vllm"],
+                   help="inference_sft's --backend for each round's samples: vllm loads the round's policy export "
+                        "into a fresh engine per round (needs vllm: README: Install); the evaluations sample with hf")
     g = parser.add_argument_group("scoring and training lengths")
     g.add_argument("--max_seq_len", type=int, default=None,
                    help="prompt + completion tokens when scoring and training; default --max_length + 8")
@@ -228,6 +232,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
     env = {"TB_ROOT": str(Path(args.output_dir) / "tb_logs"), **(env or {})}
     sampling = {"num_samples": args.num_samples, "temp": args.temp, "max_new_tokens": args.max_new_tokens,
                 "max_length": args.max_length, "batch_size": args.sample_batch_size, "seed": args.seed,
+                **({"backend": args.sampling_backend} if args.sampling_backend != "hf" else {}),
                 "sft_model": args.sft_model, "data": args.data_name_path, "dataset_module": args.dataset_module}
     scoring = {"reward_model": args.reward_model, "max_seq_len": args.max_seq_len, "max_gen_len": args.max_gen_len,
                "batch_size": args.score_batch_size}
@@ -249,7 +254,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                          "--return_num", str(args.num_samples), "--temp", str(args.temp), "--top_k", "0",
                          "--top_p", "1.0", "--max_new_tokens", str(args.max_new_tokens),
                          "--max_length", str(args.max_length), "--batch_size", str(args.sample_batch_size),
-                         "--seed", str(args.seed + r), "--output_path", samples, "--dataset_module", *args.dataset_module], log, env)
+                         "--seed", str(args.seed + r), "--output_path", samples, "--backend", args.sampling_backend,
+                         "--dataset_module", *args.dataset_module], log, env)
             check_source_model(samples / "train.json", source)
             atomic_write_json(round_dir(args, r) / "manifest.json",
                               {"round": r, "source_model": str(source), "reference": str(reference),

@@ -74,6 +74,9 @@ def parse_args(argv=None):
     g.add_argument("--online_steps", type=int, default=None,
                    help="optimizer steps per online round; default --align_steps / --num_checkpoints, so round r "
                         "has taken as many steps as the offline runs' checkpoint r")
+    g.add_argument("--sampling_backend", default="hf", choices=["hf", "vllm"],
+                   help="inference_sft's --backend for the SFT model's samples and the online rounds' (vllm: needs "
+                        "vllm installed, README: Install); the evaluations sample with hf")
     g = parser.add_argument_group("alignment")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="loss types to run")
     g.add_argument("--align_lr", type=float, default=1e-4, help="learning rate of the alignment runs")
@@ -118,7 +121,7 @@ def build(args):
     common = [*LENGTHS, "--data_output_path", str(w / "cache"), "--seed", str(args.seed), "--zero_stage", "0",
               "--no-gradient_checkpointing"]
     sampling = ["--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--temp", str(SAMPLING_TEMP),
-                "--batch_size", "64", "--seed", str(args.seed)]
+                "--batch_size", "64", "--seed", str(args.seed), "--backend", args.sampling_backend]
     device_ids = os.environ.get("DEVICE_IDS", "")  # empty: the launchers' default
     pipe = Pipeline(w, args.force)
 
@@ -161,7 +164,9 @@ def build(args):
                          "--return_num", str(args.num_samples)], log, env)
 
     pipe.stage("sample", f"{args.num_samples} completions per prompt from the SFT model", ["sft"],
-               {"num_samples": args.num_samples}, [gen_dir], sample_splits)
+               {"num_samples": args.num_samples,
+                **({"backend": args.sampling_backend} if args.sampling_backend != "hf" else {})},
+               [gen_dir], sample_splits)
     pipe.stage("oracle_pref", "oracle (VADER) preference pairs, best vs worst completion", ["sample"], {},
                [pref_dir], write_pref)
     pipe.stage("rm", "reward model on the oracle pairs", ["oracle_pref"], {"epochs": args.rm_epochs}, [rm],
@@ -236,7 +241,7 @@ def build(args):
             "--per_device_train_batch_size", str(max(1, 32 // k)), "--per_device_eval_batch_size", str(max(1, 64 // k)),
             "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
             "--eval_samples", str(args.eval_samples), "--eval_seed", str(args.seed + 1), "--eval_batch_size", "128",
-            "--oracle", "vader"])
+            "--oracle", "vader", "--sampling_backend", args.sampling_backend])
         # round 1's held-out split: the SFT model's test samples scored by the reward model
         online.add_rounds(pipe, online_args, f"{DATA_NAME}/sft:{prompts_dir}", (rw_dir / "test.json", "rm_label"),
                           eval_root / "online-exo-rw", prefix="online_", input_stages=["sft"])

@@ -62,8 +62,8 @@ def _leave_process_group():
 def run_stage(main):
     """Run an entry script's `main()`, then end the process with its exit status.
 
-    Everything a normal exit does runs first: waiting for non-daemon threads, the exit handlers
-    (leaving the process group, logging). Interpreter teardown is then skipped, because it
+    Everything a normal exit does runs first: ending thread pools and waiting for non-daemon
+    threads, the exit handlers (leaving the process group, logging). Interpreter teardown is then skipped, because it
     can abort a run that succeeded: DeepSpeed holds its gloo process groups from every
     parameter, so their C++ worker threads outlive the exit handlers, and one still freeing a
     finished collective's tensors when teardown begins needs the interpreter lock, cannot get
@@ -80,9 +80,9 @@ def run_stage(main):
     except BaseException as err:  # noqa: B036 -- reported as the interpreter would, with its status
         sys.excepthook(*sys.exc_info())
         status = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What interpreter exit does first: the threading exit hooks, which end the idle workers of
+    # every thread pool (vLLM leaves some), then joining every non-daemon thread.
+    threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -72,13 +72,15 @@ def read_shard(path, key):
 class Shard:
     """One rank's contiguous slice of the inputs and its outputs so far, kept in its shard file."""
 
-    def __init__(self, output_file, key, rank, world_size, num_inputs):
-        self.path, self.key = shard_path(output_file, key, rank, world_size), key
+    def __init__(self, output_file, key, rank, world_size, num_inputs, writes=True):
+        self.path, self.key, self.writes = shard_path(output_file, key, rank, world_size), key, writes
         self.start, self.stop = shard_range(num_inputs, rank, world_size)
         self.outputs, self.complete = read_shard(self.path, key)
 
     def save(self, complete=False):
         self.complete = complete
+        if not self.writes:  # a replica's slice is saved by the rank it copies
+            return
         atomic_write_json(self.path, {"run_key": self.key, "complete": complete, "start": self.start,
                                       "stop": self.stop, "outputs": self.outputs}, indent=None)
 
@@ -88,7 +90,7 @@ def _distributed():
 
 
 def sharded_map(inputs, process_batch, output_file, settings, batch_size, write=None, desc="inference",
-                save_interval=300, rank=None, world_size=None):
+                save_interval=300, rank=None, world_size=None, replica=False):
     """Run `process_batch` over `inputs` on every rank and return the outputs, in input order, on
     rank 0 (None elsewhere) once `write(outputs)` has stored them (default: a JSON list at
     `output_file`). Call on every rank with the same arguments.
@@ -97,19 +99,23 @@ def sharded_map(inputs, process_batch, output_file, settings, batch_size, write=
     `inputs`, and returns one JSON-serialisable output per item; `first_index` is what a
     sampler seeds from, so a resumed batch draws what it drew before. `settings` (JSON) and
     `batch_size` go into the run key. `rank` and `world_size` default to torch.distributed's.
+    Several processes may share a slice (the ranks of one tensor-parallel engine, which must
+    all run its batches): they pass the same `rank`, all but one with `replica`, which computes
+    the slice as the others do (resuming where its shard was saved) but writes nothing and
+    returns None.
     """
     if rank is None:
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-    multi_rank = world_size > 1 and _distributed()
+    multi_rank = _distributed() and dist.get_world_size() > 1
     # created up front, when every rank is here: new_group is itself collective
     wait_group = dist.new_group(backend="gloo", timeout=MERGE_WAIT_TIMEOUT) if multi_rank else None
     key = run_key(inputs, {**settings, "batch_size": batch_size})
-    if rank == 0:
+    if rank == 0 and not replica:
         sizes = ", ".join(str(b - a) for a, b in (shard_range(len(inputs), r, world_size) for r in range(world_size)))
         tqdm.write(f"{desc}: {len(inputs)} inputs on {world_size} rank(s) ({sizes} each), batch {batch_size}, "
                    f"run key {key}")
 
-    shard = Shard(output_file, key, rank, world_size, len(inputs))
+    shard = Shard(output_file, key, rank, world_size, len(inputs), writes=not replica)
     if shard.complete:
         tqdm.write(f"rank {rank}: reusing its complete shard ({len(shard.outputs)} outputs) from {shard.path}")
     else:
@@ -126,7 +132,7 @@ def sharded_map(inputs, process_batch, output_file, settings, batch_size, write=
 
     if multi_rank:
         dist.barrier(group=wait_group)
-    if rank != 0:
+    if rank != 0 or replica:
         return None
     merged = []
     for r in range(world_size):
