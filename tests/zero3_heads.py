@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from test_fused_logprobs import random_batch
+from utils.distributed import run_stage
 from utils.logprobs import model_sequence_logprobs
 
 VOCAB = 300
@@ -53,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)  # a plain exit can abort in gloo teardown (utils.distributed.run_stage)
