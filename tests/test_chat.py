@@ -165,6 +165,11 @@ def test_columns_map_fields_and_a_bad_mapping_is_one_line(tmp_path):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=question")[0].records("train")
     with pytest.raises(InputError, match="'answer' is not a field"):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="answer=good")
+    with pytest.raises(InputError, match=r"field 'prompt' is given twice \(prompt=q and prompt=good\)"):
+        load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=q,prompt=good")
+    with pytest.raises(InputError, match=r"^--columns completions=typo: x/pref is pref data, which has no field "
+                                         r"'completions'"):
+        load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=q,completions=typo")
 
 
 def test_pref_to_rw_keeps_conversations(chat_pref, tmp_path):

@@ -8,8 +8,9 @@ tokens carry loss. Conversational records are rendered with the chat template in
 turn up to its end-of-turn token, with no EOS after it; the cuts are the same. A sampled
 completion that carries its exact token ids (`completion_ids`, from a tokenizer with the
 record's `tokenizer_fingerprint`) is not re-tokenised: its ids are the completion as they
-are, the stop token included only where one was sampled, and the same cuts apply. With
-another tokenizer its text is used instead, with a warning. The result is cached with
+are, the stop token included only where one was sampled, and the same cuts apply; ids that
+do not decode to the record's text (a completion edited after sampling) are refused, one
+line naming the record. With another tokenizer its text is used instead, with a warning. The result is cached with
 `datasets` under a key made of the data files' content, the tokenizer (and chat template),
 the lengths and the stage's encoding parameters.
 """
@@ -27,7 +28,7 @@ import datasets
 import torch
 
 from .chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
-from .raw_datasets import parse_columns, resolve_dataset
+from .raw_datasets import check_columns_for_kind, parse_columns, resolve_dataset
 from ..fileio import InputError, atomic_dir, commit_new_dir, where
 
 CACHE_VERSION = 1
@@ -81,6 +82,7 @@ def get_raw_dataset(name_kind, path, split_names=None, columns=None):
     if split_names:
         dataset.split_names = dict(zip(("train", "test"), split_names))
     if columns:
+        check_columns_for_kind(columns, dataset.kind, name_kind)
         dataset.columns = dict(columns)
     return dataset
 
@@ -173,6 +175,14 @@ class Tokenisation:
         return record.get("completion_ids") is not None and \
             record.get("tokenizer_fingerprint") == self.tokenizer_fingerprint
 
+    def ids_spell(self, ids, text):
+        """Whether sampled `ids` decode to `text`, as the sampler wrote it: the ids before the
+        stop token it drew (EOS, an end-of-turn token), or all of them when none was drawn."""
+        stops = set(self.chat.end_of_turn_ids) if self.chat.template is not None else {self.tokenizer.eos_token_id}
+        body = ids[:-1] if ids and ids[-1] in stops else ids
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decode(body) == text or decode(ids) == text
+
     def record_completions(self, record, texts=None):
         """The completion ids of a gen/rw record (or of `texts`, its candidates), uncut: the
         sampled ids as they are when the record carries them from this tokenizer, else text + EOS."""
@@ -231,10 +241,19 @@ class Encoder:
                       "which is not the sequence that was sampled", file=sys.stderr, flush=True)
             return
         vocab = len(self.tok.tokenizer)
+        texts = record.get("completions") or []
+        if len(texts) != len(record["completion_ids"]):
+            raise InputError(f"{where(self.source, index, 'completion_ids')}: {len(record['completion_ids'])} lists of "
+                             f"ids for {len(texts)} completions")
         for j, ids in enumerate(record["completion_ids"]):
             if max(ids) >= vocab:
                 raise InputError(f"{where(self.source, index, 'completion_ids')}[{j}]: token id {max(ids)} is outside "
                                  f"the tokenizer's vocabulary of {vocab}")
+            text = texts[j]["content"] if isinstance(texts[j], dict) else texts[j]
+            if not self.tok.ids_spell(ids, text):
+                raise InputError(f"{where(self.source, index, f'completions[{j}]')}: the text is not what its "
+                                 f"completion_ids decode to (edited after sampling?); the ids are what is scored, "
+                                 "so fix both, or drop completion_ids and tokenizer_fingerprint to score the text")
 
 
 class SFTEncoder(Encoder):
