@@ -113,14 +113,14 @@ def tokenizer_fingerprint(tokenizer):
 class Tokenisation:
     """The tokenisation rule above, for one tokenizer and pair of lengths."""
 
-    def __init__(self, tokenizer, max_seq_len, max_gen_len, chat_template="auto"):
+    def __init__(self, tokenizer, max_seq_len, max_gen_len, chat_template="auto", chat_template_date=None):
         if max_gen_len >= max_seq_len:
             raise InputError(f"--max_gen_len {max_gen_len} must be smaller than --max_seq_len {max_seq_len} "
                              "so that at least one prompt token conditions the completion")
         if tokenizer.eos_token_id is None:
             raise InputError(f"tokenizer {tokenizer.name_or_path}: has no EOS token; set eos_token in its config")
         self.tokenizer = tokenizer
-        self.chat = ChatTemplate(tokenizer, chat_template)
+        self.chat = ChatTemplate(tokenizer, chat_template, chat_template_date)
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
         self.prompts_cut = 0  # sequences whose prompt `join` cut, reported once a split is tokenised
@@ -209,7 +209,7 @@ class Tokenisation:
         backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
         payload = [type(tok).__name__, backend, str(tok.special_tokens_map), self.max_seq_len, self.max_gen_len]
         if self.chat.template is not None:  # what renders conversational records
-            payload.append(self.chat.template)
+            payload.append(self.chat.template)  # with its date fixed, if it reads one
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
