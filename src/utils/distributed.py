@@ -5,6 +5,8 @@ import atexit
 import collections
 import datetime
 import faulthandler
+import gc
+import io
 import os
 import random
 import signal
@@ -62,8 +64,9 @@ def _leave_process_group():
 def run_stage(main):
     """Run an entry script's `main()`, then end the process with its exit status.
 
-    Everything a normal exit does runs first: waiting for non-daemon threads, the exit handlers
-    (leaving the process group, logging). Interpreter teardown is then skipped, because it
+    Everything a normal exit does runs first: shutting thread pools down and waiting for
+    non-daemon threads, the exit handlers (leaving the process group, logging), flushing the
+    files left open. Interpreter teardown is then skipped, because it
     can abort a run that succeeded: DeepSpeed holds its gloo process groups from every
     parameter, so their C++ worker threads outlive the exit handlers, and one still freeing a
     finished collective's tensors when teardown begins needs the interpreter lock, cannot get
@@ -80,13 +83,24 @@ def run_stage(main):
     except BaseException as err:  # noqa: B036 -- reported as the interpreter would, with its status
         sys.excepthook(*sys.exc_info())
         status = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter does at exit before its teardown, in its order: stop the thread pools
+    # (concurrent.futures' exit hooks) and wait for non-daemon threads, then run the exit handlers.
+    threading._shutdown()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_open_files()
     os._exit(status)
+
+
+def _flush_open_files():
+    """Flush every file object still open, as teardown would when it frees them: a buffered
+    file that a stage left open would otherwise lose its last writes to os._exit."""
+    for obj in gc.get_objects():
+        if isinstance(obj, io.IOBase):
+            try:
+                if not obj.closed:
+                    obj.flush()
+            except (OSError, ValueError):  # a closed pipe, a detached buffer: nothing to keep
+                pass
 
 
 def _exit_status(code):
