@@ -282,7 +282,6 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
 
         pipe.stage(f"{name}_align", f"{args.loss_type} from {'the SFT model' if r == 1 else f'round {r - 1} policy'}",
                    [f"{name}_score", *previous], training, [policy],
-                   inputs=[source, reference],
                    lambda log, r=r, source=source, reference=reference, rw=rw: run_command(
                        ["bash", LAUNCHERS / "train_exo.sh", MODEL_NAME, source, f"round{r - 1}", RW_DATA_NAME, rw,
                         args.loss_type, str(args.num_samples), "--ref_name_or_path", reference,
@@ -290,7 +289,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                         "--max_gen_len", str(args.max_gen_len), "--max_iter_step", str(args.max_iter_step),
                         "--num_save_checkpoint", str(args.num_save_checkpoint), "--seed", str(args.seed),
                         "--data_output_path", Path(args.output_dir) / "cache", *train_flags(args),
-                        "--resume", "auto"], log, {**env, "OUTPUT_ROOT": str(round_dir(args, r))}))
+                        "--resume", "auto"], log, {**env, "OUTPUT_ROOT": str(round_dir(args, r))}),
+                   inputs=[source, reference])
 
         eval_dirs.append(Path(eval_root) / f"round{r}")
         add_eval(pipe, args, f"{name}_eval", f"round{r}", policy, prompts, eval_root, [f"{name}_align"])
@@ -310,7 +310,6 @@ def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps):
                 "dataset_module": args.dataset_module}
     pipe.stage(stage_name, f"{name}'s test samples: reward-model reward{', oracle' if args.oracle != 'none' else ''}"
                f"{', KL(pi || pi_sft)' if name != 'round0' else ''}", deps, settings, [Path(eval_root) / name],
-               inputs=[policy, args.sft_model, args.reward_model, data_dir(args)],
                lambda log: run_command(
                    [sys.executable, QUICKSTART / "evaluate.py", "--prompts", prompts, "--sft_model", args.sft_model,
                     f"--model={name}={policy}", "--output_dir", eval_root, "--return_num", str(args.eval_samples),
@@ -318,7 +317,8 @@ def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps):
                     "--max_length", str(args.max_length), "--max_seq_len", str(args.max_seq_len),
                     "--max_gen_len", str(args.max_gen_len), "--batch_size", str(args.eval_batch_size),
                     "--seed", str(args.eval_seed), "--reward_model", args.reward_model, "--oracle", args.oracle,
-                    "--dataset_module", *args.dataset_module], log))
+                    "--dataset_module", *args.dataset_module], log),
+               inputs=[policy, args.sft_model, args.reward_model, data_dir(args)])
 
 
 # -- the report -----------------------------------------------------------------------------

@@ -94,8 +94,11 @@ def run_stage(main):
 def _flush_open_files():
     """Flush every file object still open, as teardown would when it frees them: a buffered
     file that a stage left open would otherwise lose its last writes to os._exit."""
+    # exact types: isinstance would ask every object for its __class__, and some (deprecated
+    # torch attributes) warn when asked
+    kinds = (io.FileIO, io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
     for obj in gc.get_objects():
-        if isinstance(obj, io.IOBase):
+        if type(obj) in kinds:
             try:
                 if not obj.closed:
                     obj.flush()

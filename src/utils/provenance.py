@@ -171,8 +171,18 @@ def verify_dir(directory):
 def record_dir(directory, made_from=None):
     """Write DIRECTORY/provenance.json with the digests of its files (a checkpoint, an export,
     a cache entry), to be checked with `verify_dir` before it is read. Paths are relative, so
-    the directory may be renamed into place (or copied) afterwards."""
+    the directory may be renamed into place (or copied, or its files moved into another)
+    afterwards."""
     from .fileio import atomic_write_json
 
     atomic_write_json(os.path.join(directory, RECORD_FILE),
                       {"version": RECORD_VERSION, "made_from": made_from, "files": file_digests(directory)})
+
+
+def verified(directory, what):
+    """Raise InputError (one line) unless `directory`'s files are the ones its record names."""
+    from .fileio import InputError
+
+    problem = verify_dir(directory)
+    if problem:
+        raise InputError(f"{what} {directory}: {problem}; it cannot be read as written")
