@@ -140,3 +140,25 @@ def test_an_exception_in_train_loses_no_logged_scalar(tiny_model, align_data, tm
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 51))
+
+
+def test_a_rank_whose_peer_stopped_on_bad_input_prints_nothing_of_its_own(tiny_model, tmp_path):
+    """2 ranks, a train.json holding one object: rank 0 prints the one error line; rank 1, whose
+    barrier in cache_writer_first fails as rank 0 leaves, prints no traceback of its own."""
+    import json
+
+    from conftest import launcher
+
+    data = tmp_path / "bad"
+    data.mkdir()
+    record = {"prompt": "a", "completions": ["b", "c"], "rewards": [1.0, 0.0]}
+    (data / "train.json").write_text(json.dumps(record))
+    (data / "test.json").write_text(json.dumps([record]))
+    result = run([*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model,
+                  "--data_name_path", f"bad/rw:{data}", "--output_dir", str(tmp_path / "out"),
+                  "--data_output_path", str(tmp_path / "cache"), "--loss_type", "exo-rw", "--num_contrastive", "2",
+                  "--zero_stage", "0", "--max_seq_len", "64", "--max_gen_len", "16"], timeout=300)
+    lines = [line for line in (result.stderr + result.stdout).splitlines()
+             if line.strip() and not line.startswith("[20")]  # DeepSpeed's launcher log lines
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines == [f"error: {data / 'train.json'}: expected a JSON list of records, got dict"], lines

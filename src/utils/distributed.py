@@ -81,7 +81,14 @@ def run_stage(main):
     except SystemExit as exit_:
         status = _exit_status(exit_.code)
     except BaseException as err:  # noqa: B036 -- reported as the interpreter would, with its status
-        sys.excepthook(*sys.exc_info())
+        if _peer_stopped(err):
+            # A collective this rank waited in failed because another rank stopped (bad input it
+            # reported in one line, a crash with its own traceback): that rank's output says why.
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: a collective failed: another rank stopped first (its output says why): "
+                      f"{str(err).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+        else:
+            sys.excepthook(*sys.exc_info())
         status = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
     # What the interpreter does at exit before its teardown, in its order: stop the thread pools
     # (concurrent.futures' exit hooks) and wait for non-daemon threads, then run the exit handlers.
@@ -104,6 +111,18 @@ def _flush_open_files():
                     obj.flush()
             except (OSError, ValueError):  # a closed pipe, a detached buffer: nothing to keep
                 pass
+
+
+# What gloo and NCCL say when a peer's connections close under a collective.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _peer_stopped(err):
+    """Whether `err` is a collective failing because another rank of a multi-rank run stopped."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE))
 
 
 def _exit_status(code):
