@@ -303,3 +303,24 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tiny_mo
         f.truncate(weights.stat().st_size - 100)
     with pytest.raises(InputError, match=r"model .*ckpt1: .*model\.safetensors is damaged"):
         load_causal_lm(str(out / "ckpt1"), load_tokenizer(str(out / "ckpt1")))
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tiny_model, tmp_path, capsys):
+    from conftest import write_split
+    from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
+    from utils.model_utils import load_tokenizer
+
+    write_split(tmp_path / "d", "train", [{"prompt": "a film", "chosen": f"good fun {i}"} for i in range(20)])
+    tok = Tokenisation(load_tokenizer(tiny_model), 32, 8)
+
+    def build():
+        return build_dataset(load_raw_datasets([f"d/sft:{tmp_path / 'd'}"]), "train", tok, str(tmp_path / "cache"),
+                             {"stage": "sft"}, SFTEncoder)[0]["input_ids"]
+    first = [list(ids) for ids in build()]  # read now: the dataset maps the file it reads
+    (arrow,) = (tmp_path / "cache").glob("*/*.arrow")
+    with open(arrow, "r+b") as f:
+        f.truncate(arrow.stat().st_size // 2)
+    capsys.readouterr()
+    assert [list(ids) for ids in build()] == first
+    assert re.search(r"\.arrow is damaged \(\d+ bytes, written with \d+\): rebuilding this cache entry",
+                     capsys.readouterr().out)

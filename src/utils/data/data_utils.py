@@ -12,7 +12,8 @@ are, the stop token included only where one was sampled, and the same cuts apply
 do not decode to the record's text (a completion edited after sampling) are refused, one
 line naming the record. With another tokenizer its text is used instead, with a warning. The result is cached with
 `datasets` under a key made of the data files' content, the tokenizer (and chat template),
-the lengths and the stage's encoding parameters.
+the lengths and the stage's encoding parameters; each entry records its files' digests
+(utils/provenance.py) and one damaged since is rebuilt, with one line saying so.
 """
 import contextlib
 import functools
@@ -21,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import uuid
 
@@ -29,6 +31,7 @@ import torch
 
 from .chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
 from .raw_datasets import check_columns_for_kind, parse_columns, resolve_dataset
+from .. import provenance
 from ..fileio import InputError, atomic_dir, commit_new_dir, where
 
 CACHE_VERSION = 1
@@ -408,14 +411,6 @@ def cache_writer_first(cache_dir):
         torch.distributed.barrier()
 
 
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(raw, split, tok, encoding):
     """Hash of what the tokenised split depends on: data content, tokenizer, lengths, encoding."""
     digest = hashlib.sha256()
@@ -424,7 +419,7 @@ def cache_key(raw, split, tok, encoding):
     digest.update(json.dumps(meta, sort_keys=True).encode())
     files = raw.data_files(split)
     for path in files:
-        digest.update(_file_sha256(path).encode())
+        digest.update(provenance.file_digest(path).encode())
     if not files:  # a custom dataset with no files to point at: key on its records
         digest.update(json.dumps(raw.records(split), sort_keys=True).encode())
     return digest.hexdigest()
@@ -435,6 +430,10 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
     key = cache_key(raw, split, tok, encoding)
     path = os.path.join(cache_dir, f"{raw.name}_{raw.kind}_{split}_{key[:16]}")
     with cache_writer_first(cache_dir) as writer:
+        problem = provenance.verify_dir(path) if writer and os.path.isdir(path) else None
+        if problem:  # a cache entry damaged since it was written (its files' digests differ)
+            print(f"{problem}: rebuilding this cache entry", flush=True)
+            shutil.rmtree(path, ignore_errors=True)
         if writer and not os.path.isdir(path):
             records = raw.records(split)
             encoder = make_encoder(tok, raw.source(split), raw.kind)
@@ -452,6 +451,7 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
                       f"their prompt cut on the left to fit --max_seq_len {tok.max_seq_len}", flush=True)
             tmp = atomic_dir(path)
             encoded.save_to_disk(tmp)
+            provenance.record_dir(tmp, {"cache_key": key})
             commit_new_dir(tmp, path)
     return datasets.load_from_disk(path), key
 
