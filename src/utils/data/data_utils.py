@@ -252,6 +252,7 @@ class Encoder:
             if max(ids) >= vocab:
                 raise InputError(f"{where(self.source, index, 'completion_ids')}[{j}]: token id {max(ids)} is outside "
                                  f"the tokenizer's vocabulary of {vocab}")
+        for j, ids in enumerate(record["completion_ids"]):
             text = texts[j]["content"] if isinstance(texts[j], dict) else texts[j]
             if not self.tok.ids_spell(ids, text):
                 raise InputError(f"{where(self.source, index, f'completions[{j}]')}: the text is not what its "
