@@ -234,7 +234,7 @@ def main(argv=None):
         import_vllm()
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template)
+    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template, args.chat_template_date)
     raw = load_raw_datasets([args.data_name_path], args.dataset_module, args.data_split_names, args.columns)[0]
     records = raw.records(args.split)
     if args.prompt_num > 0:

@@ -157,13 +157,30 @@ def cached_reference_logps(reference, dataset, data_key, collator, args, device)
     every rank has it (a new node's own disk may not), and it is written by the writers of that
     directory (`is_cache_writer`)."""
     path = reference_cache_path(args, data_key)
-    if sum_across_ranks({"missing": not os.path.exists(path)})["missing"] == 0:
-        return np.load(path, allow_pickle=False)
+    cached = _read_cached_logps(path, (len(dataset), args.num_contrastive))
+    if sum_across_ranks({"missing": cached is None})["missing"] == 0:
+        return cached
     engine, prefix_sharing = reference()
     values = reference_logps(engine, dataset, collator, args, device, prefix_sharing)
-    if is_cache_writer(args.data_output_path) and not os.path.exists(path):
+    if is_cache_writer(args.data_output_path) and cached is None:
         with atomic_file(path, suffix=".tmp.npy") as tmp:  # np.save appends .npy to other names
             np.save(tmp, values, allow_pickle=False)
+    return values
+
+
+def _read_cached_logps(path, shape):
+    """The cached array at `path`, or None when there is none or it is damaged (then said in one
+    line: it is computed again and replaced)."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, EOFError) as err:
+        print(f"{path}: unreadable ({err}); computing the reference log-probs again", flush=True)
+        return None
+    if values.shape != shape:
+        print(f"{path}: holds {values.shape}, expected {shape}; computing the reference log-probs again", flush=True)
+        return None
     return values
 
 

@@ -77,11 +77,15 @@ def logprobs_of_ids(mutate):
         from utils.data.data_utils import tokenizer_fingerprint
         from utils.model_utils import load_tokenizer
 
-        fingerprint = tokenizer_fingerprint(load_tokenizer(tiny))
+        tokenizer = load_tokenizer(tiny)
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        ids = [[5, 6], [7]]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
         def exact(rs):
-            for r in rs:
-                r.update(completion_ids=[[5, 6], [7]], stop_token=[None, None], tokenizer_fingerprint=fingerprint)
+            for r in rs:  # texts the ids decode to, as a sampler writes them
+                r.update(completions=list(texts), completion_ids=json.loads(json.dumps(ids)), stop_token=[None, None],
+                         tokenizer_fingerprint=fingerprint)
             mutate(rs)
         return ["src/calc_logprobs.py", "--model_name_or_path", tiny, "--data_path", gen_dir(case, exact),
                 "--split", "test", "--output_path", str(case / "out" / "o.json")]

@@ -132,6 +132,37 @@ def test_chat_template_none_and_a_template_file(chat_models, tmp_path):
     assert tok.completions([{"role": "assistant", "content": " ok"}], [prompt])[0][-1] == tokenizer.eos_token_id
 
 
+def test_a_template_that_reads_the_date_renders_the_same_on_every_day(chat_models, tmp_path, monkeypatch):
+    """Llama 3.2/3.3 put today's date (strftime_now) in the system header: rendered with
+    --chat_template_date (fixed by default) instead, and the cache key covers it."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as chat_utils
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_models["llama3"])
+    template = tmp_path / "dated.jinja"
+    template.write_text("{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\n' }}"
+                        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    prompt, _, _ = conversation(1)
+    default = Tokenisation(tokenizer, 256, 64, str(template))
+    assert tokenizer.decode(default.prompts([prompt])[0]).startswith("Today Date: 26 Jul 2024")
+
+    class Tomorrow(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2031, 1, 2)
+    monkeypatch.setattr(chat_utils, "datetime", Tomorrow)  # what transformers' own strftime_now reads
+    chat_utils._compile_jinja_template.cache_clear()
+    again = Tokenisation(tokenizer, 256, 64, str(template))
+    assert again.prompts([prompt]) == default.prompts([prompt]) and again.fingerprint() == default.fingerprint()
+    other = Tokenisation(tokenizer, 256, 64, str(template), "2025-03-01")
+    assert tokenizer.decode(other.prompts([prompt])[0]).startswith("Today Date: 01 Mar 2025")
+    assert other.fingerprint() != default.fingerprint()
+    with pytest.raises(InputError, match="--chat_template_date 'tomorrow': expected a date YYYY-MM-DD"):
+        Tokenisation(tokenizer, 256, 64, str(template), "tomorrow")
+
+
 # -- the files users have ---------------------------------------------------------------------
 def test_every_file_format_reads_the_same_records(tmp_path):
     answer = {"train": {"role": "assistant", "content": "a"}, "test": {"role": "assistant", "content": "b"}}
@@ -165,6 +196,11 @@ def test_columns_map_fields_and_a_bad_mapping_is_one_line(tmp_path):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=question")[0].records("train")
     with pytest.raises(InputError, match="'answer' is not a field"):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="answer=good")
+    with pytest.raises(InputError, match=r"field 'prompt' is given twice \(prompt=q and prompt=good\)"):
+        load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=q,prompt=good")
+    with pytest.raises(InputError, match=r"^--columns completions=typo: x/pref is pref data, which has no field "
+                                         r"'completions'"):
+        load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=q,completions=typo")
 
 
 def test_pref_to_rw_keeps_conversations(chat_pref, tmp_path):

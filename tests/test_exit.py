@@ -63,8 +63,7 @@ def test_run_stage_exits_0_where_teardown_would_abort(tmp_path):
 
 
 ENDINGS = textwrap.dedent('''
-    import atexit, sys, threading, time
-    from concurrent.futures import ThreadPoolExecutor
+    import atexit, concurrent.futures, sys, threading, time
     from utils.distributed import run_stage
     from utils.fileio import InputError, cli_main
 
@@ -73,7 +72,10 @@ ENDINGS = textwrap.dedent('''
         ending = sys.argv[1]
         atexit.register(print, "exit handler ran")
         threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished"))).start()
-        ThreadPoolExecutor(2).submit(time.sleep, 0)  # its idle worker ends at exit, as the interpreter ends it
+        globals()["LEFT_OPEN"] = open(sys.argv[2], "w")  # buffered, never closed: teardown would flush it
+        LEFT_OPEN.write("x" * 100)
+        globals()["POOL"] = concurrent.futures.ThreadPoolExecutor(2)  # never shut down
+        POOL.submit(time.sleep, 0.2)
         if ending == "exit 3":
             sys.exit(3)
         if ending == "exit text":
@@ -97,10 +99,66 @@ ENDINGS = textwrap.dedent('''
 def test_run_stage_ends_as_the_interpreter_would(tmp_path, ending, status, stderr_has):
     script = tmp_path / "endings.py"
     script.write_text(ENDINGS)
-    result = run([sys.executable, str(script), ending], timeout=120)
+    result = run([sys.executable, str(script), ending, str(tmp_path / "left_open.txt")], timeout=120)
     assert result.returncode == status, result.stderr[-2000:]
+    assert (tmp_path / "left_open.txt").read_text() == "x" * 100
     assert result.stdout.splitlines()[-2:] == ["thread finished", "exit handler ran"]
     if stderr_has:
         assert stderr_has in result.stderr
     if ending == "exception":
         assert "Traceback (most recent call last)" in result.stderr
+
+
+# A run that fails after its last step (the final export: a full disk) must still leave every
+# logged scalar in the tracker's file: the trackers are closed on every way out of train().
+FAILING_EXPORT = textwrap.dedent('''
+    import sys
+    import train_sft
+    from utils import training
+    from utils.distributed import run_stage
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    training.save_hf_model = full_disk
+    run_stage(lambda: train_sft.main(sys.argv[1:]))
+''')
+
+
+def test_an_exception_in_train_loses_no_logged_scalar(tiny_model, align_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = tmp_path / "failing_export.py"
+    script.write_text(FAILING_EXPORT)
+    out = tmp_path / "out"
+    result = run([sys.executable, str(script), "--model_name_or_path", tiny_model,
+                  "--data_name_path", f"toy/sft:{align_data['pref']}", "--output_dir", str(out),
+                  "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "48", "--max_gen_len", "16",
+                  "--max_iter_step", "50", "--num_train_epochs", "100", "--per_device_train_batch_size", "2",
+                  "--num_save_checkpoint", "0", "--enable_tensorboard"], timeout=300)
+    assert result.returncode == 1 and "No space left on device" in result.stderr, result.stderr[-3000:]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 51))
+
+
+def test_a_rank_whose_peer_stopped_on_bad_input_prints_nothing_of_its_own(tiny_model, tmp_path):
+    """2 ranks, a train.json holding one object: rank 0 prints the one error line; rank 1, whose
+    barrier in cache_writer_first fails as rank 0 leaves, prints no traceback of its own."""
+    import json
+
+    from conftest import launcher
+
+    data = tmp_path / "bad"
+    data.mkdir()
+    record = {"prompt": "a", "completions": ["b", "c"], "rewards": [1.0, 0.0]}
+    (data / "train.json").write_text(json.dumps(record))
+    (data / "test.json").write_text(json.dumps([record]))
+    result = run([*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model,
+                  "--data_name_path", f"bad/rw:{data}", "--output_dir", str(tmp_path / "out"),
+                  "--data_output_path", str(tmp_path / "cache"), "--loss_type", "exo-rw", "--num_contrastive", "2",
+                  "--zero_stage", "0", "--max_seq_len", "64", "--max_gen_len", "16"], timeout=300)
+    lines = [line for line in (result.stderr + result.stdout).splitlines()
+             if line.strip() and not line.startswith("[20")]  # DeepSpeed's launcher log lines
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines == [f"error: {data / 'train.json'}: expected a JSON list of records, got dict"], lines

@@ -224,6 +224,58 @@ def test_stage_runner_resumes_same_settings_and_never_leaves_stale_dependents(tm
     assert runs == [("c", False)]
 
 
+def test_stage_runner_checks_what_a_stage_was_made_from_whatever_earlier_runs_did(tmp_path, capsys):
+    """The online sequence --rounds 3, --rounds 2 with a changed flag, --rounds 3 in small: the
+    stage past the shorter run is redone from its input as it is now; a damaged record is a
+    stage not done (one line), and so is a stage whose output changed on disk."""
+    from utils.pipeline import Pipeline
+
+    runs = []
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "weights").write_text("v1")
+
+    def build(rounds, lr):
+        pipe = Pipeline(tmp_path, None)
+        for r in range(1, rounds + 1):
+            out = tmp_path / f"round{r}"
+
+            def work(log, r=r, out=out):
+                runs.append(r)
+                before = (tmp_path / f"round{r - 1}" / "policy").read_text() if r > 1 else "sft"
+                out.mkdir(exist_ok=True)
+                (out / "policy").write_text(f"lr {lr} after {before}")
+            pipe.stage(f"round{r}", "", [f"round{r - 1}"] if r > 1 else [], {"lr": lr}, [out], work,
+                       inputs=[source] if r == 1 else [])
+        return pipe
+
+    build(3, 1).run()
+    build(2, 2).run()
+    assert runs == [1, 2, 3, 1, 2]
+    runs.clear()
+    build(3, 2).run()
+    assert runs == [3], "round 3 was made from the old round 2"
+    assert (tmp_path / "round3" / "policy").read_text() == "lr 2 after lr 2 after lr 2 after sft"
+
+    runs.clear()
+    (source / "weights").write_text("v2")  # the input model retrained in place
+    capsys.readouterr()
+    build(3, 2).run()
+    assert runs == [1, 2, 3] and "(inputs." in capsys.readouterr().out
+
+    runs.clear()
+    marker = tmp_path / "stages" / "round2.json"
+    marker.write_text(marker.read_text()[:20])  # a crash while the record was written
+    build(3, 2).run()
+    out = capsys.readouterr().out
+    assert runs == [2, 3] and "round2.json: unreadable record" in out, out
+
+    runs.clear()
+    (tmp_path / "round3" / "policy").write_text("damaged")
+    build(3, 2).run()
+    assert runs == [3] and "changed since it was written" in capsys.readouterr().out
+
+
 def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
     from utils.fileio import InputError
     from utils.pipeline import _start_time, kill_stale_group

@@ -8,7 +8,7 @@ from conftest import run
 
 SMALL = ["--num_reviews", "200", "--num_train_prompts", "64", "--num_test_prompts", "16", "--sft_epochs", "1",
          "--rm_epochs", "1", "--align_steps", "3", "--num_checkpoints", "2", "--eval_samples", "2",
-         "--methods", "exo-rw", "dpo-pref"]
+         "--methods", "exo-rw", "dpo-pref", "--online_rounds", "0"]
 ENV = {"DEVICE_IDS": "0"}  # one CPU rank: the suite's budget is start-up bound
 
 
@@ -41,6 +41,21 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert (workdir / "models" / "tiny_review" / "align_exo-rw_nc4" / "ckpt2" / "config.json").exists()
     assert (workdir / "models" / "tiny_review" / "align_dpo-pref_nc2" / "ckpt2" / "config.json").exists()
     assert len(json.loads((workdir / "data" / "prompts_rw" / "train.json").read_text())) == 64
+
+    # the README's table format, and the check that the README holds this run's numbers
+    tables = ["python", "exp/quickstart/readme_tables.py", "--workdir", str(workdir)]
+    printed = run(tables, timeout=60)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    exo = (f"| exo-rw | ckpt1 / 2 | {rows[1]['reward']:.3f} / {rows[2]['reward']:.3f} | "
+           f"{rows[1]['kl']:.2f} / {rows[2]['kl']:.2f} | {rows[1]['win_rate']:.3f} / {rows[2]['win_rate']:.3f} |")
+    assert exo in printed.stdout.splitlines(), printed.stdout
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- quickstart table: offline -->\n| stale |\n<!-- /quickstart table -->\nend\n")
+    stale = run([*tables, "--check", str(readme)], timeout=60)
+    assert stale.returncode == 1 and "the README has\n  | stale |" in stale.stderr, stale.stderr[-2000:]
+    wrote = run([*tables, "--write", str(readme)], timeout=60)
+    assert wrote.returncode == 0 and exo in readme.read_text() and readme.read_text().endswith("end\n")
+    assert run([*tables, "--check", str(readme)], timeout=60).returncode == 0
 
     again = quickstart("--workdir", str(workdir), *SMALL, timeout=120)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]

@@ -263,3 +263,79 @@ def test_last_step_export_evaluates_once_and_resume_refuses_another_learning_rat
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
     assert re.search(r"written with --learning_rate 0\.0001, this run has --learning_rate 0\.0002", lines[0])
+
+
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tiny_model, align_data, tmp_path):
+    """Checkpoints record their files' digests: `--resume auto` on a cut-short newest checkpoint
+    says so in one line and resumes from the one before; `--resume PATH` on it is one error
+    line; a damaged export is one error line for the stage that loads it."""
+    from utils.fileio import InputError
+    from utils.model_utils import load_causal_lm, load_tokenizer
+
+    out = tmp_path / "out"
+    flags = ["src/train_sft.py", "--model_name_or_path", tiny_model, "--data_name_path", f"toy/sft:{align_data['pref']}",
+             "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache"), "--max_seq_len", "48",
+             "--max_gen_len", "16", "--max_iter_step", "8", "--num_train_epochs", "100",
+             "--per_device_train_batch_size", "2", "--num_save_checkpoint", "4", "--keep_last_n", "2"]
+    first = run(["python", *flags], timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = out / "ds_checkpoints"
+    assert sorted(p.name for p in root.glob("global_step*")) == ["global_step6", "global_step8"]
+    states = root / "global_step8" / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
+    with open(states, "r+b") as f:
+        f.truncate(size // 2)
+
+    resumed = run(["python", *flags, "--resume", "auto"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf"--resume auto: {re.escape(str(states))} is damaged \({size // 2} bytes, written with {size}\); "
+                     r"not resuming from global_step8", resumed.stdout), resumed.stdout[-2000:]
+    assert f"resumed from {root / 'global_step6'} at step 6" in resumed.stdout
+
+    with open(states, "r+b") as f:  # the step-8 checkpoint the resumed run wrote, damaged again
+        f.truncate(size // 2)
+    refused = run(["python", *flags, "--resume", str(root / "global_step8")], timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1 and "is damaged" in lines[0], refused.stderr[-2000:]
+
+    weights = out / "ckpt1" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    with pytest.raises(InputError, match=r"model .*ckpt1: .*model\.safetensors is damaged"):
+        load_causal_lm(str(out / "ckpt1"), load_tokenizer(str(out / "ckpt1")))
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tiny_model, tmp_path, capsys):
+    from conftest import write_split
+    from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
+    from utils.model_utils import load_tokenizer
+
+    write_split(tmp_path / "d", "train", [{"prompt": "a film", "chosen": f"good fun {i}"} for i in range(20)])
+    tok = Tokenisation(load_tokenizer(tiny_model), 32, 8)
+
+    def build():
+        return build_dataset(load_raw_datasets([f"d/sft:{tmp_path / 'd'}"]), "train", tok, str(tmp_path / "cache"),
+                             {"stage": "sft"}, SFTEncoder)[0]["input_ids"]
+    first = [list(ids) for ids in build()]  # read now: the dataset maps the file it reads
+    (arrow,) = (tmp_path / "cache").glob("*/*.arrow")
+    with open(arrow, "r+b") as f:
+        f.truncate(arrow.stat().st_size // 2)
+    capsys.readouterr()
+    assert [list(ids) for ids in build()] == first
+    assert re.search(r"\.arrow is damaged \(\d+ bytes, written with \d+\): rebuilding this cache entry",
+                     capsys.readouterr().out)
+
+
+def test_damaged_cached_reference_logps_are_computed_again(tmp_path, capsys):
+    import numpy as np
+    from train_exo import _read_cached_logps
+
+    path = tmp_path / "ref_logps.npy"
+    np.save(path, np.zeros((5, 2)))
+    assert _read_cached_logps(str(path), (5, 2)).shape == (5, 2)
+    assert _read_cached_logps(str(path), (6, 2)) is None and "holds (5, 2), expected (6, 2)" in capsys.readouterr().out
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 8)
+    assert _read_cached_logps(str(path), (5, 2)) is None
+    assert "unreadable" in capsys.readouterr().out
+    assert _read_cached_logps(str(tmp_path / "none.npy"), (5, 2)) is None

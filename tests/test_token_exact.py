@@ -253,3 +253,21 @@ def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
     dataset, _ = tokenised_split(JsonDataset("mixed", str(tmp_path / "rw"), "rw"), "train", tok, str(tmp_path / "cache"),
                                  {"stage": "test"}, lambda t, s, k: AlignmentEncoder(t, s, k, 2, False))
     assert dataset["input_ids"] == [[[1, 2, EOS], [1, 3, 4, EOS]], [[1, EOS], [1, 5, 5, 5, 5]]]
+
+
+def test_ids_and_text_agree_or_the_record_is_refused(sft_model, pipeline):
+    """A completion whose text was edited after sampling (the obvious way to trim a sample) is
+    one error line naming the record and field, not silently scored from its old ids."""
+    from utils.data.data_utils import Encoder
+    from utils.fileio import InputError
+
+    tok = Tokenisation(load_tokenizer(sft_model), 10, 5)
+    records = read(pipeline["gen"])
+    encoder = Encoder(tok, "gen.json", "gen")
+    for index, record in enumerate(records):  # every sampled record, cut or stopped, agrees
+        encoder.check(record, index)
+    edited = json.loads(json.dumps(records[1]))
+    edited["completions"][2] = edited["completions"][2] + " a"
+    with pytest.raises(InputError, match=r'^gen\.json record 1 field "completions\[2\]": the text is not what its '
+                                         r'completion_ids decode to'):
+        encoder.check(edited, 1)

@@ -23,8 +23,11 @@ OUTPUT_DIR/roundR/manifest.json names the model round r sampled from, its refere
 outputs; the final policy is the `policy` of the last round's manifest.
 
 Resuming: rerunning the same command skips every finished stage and continues a killed one (a
-killed alignment resumes from its last checkpoint, exactly). A changed flag redoes the stages it
-shapes and everything after them:
+killed alignment resumes from its last checkpoint, exactly). Each stage records what it was made
+from (utils/provenance.py: its flags, the digests of the models and data it reads and of the
+outputs of the stages before it) and is skipped only while that is what it would be made from
+now, checked from the files whatever earlier runs did. So a changed flag or input redoes the
+stages it shapes and everything after them:
   --sft_model, --data_name_path, --dataset_module, --seed  everything
   sampling (--num_samples, --temp, --max_new_tokens, --max_length, --sample_batch_size,
             --sampling_backend)
@@ -38,7 +41,10 @@ shapes and everything after them:
                                                            every alignment from round 1
   --oracle                                                 the evaluations only
   --rounds                                                 more: only the new rounds run; fewer: the
-                                                           report shows the first R (later ones stay on disk)
+                                                           report shows the first R. Rounds past R stay on
+                                                           disk, and a later run with more rounds redoes
+                                                           each of them whose earlier round has changed
+A model retrained in place, or a stage's record cut short by a crash, redoes what it shapes.
 """
 import argparse
 import json
@@ -57,7 +63,6 @@ sys.path.insert(0, str(QUICKSTART))
 
 from utils.fileio import InputError, atomic_file, atomic_write_json, atomic_write_text, cli_main, read_json_records  # noqa: E402,E501
 from utils.loss import LOSS_TYPES  # noqa: E402
-from utils.model_utils import model_fingerprint  # noqa: E402
 from utils.pipeline import Pipeline, StageFailed, run_command, run_or_exit  # noqa: E402
 
 LAUNCHERS = REPO_ROOT / "exp" / "custom_exp"
@@ -198,6 +203,11 @@ def policy_dir(args, r):
     return round_dir(args, r) / f"{MODEL_NAME}_{RW_DATA_NAME.split('/')[0]}" / f"align_{args.loss_type}_nc{args.num_samples}"
 
 
+def data_dir(args):
+    """The directory of --data_name_path (NAME/KIND:PATH)."""
+    return Path(args.data_name_path.partition(":")[2])
+
+
 def check_source_model(samples_file, expected):
     """Fail unless every record that says which model its completions came from names `expected`."""
     for index, record in enumerate(read_json_records(samples_file)):
@@ -217,17 +227,18 @@ def train_flags(args):
     return flags + args.train_args
 
 
-def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, report=None, inputs=None,
-               input_stages=()):
+def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, report=None, input_stages=()):
     """Add the stages of rounds 1..args.rounds to `pipe` (see the module docstring).
 
     `prompts` is the NAME/KIND:PATH the launchers read the prompts from; `heldout` is
     (rw test file of the SFT model's samples, the stage that writes it or None): round 1's
     held-out split. Round r's evaluation goes to EVAL_ROOT/roundR; `report(r)`, when given, runs
-    right after it on every run (it is cheap and reads every evaluation so far). `inputs` (JSON,
-    e.g. the models' fingerprints) and `input_stages` (the stages that make the SFT model and
-    the prompts) redo everything when they change; every later stage follows from round 1's
-    sampling and scoring. Returns the evaluation directories, round 1 first."""
+    right after it on every run (it is cheap and reads every evaluation so far). Each stage
+    records the digests of the models and data it reads (utils/provenance.py) and of the
+    outputs of the stages before it, so a changed input or a redone earlier round redoes it,
+    whatever run redid them; `input_stages` (the stages that make the SFT model and the
+    prompts, in a driver that makes them) redo round 1 in the same run. Returns the evaluation
+    directories, round 1 first."""
     device_ids = os.environ.get("DEVICE_IDS", "")  # empty: the launchers' default
     env = {"TB_ROOT": str(Path(args.output_dir) / "tb_logs"), **(env or {})}
     sampling = {"num_samples": args.num_samples, "temp": args.temp, "max_new_tokens": args.max_new_tokens,
@@ -247,7 +258,6 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
         samples, rw = rdir / "samples", rdir / "rw"
         reference = Path(args.sft_model) if args.reference == "sft" else source
         previous = [f"{prefix}round{r - 1}_align"] if r > 1 else list(input_stages)
-        first = {"inputs": inputs} if r == 1 else {}
 
         def sample(log, r=r, source=source, samples=samples, policy=policy, reference=reference, rw=rw):
             run_command(["bash", LAUNCHERS / "inference_sft.sh", device_ids, prompts, "train", source,
@@ -262,8 +272,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                                "samples": str(samples), "rw": str(rw), "policy": str(policy)})
 
         pipe.stage(f"{name}_sample", f"{args.num_samples} completions per train prompt from "
-                   f"{'the SFT model' if r == 1 else f'round {r - 1} policy'}", previous, {**sampling, **first},
-                   [samples, rdir / "manifest.json"], sample)
+                   f"{'the SFT model' if r == 1 else f'round {r - 1} policy'}", previous, sampling,
+                   [samples, rdir / "manifest.json"], sample, inputs=[data_dir(args), source])
 
         def score(log, samples=samples, rw=rw, heldout_file=heldout_file):
             run_command(["bash", LAUNCHERS / "inference_rm.sh", device_ids, samples, "train", args.reward_model,
@@ -273,7 +283,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                 shutil.copyfile(heldout_file, tmp)
 
         pipe.stage(f"{name}_score", "reward-model rewards of the samples (rw data)",
-                   [f"{name}_sample", *([heldout_stage] if heldout_stage else [])], {**scoring, **first}, [rw], score)
+                   [f"{name}_sample", *([heldout_stage] if heldout_stage else [])], scoring, [rw], score,
+                   inputs=[args.reward_model, heldout_file])
 
         pipe.stage(f"{name}_align", f"{args.loss_type} from {'the SFT model' if r == 1 else f'round {r - 1} policy'}",
                    [f"{name}_score", *previous], training, [policy],
@@ -284,7 +295,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                         "--max_gen_len", str(args.max_gen_len), "--max_iter_step", str(args.max_iter_step),
                         "--num_save_checkpoint", str(args.num_save_checkpoint), "--seed", str(args.seed),
                         "--data_output_path", Path(args.output_dir) / "cache", *train_flags(args),
-                        "--resume", "auto"], log, {**env, "OUTPUT_ROOT": str(round_dir(args, r))}))
+                        "--resume", "auto"], log, {**env, "OUTPUT_ROOT": str(round_dir(args, r))}),
+                   inputs=[source, reference])
 
         eval_dirs.append(Path(eval_root) / f"round{r}")
         add_eval(pipe, args, f"{name}_eval", f"round{r}", policy, prompts, eval_root, [f"{name}_align"])
@@ -295,9 +307,9 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
     return eval_dirs
 
 
-def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps, inputs=None):
+def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps):
     """A stage that evaluates `policy` on the test prompts into EVAL_ROOT/NAME (evaluate.py)."""
-    settings = {"inputs": inputs, "eval_samples": args.eval_samples, "eval_seed": args.eval_seed, "batch_size": args.eval_batch_size,
+    settings = {"eval_samples": args.eval_samples, "eval_seed": args.eval_seed, "batch_size": args.eval_batch_size,
                 "oracle": args.oracle, "reward_model": args.reward_model, "temp": args.temp,
                 "max_new_tokens": args.max_new_tokens, "max_length": args.max_length, "max_seq_len": args.max_seq_len,
                 "max_gen_len": args.max_gen_len, "sft_model": args.sft_model, "data": args.data_name_path,
@@ -311,7 +323,8 @@ def add_eval(pipe, args, stage_name, name, policy, prompts, eval_root, deps, inp
                     "--max_length", str(args.max_length), "--max_seq_len", str(args.max_seq_len),
                     "--max_gen_len", str(args.max_gen_len), "--batch_size", str(args.eval_batch_size),
                     "--seed", str(args.eval_seed), "--reward_model", args.reward_model, "--oracle", args.oracle,
-                    "--dataset_module", *args.dataset_module], log))
+                    "--dataset_module", *args.dataset_module], log),
+               inputs=[policy, args.sft_model, args.reward_model, data_dir(args)])
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -404,11 +417,9 @@ def build(args):
     prompts = f"{name_kind}:{link}"
     eval_root = out / "eval"
     pipe = Pipeline(out, args.force)
-    # a model retrained in place (same path) is a changed input
-    inputs = {"sft_model": model_fingerprint(args.sft_model), "reward_model": model_fingerprint(args.reward_model)}
-    add_eval(pipe, args, "round0_eval", "round0", args.sft_model, prompts, eval_root, [], inputs)
+    add_eval(pipe, args, "round0_eval", "round0", args.sft_model, prompts, eval_root, [])
     add_rounds(pipe, args, prompts, (eval_root / "round0" / "rw" / "test.json", "round0_eval"), eval_root,
-               report=lambda r: write_report(args, eval_root, r), inputs=inputs)
+               report=lambda r: write_report(args, eval_root, r))
     pipe.check_force()
     link.parent.mkdir(parents=True, exist_ok=True)
     if not (link.is_symlink() and os.readlink(link) == os.path.abspath(path)):

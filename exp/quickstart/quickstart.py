@@ -1,6 +1,6 @@
 """The paper's IMDB experiment in miniature, on a laptop CPU, through the real pipeline.
 
-    bash exp/quickstart/run.sh                 # ~6 minutes on 2 idle cores; results/quickstart/results.md
+    bash exp/quickstart/run.sh                 # ~5.5 minutes on 2 idle cores; results/quickstart/results.md
     bash exp/quickstart/run.sh --force         # redo every stage
     bash exp/quickstart/run.sh --force align_exo-rw   # redo one stage (and what depends on it)
 
@@ -17,13 +17,15 @@ Stages, each through the launcher or entry point a GPU user runs:
                reward model's rw data with K = --num_samples, the -pref losses on the oracle pairs (K = 2)
   eval_M       every checkpoint's test samples: oracle reward, KL(pi || pi_sft) and the win rate against
                the SFT model's test samples, judged by the oracle in both orders (evaluate.py)
-  online_*     with --online_rounds R: R rounds of online EXO (exp/online_exp/online.py) from the SFT
+  online_*     --online_rounds R (default 3) rounds of online EXO (exp/online_exp/online.py) from the SFT
                model, each sampling from the previous round's policy, scoring with the reward model and
                training --online_steps steps of exo-rw; evaluated as the checkpoints are (method online-exo-rw)
   report       results.md (the table), results.json and reward_vs_kl.png (the frontier per method)
 
-A stage is skipped when it finished before with the same settings and nothing it depends on
-was redone; each stage's console output goes to WORKDIR/logs/STAGE.log. Everything is written
+A stage is skipped when its record says it was made from the same settings and from the outputs
+of the stages it reads as they are now (utils/provenance.py); each stage's console output goes
+to WORKDIR/logs/STAGE.log. The README's tables are this run's: exp/quickstart/readme_tables.py
+writes and checks them. Everything is written
 under --workdir (default results/quickstart).
 """
 import argparse
@@ -55,7 +57,7 @@ def parse_args(argv=None):
                         help="where data, models, logs and the results go")
     parser.add_argument("--force", nargs="*", default=None, metavar="STAGE",
                         help="redo these stages (and every stage that depends on them); no name: redo all")
-    g = parser.add_argument_group("sizes (the defaults take ~6 minutes on 2 idle CPU cores)")
+    g = parser.add_argument_group("sizes (the defaults take ~5.5 minutes on 2 idle CPU cores)")
     g.add_argument("--num_reviews", type=int, default=2000, help="reviews in the SFT corpus (train split)")
     g.add_argument("--num_train_prompts", type=int, default=512,
                    help="train prompts sampled, labelled and aligned on (the corpus's first ones)")
@@ -69,8 +71,9 @@ def parse_args(argv=None):
     g.add_argument("--num_checkpoints", type=int, default=3, help="checkpoints saved (and evaluated) per method")
     g.add_argument("--hidden_size", type=int, default=128, help="width of the tiny GPT-2")
     g.add_argument("--num_layers", type=int, default=2, help="layers of the tiny GPT-2")
-    g.add_argument("--online_rounds", type=int, default=0,
-                   help="rounds of online EXO after the offline methods (0: none; each costs minutes on a CPU)")
+    g.add_argument("--online_rounds", type=int, default=3,
+                   help="rounds of online EXO after the offline methods (0: none; the 3 rounds take ~2.5 of the "
+                        "quickstart's ~5.5 minutes on 2 idle cores)")
     g.add_argument("--online_steps", type=int, default=None,
                    help="optimizer steps per online round; default --align_steps / --num_checkpoints, so round r "
                         "has taken as many steps as the offline runs' checkpoint r")

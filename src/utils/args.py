@@ -5,6 +5,7 @@ outputs and reliability flags, their checks, and the parser that turns a bad fla
 import argparse
 import os
 
+from . import provenance
 from .checkpointing import CHECKPOINT_DIR, check_optimizer_flags, checkpoint_location
 from .data.chat import add_chat_template_arg
 from .data.raw_datasets import add_source_args, parse_columns
@@ -133,7 +134,9 @@ def check_training_args(args):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.resume not in (None, "auto"):
-        check_optimizer_flags(checkpoint_location(args.resume), args)  # raises if PATH holds no checkpoint
+        location = checkpoint_location(args.resume)  # raises if PATH holds no checkpoint
+        provenance.verified(os.path.join(*location), "--resume")  # before any work, as the flags are
+        check_optimizer_flags(location, args)
     check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from . import provenance
 from .distributed import is_rank0, print_rank0
 from .fileio import InputError, atomic_write_json, atomic_write_text, commit_dir
 
@@ -23,7 +24,11 @@ from .fileio import InputError, atomic_write_json, atomic_write_text, commit_dir
 # nothing but DeepSpeed's own files is unpickled. A checkpoint is written into a hidden
 # temporary directory by every rank; once all ranks are done rank 0 adds run_state.json, renames
 # the directory into place and only then names it in `latest`: a run killed at any moment leaves
-# `latest` on a complete checkpoint, and an unfinished one is never taken for one.
+# `latest` on a complete checkpoint, and an unfinished one is never taken for one. Before
+# run_state.json, rank 0 records the digests of every file (provenance.json, see
+# utils/provenance.py: size + sampled xxh3, seconds for a 70B run's checkpoint); a resume
+# verifies them first, so a checkpoint damaged since (a bad disk, a partial copy between
+# clusters) is one line, and `--resume auto` falls back to the newest intact one.
 CHECKPOINT_DIR = "ds_checkpoints"
 RUN_STATE_FILE = "run_state.json"
 # What must match for the data order, and so the resumed run, to be the one interrupted.
@@ -76,7 +81,9 @@ def checkpoint_location(path):
 
 
 def find_resume_checkpoint(args):
-    """(directory, tag) to resume from, or None to start fresh."""
+    """(directory, tag) to resume from, or None to start fresh. The checkpoint's files are
+    verified against its record: with `--resume auto` a damaged one is named in one line and the
+    newest intact one is taken; with `--resume PATH` a damaged one is an error."""
     if args.resume is None:
         return None
     if args.resume == "auto":
@@ -84,8 +91,21 @@ def find_resume_checkpoint(args):
         if not os.path.isfile(os.path.join(auto, "latest")):
             print_rank0(f"--resume auto: no checkpoint in {auto} yet, starting from scratch")
             return None
-        return checkpoint_location(auto)
-    return checkpoint_location(args.resume)
+        newest = checkpoint_location(auto)
+        steps = sorted(((int(m.group(1)), name) for name in os.listdir(auto)
+                        if (m := re.fullmatch(r"global_step(\d+)", name))
+                        and os.path.isfile(os.path.join(auto, name, RUN_STATE_FILE))), reverse=True)
+        candidates = [newest[1]] + [name for _, name in steps if name != newest[1]]
+        for tag in candidates:
+            problem = provenance.verify_dir(os.path.join(auto, tag))
+            if problem is None:
+                return auto, tag
+            print_rank0(f"--resume auto: {problem}; not resuming from {tag}")
+        raise InputError(f"--resume auto: no intact checkpoint in {auto} (each is named above); resume from a copy, "
+                         "or start afresh in another --output_dir")
+    location = checkpoint_location(args.resume)
+    provenance.verified(os.path.join(*location), "--resume")
+    return location
 
 
 def run_layout(args, world_size, num_examples, total_steps):
@@ -170,6 +190,7 @@ def save_resumable_checkpoint(engine, args, state, layout):
     atomic_write_json(os.path.join(root, tmp_tag, rng_file(rank)), rng_states(), indent=None)
     torch.distributed.barrier()  # every rank's files are written
     if rank == 0:
+        provenance.record_dir(os.path.join(root, tmp_tag), {"step": state.step})
         # written last: a directory with run_state.json is a complete checkpoint
         atomic_write_json(os.path.join(root, tmp_tag, RUN_STATE_FILE),
                           {"state": dataclasses.asdict(state), "layout": layout})

@@ -5,6 +5,8 @@ import atexit
 import collections
 import datetime
 import faulthandler
+import gc
+import io
 import os
 import random
 import signal
@@ -62,8 +64,9 @@ def _leave_process_group():
 def run_stage(main):
     """Run an entry script's `main()`, then end the process with its exit status.
 
-    Everything a normal exit does runs first: ending thread pools and waiting for non-daemon
-    threads, the exit handlers (leaving the process group, logging). Interpreter teardown is then skipped, because it
+    Everything a normal exit does runs first: shutting thread pools down and waiting for
+    non-daemon threads, the exit handlers (leaving the process group, logging), flushing the
+    files left open. Interpreter teardown is then skipped, because it
     can abort a run that succeeded: DeepSpeed holds its gloo process groups from every
     parameter, so their C++ worker threads outlive the exit handlers, and one still freeing a
     finished collective's tensors when teardown begins needs the interpreter lock, cannot get
@@ -78,15 +81,48 @@ def run_stage(main):
     except SystemExit as exit_:
         status = _exit_status(exit_.code)
     except BaseException as err:  # noqa: B036 -- reported as the interpreter would, with its status
-        sys.excepthook(*sys.exc_info())
+        if _peer_stopped(err):
+            # A collective this rank waited in failed because another rank stopped (bad input it
+            # reported in one line, a crash with its own traceback): that rank's output says why.
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: a collective failed: another rank stopped first (its output says why): "
+                      f"{str(err).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+        else:
+            sys.excepthook(*sys.exc_info())
         status = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
-    # What interpreter exit does first: the threading exit hooks, which end the idle workers of
-    # every thread pool (vLLM leaves some), then joining every non-daemon thread.
+    # What the interpreter does at exit before its teardown, in its order: stop the thread pools
+    # (concurrent.futures' exit hooks) and wait for non-daemon threads, then run the exit handlers.
     threading._shutdown()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_open_files()
     os._exit(status)
+
+
+def _flush_open_files():
+    """Flush every file object still open, as teardown would when it frees them: a buffered
+    file that a stage left open would otherwise lose its last writes to os._exit."""
+    # exact types: isinstance would ask every object for its __class__, and some (deprecated
+    # torch attributes) warn when asked
+    kinds = (io.FileIO, io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+    for obj in gc.get_objects():
+        if type(obj) in kinds:
+            try:
+                if not obj.closed:
+                    obj.flush()
+            except (OSError, ValueError):  # a closed pipe, a detached buffer: nothing to keep
+                pass
+
+
+# What gloo and NCCL say when a peer's connections close under a collective.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _peer_stopped(err):
+    """Whether `err` is a collective failing because another rank of a multi-rank run stopped."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_GONE))
 
 
 def _exit_status(code):
@@ -193,7 +229,7 @@ class Stage:
         args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
         self.hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, self.world_size)) if args.zero_stage == 3 else None
         self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-        self.tok = Tokenisation(self.tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
+        self.tok = Tokenisation(self.tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template, args.chat_template_date)
         self.raw = load_raw_datasets(args.data_name_path, args.dataset_module, args.data_split_names, args.columns)
         self.cache_dir = args.data_output_path
 

@@ -114,7 +114,7 @@ def start_scoring(args, load_model, check_records=None):
     check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
+    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template, args.chat_template_date)
     records, data_file = load_gen_records(args.data_path, args.split, tok)
     if check_records is not None:
         check_records(records, data_file)

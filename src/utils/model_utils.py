@@ -1,13 +1,11 @@
 """Tokenizer and model loading, LoRA, saving in HF format (log-probs of a model: utils.logprobs)."""
-import glob
-import hashlib
-import json
 import logging
 import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from . import provenance
 from .fileio import InputError, atomic_dir, commit_dir, commit_files
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -101,6 +99,8 @@ def _only_a_new_head(model, info):
 
 def _load_model(auto_class, what, path, tokenizer, dtype, trust_remote_code, disable_dropout, new_head_expected=False,
                 **config_overrides):
+    if os.path.isdir(path):
+        provenance.verified(path, "model")
     config = load_config(path, trust_remote_code, disable_dropout)
     for key, value in config_overrides.items():
         setattr(config, key, value)
@@ -190,11 +190,15 @@ def apply_lora(model, lora_dim, lora_alpha=None, target_modules="all-linear", on
 
 
 def model_fingerprint(path):
-    """Identity of a model directory for caches: its path, weight files' sizes and mtimes."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
-    stats = [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-    payload = json.dumps([os.path.abspath(path) if os.path.isdir(path) else path, stats])
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """Identity of a model for caches: the digests (utils/provenance.py) of a model directory's
+    own files, its weights, config and tokenizer (not what a run keeps beside them, such as
+    checkpoints), so a model retrained in place is another model and a copy is the same one;
+    a Hub name is itself."""
+    if not os.path.isdir(path):
+        return path
+    files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)) and not f.startswith(".")
+                   and not f.endswith(".log") and f not in ("README.md", provenance.RECORD_FILE))
+    return provenance.fingerprint({f: provenance.file_digest(os.path.join(path, f)) for f in files})
 
 
 # -- saving -------------------------------------------------------------------------------
@@ -255,5 +259,6 @@ def save_hf_model(engine, tokenizer, output_dir, zero_stage, replace_dir=True, m
         if model_card is not None:
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(model_card)
+        provenance.record_dir(tmp)  # every later stage that loads the export verifies it first
         (commit_dir if replace_dir else commit_files)(tmp, output_dir)
     torch.distributed.barrier()

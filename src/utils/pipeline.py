@@ -1,13 +1,19 @@
 """Drivers that chain stages (the quickstart, online EXO): each stage a launcher or entry-point
-command, skipped when it finished before with the same settings, resumed when it was killed.
+command, skipped when it finished before from the same inputs, resumed when it was killed.
 
-A stage is *done* when WORKDIR/stages/NAME.json holds the settings it finished with. When a
-stage starts, WORKDIR/stages/NAME.started.json records the settings it runs with, so that a
-rerun of a killed stage with the same settings keeps its partial output (the entry points
-resume from it: sharded inference from its shards, training with `--resume auto`), while a
-rerun with other settings starts it clean. When a stage is redone, every stage that depends on
-it, directly or not, loses its markers and outputs at once: a run killed part-way can never
-leave a stale downstream result that looks done.
+A stage is *done* when WORKDIR/stages/NAME.json, its record (utils/provenance.py), says it was
+made from what it would be made from now: its settings, the digests of its input files and of
+the outputs of the stages it depends on as they are on disk now, and that its own outputs are
+still the files it wrote. Everything is checked from the files when the stage is about to be
+skipped, so a stage whose input was redone by an earlier run (a round redone under fewer
+`--rounds`, a model retrained in place) is redone too, and a damaged record (a crash or a full
+disk while it was written) counts as not done: the stage is redone, with the reason on its line.
+
+When a stage starts, WORKDIR/stages/NAME.started.json records what it is made from, so that a
+rerun of a killed stage with the same inputs keeps its partial output (the entry points resume
+from it: sharded inference from its shards, training with `--resume auto`), while a rerun with
+other inputs starts it clean. When a stage is redone, every stage that depends on it, directly
+or not, loses its record and outputs at once.
 
 Each command runs in its own process group, recorded in WORKDIR/logs/NAME.pgid while it runs,
 so that a driver killed outright (SIGKILL, which it cannot catch) is cleaned up by the next
@@ -24,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import provenance
 from .fileio import InputError, atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -133,8 +140,9 @@ def _remove(path):
 
 
 class Pipeline:
-    """Stages in order, each with the stages it depends on, the settings that shape its output
-    and the paths it writes (see the module docstring for when a stage runs)."""
+    """Stages in order, each with the stages it depends on, the settings that shape its output,
+    the files it reads besides those stages' outputs and the paths it writes (see the module
+    docstring for when a stage runs)."""
 
     def __init__(self, workdir, force):
         self.workdir = Path(workdir)
@@ -142,20 +150,25 @@ class Pipeline:
         self.stages = []
         self.redone = set()
 
-    def stage(self, name, description, deps, settings, outputs, run, always=False):
-        """Add a stage; `run(log_path)` does its work, `settings` must be JSON (compared as such)."""
+    def stage(self, name, description, deps, settings, outputs, run, always=False, inputs=()):
+        """Add a stage; `run(log_path)` does its work, `settings` must be JSON (compared as such);
+        `inputs` are files or directories it reads that no stage writes (a model, the data)."""
         if any(s["name"] == name for s in self.stages):
             raise ValueError(f"stage {name} added twice")
-        settings = json.loads(json.dumps(settings))  # as it reads back from its marker (tuples become lists)
+        settings = json.loads(json.dumps(settings))  # as it reads back from its record (tuples become lists)
         self.stages.append(dict(name=name, description=description, deps=deps, settings=settings,
-                                outputs=[Path(p) for p in outputs], run=run, always=always))
+                                outputs=[Path(p) for p in outputs], run=run, always=always,
+                                inputs=[Path(p) for p in inputs]))
 
     def marker(self, name, kind="done"):
         return self.workdir / "stages" / (f"{name}.json" if kind == "done" else f"{name}.{kind}.json")
 
-    def _read(self, name, kind="done"):
-        path = self.marker(name, kind)
-        return json.loads(path.read_text()) if path.exists() else None
+    def made_from(self, stage):
+        """What `stage` would be made from now: its settings and the digests of what it reads."""
+        by_name = {s["name"]: s for s in self.stages}
+        inputs = {dep: [provenance.digest(p) for p in by_name[dep]["outputs"]] for dep in stage["deps"]}
+        inputs.update({str(p): provenance.digest(p) for p in stage["inputs"]})
+        return {"settings": stage["settings"], "inputs": inputs}
 
     def dependents(self, name):
         """Every later stage whose inputs come, directly or not, from stage `name`."""
@@ -177,6 +190,12 @@ class Pipeline:
         for path in stage["outputs"]:
             _remove(path)
 
+    def _started_with(self, name):
+        try:
+            return json.loads(self.marker(name, "started").read_text())
+        except (OSError, ValueError):  # none, or cut short: the stage starts clean
+            return None
+
     def run(self):
         self.check_force()
         logs = self.workdir / "logs"
@@ -187,8 +206,8 @@ class Pipeline:
                       flush=True)
         started = time.monotonic()
         for number, stage in enumerate(self.stages, start=1):
-            name, settings = stage["name"], stage["settings"]
-            done, begun = self._read(name), self._read(name, "started")
+            name = stage["name"]
+            made_from = self.made_from(stage)
             reason, clean = None, True
             if stage["always"]:
                 reason = "every run"
@@ -196,12 +215,10 @@ class Pipeline:
                 reason = "forced"
             elif any(dep in self.redone for dep in stage["deps"]):
                 reason = "its inputs were redone"
-            elif done is None and begun == settings:
-                reason, clean = "interrupted before, resuming", False  # the entry points resume
-            elif done is None:
-                reason = "not done yet"
-            elif done != settings:
-                reason = "settings changed"
+            else:
+                reason = provenance.why_not_reusable(self.marker(name), made_from, stage["outputs"])
+                if reason == "not done yet" and self._started_with(name) == made_from:
+                    reason, clean = "interrupted before, resuming", False  # the entry points resume
             header = f"[{number}/{len(self.stages)}] {name}: {stage['description']}"
             if reason is None:
                 print(f"{header} -- done before, skipped", flush=True)
@@ -213,10 +230,11 @@ class Pipeline:
                 self._clean(stage)
             else:
                 self.marker(name).unlink(missing_ok=True)
-            atomic_write_json(self.marker(name, "started"), settings)
+            atomic_write_json(self.marker(name, "started"), made_from)
             stage_started = time.monotonic()
             stage["run"](logs / f"{name}.log")
-            atomic_write_json(self.marker(name), settings)
+            if not stage["always"]:
+                provenance.write_record(self.marker(name), made_from, stage["outputs"])
             self.redone.add(name)
             print(f"    done in {time.monotonic() - stage_started:.0f} s", flush=True)
         return time.monotonic() - started

@@ -106,7 +106,15 @@ class Logger:
             tqdm.write(f"[{prefix} step {step}] " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
 
     def close(self):
+        """Flush and close the trackers (once; a second call does nothing)."""
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+        self.tensorboard = self.wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

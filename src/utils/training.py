@@ -119,91 +119,94 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     if is_rank0():
         # Made once every input has been checked: a run refused for bad input leaves no directory.
         os.makedirs(args.output_dir, exist_ok=True)
-    logger = Logger(args)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: ds_numel
-    print_rank0(f"training {trainable:,} parameters for "
-                f"{total_steps} optimizer steps ({len(train_dataset)} examples, {world_size} ranks)")
+    # the trackers are flushed and closed on every way out of the loop: an exception, a stop, the end
+    with Logger(args) as logger:
+        # ZeRO-3: ds_numel
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        print_rank0(f"training {trainable:,} parameters for "
+                    f"{total_steps} optimizer steps ({len(train_dataset)} examples, {world_size} ranks)")
 
-    if resume_from:
-        rng = load_resumable_checkpoint(engine, resume_from)
-        print_rank0(f"resumed from {os.path.join(*resume_from)} at step {state.step}")
-    else:
-        rng = None
-        logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)  # the baseline
-    last_eval = (None, None)  # (step, metrics) of the latest evaluation
-    sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
-    bar = progress_bar(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(), dynamic_ncols=True)
-    engine.train()
-    if rng:
-        set_rng_states(rng)  # last, so that nothing between here and the next batch draws from them
-    with StopRequest() as stop:
-        while state.step < total_steps and state.epoch < args.num_train_epochs:
-            train_loader.sampler.set_epoch(state.epoch)
-            train_loader.sampler.start = state.batches_done * args.per_device_train_batch_size
-            for batch in train_loader:
-                batch = to_device(batch, device)
-                loss, metrics = compute_loss(engine, batch)
-                engine.backward(loss)
-                state.batches_done += 1
-                state.micro_step += 1
-                add_metrics(sums, loss, metrics)
-                tokens += int(batch["attention_mask"].sum())
-                nonfinite_loss = nonfinite_loss or not bool(torch.isfinite(loss.detach()).all())
-                if state.micro_step % args.gradient_accumulation_steps:
-                    engine.step()  # DeepSpeed only counts the micro step
-                    continue
+        if resume_from:
+            rng = load_resumable_checkpoint(engine, resume_from)
+            print_rank0(f"resumed from {os.path.join(*resume_from)} at step {state.step}")
+        else:
+            rng = None
+            # the baseline
+            logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)
+        last_eval = (None, None)  # (step, metrics) of the latest evaluation
+        sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
+        bar = progress_bar(total=total_steps, initial=state.step, desc="train", disable=not is_rank0(),
+                           dynamic_ncols=True)
+        engine.train()
+        if rng:
+            set_rng_states(rng)  # last, so that nothing between here and the next batch draws from them
+        with StopRequest() as stop:
+            while state.step < total_steps and state.epoch < args.num_train_epochs:
+                train_loader.sampler.set_epoch(state.epoch)
+                train_loader.sampler.start = state.batches_done * args.per_device_train_batch_size
+                for batch in train_loader:
+                    batch = to_device(batch, device)
+                    loss, metrics = compute_loss(engine, batch)
+                    engine.backward(loss)
+                    state.batches_done += 1
+                    state.micro_step += 1
+                    add_metrics(sums, loss, metrics)
+                    tokens += int(batch["attention_mask"].sum())
+                    nonfinite_loss = nonfinite_loss or not bool(torch.isfinite(loss.detach()).all())
+                    if state.micro_step % args.gradient_accumulation_steps:
+                        engine.step()  # DeepSpeed only counts the micro step
+                        continue
 
-                # One all-reduce per step gives every rank the metrics and the same verdicts.
-                totals = sum_across_ranks({**sums, "tokens": tokens, "_nonfinite_loss": nonfinite_loss,
-                                           "_stop": stop.signum is not None})
-                applied = guard.step(engine, skip=totals["_nonfinite_loss"] > 0)
-                state.count_step(applied)
-                if not applied:
-                    print_rank0(f"step {state.step}: non-finite loss or gradient norm, update skipped "
-                                f"({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
-                elapsed = time.perf_counter() - started
-                train_metrics = {name: totals[name] / (world_size * args.gradient_accumulation_steps) for name in sums}
-                if summarize_metrics:
-                    train_metrics = summarize_metrics(train_metrics)
-                train_metrics["tokens_per_s"] = totals["tokens"] / elapsed
-                train_metrics["lr"] = scheduler.get_last_lr()[0]
-                train_metrics["skipped_steps"] = state.skipped_steps
-                logger.log("train", train_metrics, state.step)
-                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", lr=f"{train_metrics['lr']:.2e}",
-                                tok_s=f"{train_metrics['tokens_per_s']:.0f}")
-                bar.update()
-                sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
+                    # One all-reduce per step gives every rank the metrics and the same verdicts.
+                    totals = sum_across_ranks({**sums, "tokens": tokens, "_nonfinite_loss": nonfinite_loss,
+                                               "_stop": stop.signum is not None})
+                    applied = guard.step(engine, skip=totals["_nonfinite_loss"] > 0)
+                    state.count_step(applied)
+                    if not applied:
+                        print_rank0(f"step {state.step}: non-finite loss or gradient norm, update skipped "
+                                    f"({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+                    elapsed = time.perf_counter() - started
+                    per_batch = world_size * args.gradient_accumulation_steps
+                    train_metrics = {name: totals[name] / per_batch for name in sums}
+                    if summarize_metrics:
+                        train_metrics = summarize_metrics(train_metrics)
+                    train_metrics["tokens_per_s"] = totals["tokens"] / elapsed
+                    train_metrics["lr"] = scheduler.get_last_lr()[0]
+                    train_metrics["skipped_steps"] = state.skipped_steps
+                    logger.log("train", train_metrics, state.step)
+                    bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", lr=f"{train_metrics['lr']:.2e}",
+                                    tok_s=f"{train_metrics['tokens_per_s']:.0f}")
+                    bar.update()
+                    sums, tokens, nonfinite_loss, started = {}, 0, False, time.perf_counter()
 
-                step = state.step
-                if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
-                    last_eval = (step, evaluate(engine, eval_loader, compute_loss, device, summarize_metrics))
-                    logger.log("eval", last_eval[1], step)
-                if step in exports:
-                    export_dir = os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}")
-                    save_hf_model(engine, tokenizer, export_dir, args.zero_stage,
-                                  model_card=model_card(args, model, export_dir, step, total_steps, world_size))
-                stopping = totals["_stop"] > 0 or state.nonfinite_in_row >= args.max_nonfinite_steps
-                if step in exports or stopping:
-                    checkpoint = save_resumable_checkpoint(engine, args, state, layout)
-                if stopping:
-                    bar.close()
-                    logger.close()
-                    end_early(state, checkpoint, preempted=totals["_stop"] > 0)
-                if step >= total_steps:
-                    break
-            else:
-                state.epoch, state.batches_done = state.epoch + 1, 0
-    bar.close()
+                    step = state.step
+                    if step in exports or (args.eval_step_interval > 0 and step % args.eval_step_interval == 0):
+                        last_eval = (step, evaluate(engine, eval_loader, compute_loss, device, summarize_metrics))
+                        logger.log("eval", last_eval[1], step)
+                    if step in exports:
+                        export_dir = os.path.join(args.output_dir, f"ckpt{exports.index(step) + 1}")
+                        save_hf_model(engine, tokenizer, export_dir, args.zero_stage,
+                                      model_card=model_card(args, model, export_dir, step, total_steps, world_size))
+                    stopping = totals["_stop"] > 0 or state.nonfinite_in_row >= args.max_nonfinite_steps
+                    if step in exports or stopping:
+                        checkpoint = save_resumable_checkpoint(engine, args, state, layout)
+                    if stopping:
+                        bar.close()
+                        end_early(state, checkpoint, preempted=totals["_stop"] > 0)
+                    if step >= total_steps:
+                        break
+                else:
+                    state.epoch, state.batches_done = state.epoch + 1, 0
+        bar.close()
 
-    if last_eval[0] == state.step:  # the last step was evaluated already (an export): one point per step
-        final_metrics = last_eval[1]
-    else:
-        final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
-        logger.log("eval", final_metrics, state.step)
-    save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False,
-                  model_card=model_card(args, model, args.output_dir, state.step, total_steps, world_size))
-    print_rank0(f"saved the final model to {args.output_dir}")
-    if sharing_summary():  # which batches --prefix_sharing auto packed (rank 0's, reference pass included)
-        print_rank0(sharing_summary())
-    logger.close()
+        if last_eval[0] == state.step:  # the last step was evaluated already (an export): one point per step
+            final_metrics = last_eval[1]
+        else:
+            final_metrics = evaluate(engine, eval_loader, compute_loss, device, summarize_metrics)
+            logger.log("eval", final_metrics, state.step)
+        save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False,
+                      model_card=model_card(args, model, args.output_dir, state.step, total_steps, world_size))
+        print_rank0(f"saved the final model to {args.output_dir}")
+        if sharing_summary():  # which batches --prefix_sharing auto packed (rank 0's, reference pass included)
+            print_rank0(sharing_summary())
     return final_metrics

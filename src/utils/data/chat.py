@@ -24,7 +24,10 @@ turns once an answer follows, e.g. ones that strip reasoning): one error line na
 record. Ids are those of `tokenizer.apply_chat_template(..., tokenize=True)`: the rendered
 text tokenised without adding special tokens (a template writes its own BOS).
 """
+import datetime
+import json
 import os
+import re
 
 from ..fileio import InputError, read_text, where
 
@@ -33,11 +36,32 @@ COMPLETION_FIELDS = {"sft": ("chosen",), "pref": ("chosen", "rejected"), "gen": 
                      "rw": ("completions",)}
 
 
+# The date a template that reads today's date (`strftime_now`, as Llama 3.1-3.3's do in their
+# system header) renders: fixed, so that a conversation renders to the same ids on every day,
+# samples are scored behind the header they were drawn with, and caches stay valid. It is the
+# date those templates fall back to themselves.
+DEFAULT_TEMPLATE_DATE = "2024-07-26"
+_DATE_CALL = re.compile(r"strftime_now\s*\(")
+_DATE_LITERAL_CALL = re.compile(r"""strftime_now\s*\(\s*(["'])([^"']*)\1\s*\)""")
+
+
 def add_chat_template_arg(group):
     group.add_argument("--chat_template", default="auto", metavar=CHAT_TEMPLATE_CHOICES,
                        help="how conversational records (prompt = a list of messages) are rendered: auto = the "
                             "tokenizer's chat template; PATH = a Jinja template file; none = refuse them. Text "
                             "records are tokenised as plain text whatever this says")
+    group.add_argument("--chat_template_date", default=DEFAULT_TEMPLATE_DATE, metavar="YYYY-MM-DD",
+                       help="the date a chat template that reads today's date (strftime_now, e.g. Llama 3.2/3.3's "
+                            "system header) renders, the same on every day and in every stage; pass the same value "
+                            "to sampling, scoring and training")
+
+
+def parse_template_date(value):
+    try:
+        return datetime.datetime.strptime(value, "%Y-%m-%d")
+    except (TypeError, ValueError):
+        raise InputError(f"--chat_template_date {value!r}: expected a date YYYY-MM-DD, e.g. {DEFAULT_TEMPLATE_DATE}") \
+            from None
 
 
 def is_conversation(prompt):
@@ -107,8 +131,9 @@ def normalise_conversation(record, kind, source, index):
 class ChatTemplate:
     """The chat template `--chat_template` selects for one tokenizer, and its end-of-turn ids."""
 
-    def __init__(self, tokenizer, option="auto"):
+    def __init__(self, tokenizer, option="auto", date=DEFAULT_TEMPLATE_DATE):
         self.tokenizer, self.option = tokenizer, option or "auto"
+        self.date = parse_template_date(date or DEFAULT_TEMPLATE_DATE)
         if self.option == "auto":
             self.template = getattr(tokenizer, "chat_template", None)
         elif self.option == "none":
@@ -118,6 +143,19 @@ class ChatTemplate:
                 raise InputError(f"--chat_template {self.option}: no such file; pass auto, none or a Jinja file")
             self.template = read_text(self.option)
         self._end_of_turn = None
+        self.reads_date = self.template is not None and bool(_DATE_CALL.search(self.template))
+        if self.reads_date:
+            self.template = self.fix_date(self.template)
+
+    def fix_date(self, template):
+        """`template` with each strftime_now("FORMAT") call replaced by the fixed date in that
+        format (transformers renders only plain data, so no function of ours can stand in)."""
+        fixed = _DATE_LITERAL_CALL.sub(lambda m: json.dumps(self.date.strftime(m.group(2))), template)
+        if _DATE_CALL.search(fixed):
+            raise InputError(f"--chat_template {self.option}: the template calls strftime_now with a format that is "
+                             "not a string literal, so its date cannot be fixed; pass a copy that writes the date "
+                             "itself (--chat_template PATH)")
+        return fixed
 
     def require(self, source, index):
         """Raise unless conversational records can be rendered: one line naming the data and the fix."""

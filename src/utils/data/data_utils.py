@@ -8,10 +8,12 @@ tokens carry loss. Conversational records are rendered with the chat template in
 turn up to its end-of-turn token, with no EOS after it; the cuts are the same. A sampled
 completion that carries its exact token ids (`completion_ids`, from a tokenizer with the
 record's `tokenizer_fingerprint`) is not re-tokenised: its ids are the completion as they
-are, the stop token included only where one was sampled, and the same cuts apply. With
-another tokenizer its text is used instead, with a warning. The result is cached with
+are, the stop token included only where one was sampled, and the same cuts apply; ids that
+do not decode to the record's text (a completion edited after sampling) are refused, one
+line naming the record. With another tokenizer its text is used instead, with a warning. The result is cached with
 `datasets` under a key made of the data files' content, the tokenizer (and chat template),
-the lengths and the stage's encoding parameters.
+the lengths and the stage's encoding parameters; each entry records its files' digests
+(utils/provenance.py) and one damaged since is rebuilt, with one line saying so.
 """
 import contextlib
 import functools
@@ -20,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import uuid
 
@@ -27,7 +30,8 @@ import datasets
 import torch
 
 from .chat import COMPLETION_FIELDS, ChatTemplate, is_conversation
-from .raw_datasets import parse_columns, resolve_dataset
+from .raw_datasets import check_columns_for_kind, parse_columns, resolve_dataset
+from .. import provenance
 from ..fileio import InputError, atomic_dir, commit_new_dir, where
 
 # 2: the prompt is cut once per group of candidates (Tokenisation.join_group), not per candidate
@@ -82,6 +86,7 @@ def get_raw_dataset(name_kind, path, split_names=None, columns=None):
     if split_names:
         dataset.split_names = dict(zip(("train", "test"), split_names))
     if columns:
+        check_columns_for_kind(columns, dataset.kind, name_kind)
         dataset.columns = dict(columns)
     return dataset
 
@@ -112,14 +117,14 @@ def tokenizer_fingerprint(tokenizer):
 class Tokenisation:
     """The tokenisation rule above, for one tokenizer and pair of lengths."""
 
-    def __init__(self, tokenizer, max_seq_len, max_gen_len, chat_template="auto"):
+    def __init__(self, tokenizer, max_seq_len, max_gen_len, chat_template="auto", chat_template_date=None):
         if max_gen_len >= max_seq_len:
             raise InputError(f"--max_gen_len {max_gen_len} must be smaller than --max_seq_len {max_seq_len} "
                              "so that at least one prompt token conditions the completion")
         if tokenizer.eos_token_id is None:
             raise InputError(f"tokenizer {tokenizer.name_or_path}: has no EOS token; set eos_token in its config")
         self.tokenizer = tokenizer
-        self.chat = ChatTemplate(tokenizer, chat_template)
+        self.chat = ChatTemplate(tokenizer, chat_template, chat_template_date)
         self.max_seq_len = max_seq_len
         self.max_gen_len = max_gen_len
         self.prompts_cut = 0  # sequences whose prompt `join_group` cut, reported once a split is tokenised
@@ -174,6 +179,14 @@ class Tokenisation:
         return record.get("completion_ids") is not None and \
             record.get("tokenizer_fingerprint") == self.tokenizer_fingerprint
 
+    def ids_spell(self, ids, text):
+        """Whether sampled `ids` decode to `text`, as the sampler wrote it: the ids before the
+        stop token it drew (EOS, an end-of-turn token), or all of them when none was drawn."""
+        stops = set(self.chat.end_of_turn_ids) if self.chat.template is not None else {self.tokenizer.eos_token_id}
+        body = ids[:-1] if ids and ids[-1] in stops else ids
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return decode(body) == text or decode(ids) == text
+
     def record_completions(self, record, texts=None):
         """The completion ids of a gen/rw record (or of `texts`, its candidates), uncut: the
         sampled ids as they are when the record carries them from this tokenizer, else text + EOS."""
@@ -207,7 +220,7 @@ class Tokenisation:
         backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
         payload = [type(tok).__name__, backend, str(tok.special_tokens_map), self.max_seq_len, self.max_gen_len]
         if self.chat.template is not None:  # what renders conversational records
-            payload.append(self.chat.template)
+            payload.append(self.chat.template)  # with its date fixed, if it reads one
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
@@ -239,10 +252,20 @@ class Encoder:
                       "which is not the sequence that was sampled", file=sys.stderr, flush=True)
             return
         vocab = len(self.tok.tokenizer)
+        texts = record.get("completions") or []
+        if len(texts) != len(record["completion_ids"]):
+            raise InputError(f"{where(self.source, index, 'completion_ids')}: {len(record['completion_ids'])} lists of "
+                             f"ids for {len(texts)} completions")
         for j, ids in enumerate(record["completion_ids"]):
             if max(ids) >= vocab:
                 raise InputError(f"{where(self.source, index, 'completion_ids')}[{j}]: token id {max(ids)} is outside "
                                  f"the tokenizer's vocabulary of {vocab}")
+        for j, ids in enumerate(record["completion_ids"]):
+            text = texts[j]["content"] if isinstance(texts[j], dict) else texts[j]
+            if not self.tok.ids_spell(ids, text):
+                raise InputError(f"{where(self.source, index, f'completions[{j}]')}: the text is not what its "
+                                 f"completion_ids decode to (edited after sampling?); the ids are what is scored, "
+                                 "so fix both, or drop completion_ids and tokenizer_fingerprint to score the text")
 
 
 class SFTEncoder(Encoder):
@@ -399,14 +422,6 @@ def cache_writer_first(cache_dir):
         torch.distributed.barrier()
 
 
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(raw, split, tok, encoding):
     """Hash of what the tokenised split depends on: data content, tokenizer, lengths, encoding."""
     digest = hashlib.sha256()
@@ -415,7 +430,7 @@ def cache_key(raw, split, tok, encoding):
     digest.update(json.dumps(meta, sort_keys=True).encode())
     files = raw.data_files(split)
     for path in files:
-        digest.update(_file_sha256(path).encode())
+        digest.update(provenance.file_digest(path).encode())
     if not files:  # a custom dataset with no files to point at: key on its records
         digest.update(json.dumps(raw.records(split), sort_keys=True).encode())
     return digest.hexdigest()
@@ -426,6 +441,10 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
     key = cache_key(raw, split, tok, encoding)
     path = os.path.join(cache_dir, f"{raw.name}_{raw.kind}_{split}_{key[:16]}")
     with cache_writer_first(cache_dir) as writer:
+        problem = provenance.verify_dir(path) if writer and os.path.isdir(path) else None
+        if problem:  # a cache entry damaged since it was written (its files' digests differ)
+            print(f"{problem}: rebuilding this cache entry", flush=True)
+            shutil.rmtree(path, ignore_errors=True)
         if writer and not os.path.isdir(path):
             records = raw.records(split)
             encoder = make_encoder(tok, raw.source(split), raw.kind)
@@ -443,6 +462,7 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
                       f"their prompt cut on the left to fit --max_seq_len {tok.max_seq_len}", flush=True)
             tmp = atomic_dir(path)
             encoded.save_to_disk(tmp)
+            provenance.record_dir(tmp, {"cache_key": key})
             commit_new_dir(tmp, path)
     return datasets.load_from_disk(path), key
 

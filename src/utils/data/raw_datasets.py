@@ -74,8 +74,22 @@ def parse_columns(spec):
             raise InputError(f"--columns {spec!r}: expected FIELD=COLUMN,..., e.g. prompt=question,chosen=good")
         if field not in FIELDS:
             raise InputError(f"--columns {item.strip()}: {field!r} is not a field; fields are {', '.join(FIELDS)}")
+        if field in columns:
+            raise InputError(f"--columns {spec!r}: field {field!r} is given twice ({field}={columns[field]} and "
+                             f"{field}={column}); give each field once")
         columns[field] = column
     return columns
+
+
+def check_columns_for_kind(columns, kind, name_kind):
+    """Refuse a --columns field that data of `kind` does not have (it would be silently ignored)."""
+    if kind not in KIND_FIELDS:
+        return
+    known = (*KIND_FIELDS[kind], *OPTIONAL_FIELDS.get(kind, ()))
+    for field, column in columns.items():
+        if field not in known:
+            raise InputError(f"--columns {field}={column}: {name_kind} is {kind} data, which has no field {field!r}; "
+                             f"its fields are {', '.join(known)}")
 
 
 def register_dataset(name):
