@@ -139,15 +139,18 @@ def test_vllm_killed_run_resumes_to_the_two_rank_file(llama, prompts, two_ranks,
 @needs_vllm
 @pytest.mark.vllm
 def test_vllm_pipeline_kl_estimate_agrees_with_the_enumerated_kl(tmp_path):
-    from test_token_exact import RETURN_NUM, exact_kl, run_pipeline, tiny_vocab_model, PROMPTS
+    from test_token_exact import RETURN_NUM, WORDS, exact_kl, run_pipeline, tiny_vocab_model, PROMPTS
 
-    sft = tiny_vocab_model(tmp_path / "sft", seed=0, n_embd=64, scale=0.03)
+    # a padded vocabulary (3 head rows past the tokenizer): the engine must never draw them, and
+    # its log-probs must leave them out of the normaliser, as calc_logprobs does
+    sft = tiny_vocab_model(tmp_path / "sft", seed=0, n_embd=64, scale=0.03, padding=3)
     policy = tiny_vocab_model(tmp_path / "policy", seed=1, noise_from=sft, n_embd=64, scale=0.03)
     paths = run_pipeline(tmp_path, sft, policy, backend="vllm")
     values = [exact_kl(policy, sft, p) for p in PROMPTS]
     kl, p_cut = sum(v[0] for v in values) / len(values), sum(v[1] for v in values) / len(values)
     stops = [s for r in read(paths["gen"]) for s in r["stop_token"]]
     assert len(stops) == len(PROMPTS) * RETURN_NUM
+    assert max(i for r in read(paths["gen"]) for ids in r["completion_ids"] for i in ids) <= len(WORDS)
     assert 0.25 < stops.count(None) / len(stops) < 0.75 and 0.25 < p_cut < 0.75
     estimate = read(paths["gen_kl"])
     print(f"exact KL {kl:.4f}; vLLM-sampled estimate {estimate['kl']:.4f} +- {estimate['se']:.4f}")

@@ -89,7 +89,9 @@ launch() {
     if [ "${status}" -gt 128 ]; then
         stop_ranks "${group}" "${script}"  # the launcher was killed, its ranks may run on: stop them as above
     fi
-    until wait "${copier}"; do :; done  # ends when the last rank closes its output
+    # ends when the last rank closes its output; a trapped signal interrupts wait, so wait again
+    # while the copier lives (a copier that died of a signal must not spin `until wait` forever)
+    while kill -0 "${copier}" 2>/dev/null; do wait "${copier}" || :; done
     trap - TERM INT HUP
     return "${status}"
 }

@@ -66,7 +66,10 @@ class VllmSampler:
             raise InputError(f"--vllm_tensor_parallel_size {tp} must divide the number of ranks, {world}")
         # the sharded map's ranks: one per engine; the other ranks of an engine replicate its slice
         self.map_ranks = dict(rank=dist.get_rank() // tp, world_size=world // tp, replica=dist.get_rank() % tp > 0)
-        check_vocabulary(args, tokenizer)
+        # the padded-vocabulary rule (utils.heads.token_vocab_size): ids past the tokenizer are
+        # never drawn; vLLM masks them before sampling and before its processed log-probs
+        vocab = check_vocabulary(args, tokenizer)
+        self.allowed = list(range(len(tokenizer))) if vocab is not None and vocab > len(tokenizer) else None
         configure_cpu_engine(device.type == "cpu")
         # vLLM reads the rank from the launcher's environment; a plain `python` run has the
         # one-process group init_distributed made, with the same variables
@@ -94,7 +97,8 @@ class VllmSampler:
         sampling = dict(temperature=a.temp, top_k=a.top_k, top_p=a.top_p) if a.temp > 0 else dict(temperature=0.0)
         return self.vllm.SamplingParams(
             n=1, seed=seed, max_tokens=a.max_new_tokens, ignore_eos=True, stop_token_ids=self.stop_ids,
-            logprobs=0 if a.save_logps else None, detokenize=False, skip_special_tokens=False, **sampling)
+            logprobs=0 if a.save_logps else None, detokenize=False, skip_special_tokens=False,
+            allowed_token_ids=self.allowed, **sampling)
 
     def sample(self, prompt_ids, first_index):
         """What inference_sft.sample returns: per prompt, a list per completion of the ids (up to
@@ -125,7 +129,8 @@ class VllmSampler:
 
 def check_vocabulary(args, tokenizer):
     """The HF path grows a checkpoint's embeddings to its tokenizer; an engine samples from the
-    checkpoint as saved, so a tokenizer with more tokens than the model has is refused."""
+    checkpoint as saved, so a tokenizer with more tokens than the model has is refused. Returns
+    the model's vocabulary size (rows of its head), or None where the config has none."""
     from .model_utils import load_config
 
     config = load_config(args.model_name_or_path, args.trust_remote_code)
@@ -134,3 +139,4 @@ def check_vocabulary(args, tokenizer):
         raise InputError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer has {len(tokenizer)} tokens "
                          f"but the model {vocab} embeddings; --backend vllm samples the checkpoint as saved "
                          "(save it with its embeddings resized, or use --backend hf)")
+    return vocab
