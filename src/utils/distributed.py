@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import deepspeed
 import numpy as np
@@ -43,6 +44,8 @@ def _skip_shm_allreduce():
 
 
 DEFAULT_DIST_TIMEOUT_MIN = 10
+# Seconds a rank whose collective failed because a peer stopped waits before it exits (see run_stage).
+PEER_STOPPED_GRACE_S = 3
 
 
 def add_distributed_args(group):
@@ -87,6 +90,10 @@ def run_stage(main):
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"error: a collective failed: another rank stopped first (its output says why): "
                       f"{str(err).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+            # The launcher reports the status of the first rank it sees exit (DeepSpeed's polls
+            # every second): outlive the rank that stopped, so its status (2 for bad input) is
+            # the run's, not this rank's 1. The launcher kills this rank once it has seen that.
+            time.sleep(PEER_STOPPED_GRACE_S)
         else:
             sys.excepthook(*sys.exc_info())
         status = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else 1
