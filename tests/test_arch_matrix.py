@@ -1,7 +1,8 @@
 """The architecture matrix: on a tiny random model of every family that prefix sharing or the
 fused head enables, and of the families they must refuse, each fast path equals the plain
 forward (unshared rows, the model's own full logits) to 1e-5 in float32, log-probs and every
-parameter's gradient, or says in one line why it falls back. Built from configs, no download.
+parameter's gradient, or says in one line why it falls back; and sampling, which prefills each
+prompt once, draws the tokens plain `generate` draws. Built from configs, no download.
 
     PYTHONPATH=src python tests/test_arch_matrix.py     # prints the matrix (what each path chose, max |diff|)
 """
@@ -70,6 +71,12 @@ FAMILIES = {
                                    intermediate_size_mlp=64), "chunked attention", None),
     "mpt": ("mpt", dict(d_model=32, n_heads=2, n_layers=1), "ALiBi", None),
 }
+# name -> how sampling hands each prompt's cache to its K samples where it is not "static"
+# (utils/inference.py: prompt_cache_kind): "dynamic" repeats it in place, None feeds each prompt K times
+SAMPLING_CACHE = {"qwen2 sliding": "dynamic", "mistral sliding": "dynamic", "gemma2": "dynamic",
+                  "gpt_neo global": "dynamic", "gpt_neo local": "dynamic", "falcon": "dynamic",
+                  "falcon alibi": "dynamic", "bloom": "dynamic", "gemma3": "dynamic", "llama4": "dynamic",
+                  "mpt": "dynamic", "bamba": None, "jamba": None, "falcon_h1": None, "lfm2": None, "qwen3_next": None}
 
 
 def build(name):
@@ -155,6 +162,36 @@ def test_fused_head_is_exact_or_falls_back(name, batch):
         assert diff <= ATOL, f"{name}: fused differs from unfused by {diff:.2e}"
     else:
         assert head is None and expected in why
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sampling_prefills_each_prompt_once_and_draws_what_generate_draws(name):
+    """For one seed, generate_once_per_prompt draws the ids plain generate(num_return_sequences=K)
+    draws, with the same per-token log-probs, on left-padded prompts of 9, 1 and 5 tokens (the
+    1-token one shares only padding), on the cache kind the family is meant to take."""
+    from inference_sft import CompletionLogprobs
+    from transformers import GenerationConfig, LogitsProcessorList
+    from utils.inference import generate_once_per_prompt, prompt_cache_kind
+
+    model = build(name)
+    assert prompt_cache_kind(model) == SAMPLING_CACHE.get(name, "static")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (9, 1, 5)]
+    width = max(map(len, prompts))
+    batch = {"input_ids": torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+             "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
+    config = GenerationConfig(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=6,
+                              num_return_sequences=3, eos_token_id=[2], pad_token_id=0, use_cache=True)
+    drawn = {}
+    for mode, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),
+                           ("once", lambda **kw: generate_once_per_prompt(model, batch, config, **kw))):
+        recorder = CompletionLogprobs(TEMPERATURE)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            sequences = generate(logits_processor=LogitsProcessorList([recorder]))
+        drawn[mode] = (sequences, recorder.finish(sequences))
+    assert torch.equal(drawn["once"][0], drawn["plain"][0]), name
+    torch.testing.assert_close(drawn["once"][1], drawn["plain"][1], atol=ATOL, rtol=0)
 
 
 def matrix():

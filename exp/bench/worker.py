@@ -289,8 +289,9 @@ def matmul_flops(repeats=10):
 
 
 def sampling(cfg):
-    """inference_sft.sample (each prompt prefilled once, its cache repeated K times) against
-    plain generate(num_return_sequences=K) (what sample ran before), batch by batch as the
+    """inference_sft.sample (each prompt prefilled once, its cache repeated K times into a
+    preallocated cache) against the same with the cache grown by concatenation and against
+    plain generate(num_return_sequences=K) (what sample ran first), batch by batch as the
     sampling stage's sharded loop calls it, rounds alternating which goes first, each timed
     between two measurements of the cores' matmul FLOP/s. Model arithmetic counts 2 x
     parameters per token that plain generate feeds: every prompt once per sample, every drawn
@@ -317,6 +318,7 @@ def sampling(cfg):
     model.generation_config = config
     once = inference_sft.generate_once_per_prompt
     modes = {"prefilled_once": once,
+             "prefilled_once_growing": lambda m, batch, c, **kw: once(m, batch, c, preallocate=False, **kw),
              "plain_generate": lambda m, batch, c, **kw: m.generate(**batch, generation_config=c, **kw)}
 
     forward_s, started_at = {"prefill": 0.0, "decode": 0.0}, []

@@ -207,36 +207,90 @@ def cache_argument(model):
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-def generate_once_per_prompt(model, batch, config, **generate_kwargs):
+# Families whose decode writes into a preallocated (static) cache: their attention masks the
+# unwritten positions, checked in tests/test_arch_matrix.py. GPT-Neo (local attention outside its
+# cache's layer types) and Falcon (ALiBi) draw other tokens or fail with one, so the rest keep the
+# cache that grows by concatenation.
+PREALLOCATED_CACHE_ARCHITECTURES = ("gemma", "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3",
+                                    "qwen2", "qwen3")
+
+
+def prompt_cache_kind(model):
+    """How `generate_once_per_prompt` hands each prompt's cache to its K samples: "static"
+    (repeated into a preallocated cache), "dynamic" (repeated in place; the cache then grows by
+    concatenation), or None (plain `generate`, each prompt fed K times). Repeating needs a cache
+    of keys and values only (full or sliding-window attention): an SSM, convolution or
+    linear-attention state (Mamba hybrids, LFM2, Qwen3-Next) is a layer kind whose repeat
+    transformers does not define, or defines for its attention half only."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    if cache_argument(model) is None or model.config.is_encoder_decoder or not model._supports_default_dynamic_cache():
+        return None
+    layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return None
+    if model.config.model_type in PREALLOCATED_CACHE_ARCHITECTURES and all(type(layer) is DynamicLayer for layer in layers):
+        return "static"
+    return "dynamic"
+
+
+def _static_repeat(model, cache, repeats, max_cache_len):
+    """`cache` repeated `repeats` times along the batch into a StaticCache of `max_cache_len`.
+
+    A DynamicCache grows by concatenation: every decode step copies every layer's whole cache
+    (at TL;DR shape ~250 MB a step, a third of the time; exp/bench/README.md). A StaticCache
+    writes each step's keys and values in place; attention then spans all `max_cache_len`
+    positions, the unwritten ones masked out."""
+    from transformers.cache_utils import StaticCache
+
+    static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+    for layer, filled in zip(static.layers, cache.layers, strict=True):
+        layer.update(filled.keys.repeat_interleave(repeats, 0), filled.values.repeat_interleave(repeats, 0))
+    return static
+
+
+def generate_once_per_prompt(model, batch, config, preallocate=True, **generate_kwargs):
     """`model.generate(**batch, generation_config=config)`, each prompt's KV cache computed once.
 
     With num_return_sequences = K, `generate` repeats every prompt K times and runs the K copies
     through the model, so K - 1 of every K prompt tokens fed are redundant (at TL;DR shapes,
     ~400-token prompts and ~50-token completions, prefill is most of the arithmetic). Here all
     but each prompt's last token go through the model once, the resulting cache is repeated K
-    times (`Cache.batch_repeat_interleave`, rows prompt-major as `generate` orders them), and
-    `generate` continues from it with one row per sample, feeding each row's last prompt token.
+    times (rows prompt-major as `generate` orders them), and `generate` continues from it with
+    one row per sample, feeding each row's last prompt token. The repeat goes into a cache
+    preallocated for the whole completion where `prompt_cache_kind` says "static" and
+    `preallocate` (False keeps the concatenating cache, for the benchmark's side-by-side).
     Its random draws are the ones plain `generate` makes (one multinomial over the same
     [B*K, vocab] rows a step, after the same seed), so the samples follow the same
     distribution and, up to float rounding of a differently split prefill, are the same
-    samples. Models whose cache is not a transformers `Cache` (or K = 1, or 1-token prompts:
-    nothing to share) take plain `generate`.
+    samples (tests/test_arch_matrix.py holds this for every family there). Where there is
+    nothing to share (K = 1, 1-token prompts) or no cache to repeat, plain `generate`.
     """
     k = config.num_return_sequences or 1
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    name = cache_argument(model)
-    if (k == 1 or input_ids.shape[1] < 2 or name is None or model.config.is_encoder_decoder
-            or not model._supports_default_dynamic_cache()):
+    kind = prompt_cache_kind(model) if k > 1 and input_ids.shape[1] >= 2 else None
+    if kind is None:
         return model.generate(**batch, generation_config=config, **generate_kwargs)
+    from transformers.cache_utils import DynamicCache
+
+    name = cache_argument(model)
     params = inspect.signature(model.forward).parameters
-    prefix = {"input_ids": input_ids[:, :-1], "attention_mask": mask[:, :-1], "use_cache": True}
+    prefix = {"input_ids": input_ids[:, :-1], "attention_mask": mask[:, :-1], "use_cache": True,
+              name: DynamicCache(config=model.config.get_text_config(decoder=True))}
     if "position_ids" in params:  # left padding: positions count real tokens, as generate counts them
         prefix["position_ids"] = (mask[:, :-1].long().cumsum(-1) - 1).clamp(min=0)
     if "logits_to_keep" in params:
         prefix["logits_to_keep"] = 1  # the prefix's logits are never read
     cache = getattr(model(**prefix), name)
-    cache.batch_repeat_interleave(k)
     per_sample = copy.deepcopy(config)
     per_sample.num_return_sequences = 1
+    if kind == "static" and preallocate:
+        new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        cache = _static_repeat(model, cache, k, input_ids.shape[1] + new_tokens)
+        # generate would torch.compile the decode step for a static cache on a GPU, once per
+        # batch width; sampling stays eager, as it is with the concatenating cache
+        per_sample.disable_compile = True
+    else:
+        cache.batch_repeat_interleave(k)
     return model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
                           generation_config=per_sample, **{name: cache}, **generate_kwargs)
