@@ -195,12 +195,28 @@ def write_results(args, text, results, work_dir):
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def sampling_run(size, work_dir):
-    """The sampling measurement (README: What is measured, 4) on a model and prompts of its own."""
+def sampling_run(size, work_dir, task="sampling"):
+    """The sampling measurement (README: What is measured, 4), or its profile (`task`
+    "sampling_profile"), on a model and prompts of its own."""
     from setup_data import build_sampling
     cfg = size["sampling"]
     built = build_sampling(work_dir, cfg["model"], cfg["num_prompts"], cfg["prompt_tokens"], cfg["max_length"])
-    return run_worker("sampling", dict(cfg, model=built["model"], prompts=built["prompts"]), work_dir, "sampling")
+    return run_worker(task, dict(cfg, model=built["model"], prompts=built["prompts"]), work_dir, task)
+
+
+def profile_lines(size, profile):
+    """The profile's table: each mode's top ops by self-CPU time, share of the profiled call."""
+    cfg = size["sampling"]
+    lines = ["", f"Profile (`torch.profiler`, self-CPU time) of one `sample` call on {cfg['batch_size']} prompts, "
+             f"K = {cfg['return_num']}, {cfg['max_new_tokens']} new tokens at most:", ""]
+    for mode, result in profile.items():
+        if not isinstance(result, dict):  # the worker's own fields (peak RSS)
+            continue
+        lines += [f"{mode} ({result['s']:.2f} s):", "", "| op | self s | share | calls |", "|---|---|---|---|"]
+        lines += [f"| `{op['op']}` | {op['self_s']:.2f} | {op['self_s'] / result['s']:.1%} | {op['calls']} |"
+                  for op in result["ops"]]
+        lines.append("")
+    return lines
 
 
 def sampling_lines(size, samp):
@@ -229,6 +245,8 @@ def main():
     parser = bench_parser(__doc__, "results.md")
     parser.add_argument("--sampling_only", action="store_true",
                         help="only the sampling figure, written to results_sampling.md unless --out says otherwise")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --sampling_only: also profile one sampling call in each mode (torch.profiler)")
     args = parser.parse_args()
     size = SIZES["quick" if args.quick else "full"]
     work_dir = scratch_dir(args, "exo_bench_")
@@ -239,10 +257,12 @@ def main():
         samp = sampling_run(size, work_dir)
         descr, lines = sampling_lines(size, samp)
         figures = {"sampling_arithmetic": samp["prefilled_once"]["ratio"]}
-        text = [*run_header("bench.py --sampling_only", args, load_before, started), "",
-                *figure_rows({"sampling_arithmetic": descr}, figures, TARGETS), *lines]
-        write_results(args, "\n".join(text) + "\n", {"figures": figures, "sampling": samp, "load_before": load_before},
-                      work_dir)
+        profile = sampling_run(size, work_dir, "sampling_profile") if args.profile else {}
+        text = [*run_header("bench.py --sampling_only" + " --profile" * args.profile, args, load_before, started), "",
+                *figure_rows({"sampling_arithmetic": descr}, figures, TARGETS), *lines,
+                *(profile_lines(size, profile) if profile else [])]
+        write_results(args, "\n".join(text) + "\n",
+                      {"figures": figures, "sampling": samp, "profile": profile, "load_before": load_before}, work_dir)
         return
 
     from setup_data import build

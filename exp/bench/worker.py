@@ -9,6 +9,7 @@ Tasks (bench.py runs them; each writes a JSON result):
   logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
   sampling      inference_sft.sample (prompts prefilled once) against plain generate, at TL;DR
                 shape, as model FLOP/s over the cores' matmul FLOP/s measured around each run
+  sampling_profile  torch.profiler's top ops of one sample call in each of sampling's modes
   prefix_scoring  the reference pass (model_sequence_logprobs) and inference_rm's scoring
                 (reward_scores) over `gen` records, each with and without prefix sharing, and
                 the policy's forward + backward on the first batches, sharing on and off
@@ -288,6 +289,55 @@ def matmul_flops(repeats=10):
     return 2 * 1024 ** 3 * repeats / (time.perf_counter() - started)
 
 
+def _sampling_setup(cfg):
+    """The sampling tasks' model, tokenizer, cut prompts, generation config and modes (name ->
+    a function called as inference_sft.generate_once_per_prompt is)."""
+    import argparse
+
+    import inference_sft
+    from inference_sft import fit_prompt, sampling_config
+    from utils.data.data_utils import Tokenisation
+    from utils.model_utils import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(cfg["model"])
+    model = load_causal_lm(cfg["model"], tokenizer, disable_dropout=True).eval()
+    tok = Tokenisation(tokenizer, cfg["max_length"], cfg["max_new_tokens"])
+    with open(cfg["prompts"]) as f:
+        prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(json.load(f))]
+    config = sampling_config(argparse.Namespace(temp=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
+                                                return_num=cfg["return_num"]), tokenizer)
+    model.generation_config = config
+    once = inference_sft.generate_once_per_prompt
+    modes = {"prefilled_once": once,
+             "prefilled_once_growing": lambda m, batch, c, **kw: once(m, batch, c, preallocate=False, **kw),
+             "plain_generate": lambda m, batch, c, **kw: m.generate(**batch, generation_config=c, **kw)}
+    return model, tokenizer, prompt_ids, config, modes
+
+
+def sampling_profile(cfg):
+    """torch.profiler's self-CPU time by op of one inference_sft.sample call on the first batch
+    of prompts, in each mode of `sampling` (after one untimed call per mode)."""
+    import inference_sft
+    from inference_sft import sample
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer, prompt_ids, config, modes = _sampling_setup(cfg)
+    once, batch, result = inference_sft.generate_once_per_prompt, prompt_ids[:cfg["batch_size"]], {}
+    for mode, generate in modes.items():
+        inference_sft.generate_once_per_prompt = generate
+        sample(model, tokenizer, batch, config, 0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            sample(model, tokenizer, batch, config, 0)
+            total = time.perf_counter() - started
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        result[mode] = {"s": total, "ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                                            for e in ops[:cfg.get("top_ops", 8)]]}
+    inference_sft.generate_once_per_prompt = once
+    return result
+
+
 def sampling(cfg):
     """inference_sft.sample (each prompt prefilled once, its cache repeated K times into a
     preallocated cache) against the same with the cache grown by concatenation and against
@@ -298,28 +348,11 @@ def sampling(cfg):
     token but the last. Forward hooks split the time into prefill (forwards of more than one
     token a row), decode steps, and everything outside the model (generate's Python, the
     sampling, the cache's repeat)."""
-    import argparse
-
     import inference_sft
-    from inference_sft import fit_prompt, sample, sampling_config
-    from utils.data.data_utils import Tokenisation
-    from utils.model_utils import load_causal_lm, load_tokenizer
+    from inference_sft import sample
 
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(cfg["model"])
-    model = load_causal_lm(cfg["model"], tokenizer, disable_dropout=True).eval()
-    params = sum(p.numel() for p in model.parameters())
-    tok = Tokenisation(tokenizer, cfg["max_length"], cfg["max_new_tokens"])
-    with open(cfg["prompts"]) as f:
-        prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(json.load(f))]
-    k = cfg["return_num"]
-    config = sampling_config(argparse.Namespace(temp=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
-                                                return_num=k), tokenizer)
-    model.generation_config = config
-    once = inference_sft.generate_once_per_prompt
-    modes = {"prefilled_once": once,
-             "prefilled_once_growing": lambda m, batch, c, **kw: once(m, batch, c, preallocate=False, **kw),
-             "plain_generate": lambda m, batch, c, **kw: m.generate(**batch, generation_config=c, **kw)}
+    model, tokenizer, prompt_ids, config, modes = _sampling_setup(cfg)
+    params, k, once = sum(p.numel() for p in model.parameters()), cfg["return_num"], inference_sft.generate_once_per_prompt
 
     forward_s, started_at = {"prefill": 0.0, "decode": 0.0}, []
     model.register_forward_pre_hook(lambda module, args, kwargs: started_at.append(time.perf_counter()),
@@ -418,7 +451,8 @@ def prefix_scoring(cfg):
     return result
 
 
-TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling, prefix_scoring)}
+TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling, sampling_profile,
+                                    prefix_scoring)}
 
 def main():
     task, cfg_path, out_path = sys.argv[1:4]
