@@ -76,7 +76,7 @@ FAMILIES = {
 SAMPLING_CACHE = {"qwen2 sliding": "dynamic", "mistral sliding": "dynamic", "gemma2": "dynamic",
                   "gpt_neo global": "dynamic", "gpt_neo local": "dynamic", "falcon": "dynamic",
                   "falcon alibi": "dynamic", "bloom": "dynamic", "gemma3": "dynamic", "llama4": "dynamic",
-                  "mpt": "dynamic", "bamba": None, "jamba": None, "falcon_h1": None, "lfm2": None, "qwen3_next": None}
+                  "mpt": None, "bamba": None, "jamba": None, "falcon_h1": None, "lfm2": None, "qwen3_next": None}
 
 
 def build(name):

@@ -261,7 +261,7 @@ def test_stage_runner_checks_what_a_stage_was_made_from_whatever_earlier_runs_di
     (source / "weights").write_text("v2")  # the input model retrained in place
     capsys.readouterr()
     build(3, 2).run()
-    assert runs == [1, 2, 3] and "(inputs." in capsys.readouterr().out
+    assert runs == [1, 2, 3] and f"(inputs[{source}] changed)" in capsys.readouterr().out
 
     runs.clear()
     marker = tmp_path / "stages" / "round2.json"

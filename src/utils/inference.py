@@ -207,31 +207,37 @@ def cache_argument(model):
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-# Families whose decode writes into a preallocated (static) cache: their attention masks the
-# unwritten positions, checked in tests/test_arch_matrix.py. GPT-Neo (local attention outside its
-# cache's layer types) and Falcon (ALiBi) draw other tokens or fail with one, so the rest keep the
-# cache that grows by concatenation.
-PREALLOCATED_CACHE_ARCHITECTURES = ("gemma", "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3",
-                                    "qwen2", "qwen3")
+# How sampling hands each prompt's cache to its K samples, by model_type: "static" repeats it
+# into a cache preallocated for the whole completion (written in place each step), "dynamic"
+# repeats it in place and lets it grow by concatenation. Only families that
+# tests/test_arch_matrix.py shows drawing plain `generate`'s tokens are listed; any other model
+# is sampled by plain `generate` (each prompt fed K times: slower, never wrong). Not static:
+# GPT-Neo (local attention the static cache does not know of drew other tokens), Falcon (ALiBi
+# failed), the sliding-window and chunked families. MPT is left out: its repeated cache fails in
+# transformers 4.56.
+PROMPT_CACHE_ARCHITECTURES = {
+    **dict.fromkeys(("gemma", "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2", "qwen3"),
+                    "static"),
+    **dict.fromkeys(("bloom", "falcon", "gemma2", "gemma3_text", "gpt_neo", "llama4_text"), "dynamic"),
+}
 
 
 def prompt_cache_kind(model):
-    """How `generate_once_per_prompt` hands each prompt's cache to its K samples: "static"
-    (repeated into a preallocated cache), "dynamic" (repeated in place; the cache then grows by
-    concatenation), or None (plain `generate`, each prompt fed K times). Repeating needs a cache
-    of keys and values only (full or sliding-window attention): an SSM, convolution or
+    """How `generate_once_per_prompt` hands each prompt's cache to its K samples: "static",
+    "dynamic" (see PROMPT_CACHE_ARCHITECTURES) or None (plain `generate`). A static cache also
+    needs every layer to be full attention (a sliding-window config of a listed family repeats
+    in place); repeating at all needs a cache of keys and values only: an SSM, convolution or
     linear-attention state (Mamba hybrids, LFM2, Qwen3-Next) is a layer kind whose repeat
     transformers does not define, or defines for its attention half only."""
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-    if cache_argument(model) is None or model.config.is_encoder_decoder or not model._supports_default_dynamic_cache():
+    kind = PROMPT_CACHE_ARCHITECTURES.get(model.config.model_type)
+    if kind is None or cache_argument(model) is None or not model._supports_default_dynamic_cache():
         return None
     layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
     if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
         return None
-    if model.config.model_type in PREALLOCATED_CACHE_ARCHITECTURES and all(type(layer) is DynamicLayer for layer in layers):
-        return "static"
-    return "dynamic"
+    return "static" if kind == "static" and all(type(layer) is DynamicLayer for layer in layers) else "dynamic"
 
 
 def _static_repeat(model, cache, repeats, max_cache_len):
@@ -264,7 +270,7 @@ def generate_once_per_prompt(model, batch, config, preallocate=True, **generate_
     [B*K, vocab] rows a step, after the same seed), so the samples follow the same
     distribution and, up to float rounding of a differently split prefill, are the same
     samples (tests/test_arch_matrix.py holds this for every family there). Where there is
-    nothing to share (K = 1, 1-token prompts) or no cache to repeat, plain `generate`.
+    nothing to share (K = 1, 1-token prompts) or the family is not one tested, plain `generate`.
     """
     k = config.num_return_sequences or 1
     input_ids, mask = batch["input_ids"], batch["attention_mask"]

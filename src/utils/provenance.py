@@ -138,12 +138,14 @@ def why_not_reusable(path, made_from, outputs=None):
 
 
 def _what_changed(old, new, at=""):
-    """'inputs.round2_align changed'-style: the first key whose value differs."""
+    """'inputs.round2_align changed'-style: the first key whose value differs; a key that is a
+    path goes in brackets ('inputs[/data/model] changed')."""
     new = json.loads(json.dumps(new))
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                return _what_changed(old.get(key), new.get(key), f"{at}.{key}" if at else str(key))
+                where = f"{at}[{key}]" if at and "/" in str(key) else f"{at}.{key}" if at else str(key)
+                return _what_changed(old.get(key), new.get(key), where)
     return f"{at or 'its settings'} changed"
 
 
