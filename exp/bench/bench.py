@@ -195,13 +195,15 @@ def write_results(args, text, results, work_dir):
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def sampling_run(size, work_dir, task="sampling"):
-    """The sampling measurement (README: What is measured, 4), or its profile (`task`
-    "sampling_profile"), on a model and prompts of its own."""
+def sampling_run(size, work_dir, profile=False):
+    """The sampling measurement (README: What is measured, 4) on a model and prompts of its own,
+    and with `profile` its profile on the same ones: (measurement, profile or None)."""
     from setup_data import build_sampling
     cfg = size["sampling"]
     built = build_sampling(work_dir, cfg["model"], cfg["num_prompts"], cfg["prompt_tokens"], cfg["max_length"])
-    return run_worker(task, dict(cfg, model=built["model"], prompts=built["prompts"]), work_dir, task)
+    task_cfg = dict(cfg, model=built["model"], prompts=built["prompts"])
+    measured = run_worker("sampling", task_cfg, work_dir, "sampling")
+    return measured, run_worker("sampling_profile", task_cfg, work_dir, "sampling_profile") if profile else None
 
 
 def profile_lines(size, profile):
@@ -209,9 +211,7 @@ def profile_lines(size, profile):
     cfg = size["sampling"]
     lines = ["", f"Profile (`torch.profiler`, self-CPU time) of one `sample` call on {cfg['batch_size']} prompts, "
              f"K = {cfg['return_num']}, {cfg['max_new_tokens']} new tokens at most:", ""]
-    for mode, result in profile.items():
-        if not isinstance(result, dict):  # the worker's own fields (peak RSS)
-            continue
+    for mode, result in profile["modes"].items():
         lines += [f"{mode} ({result['s']:.2f} s):", "", "| op | self s | share | calls |", "|---|---|---|---|"]
         lines += [f"| `{op['op']}` | {op['self_s']:.2f} | {op['self_s'] / result['s']:.1%} | {op['calls']} |"
                   for op in result["ops"]]
@@ -254,10 +254,9 @@ def main():
     if args.sampling_only:
         if args.out == os.path.join(HERE, "results.md"):
             args.out = os.path.join(HERE, "results_sampling.md")
-        samp = sampling_run(size, work_dir)
+        samp, profile = sampling_run(size, work_dir, profile=args.profile)
         descr, lines = sampling_lines(size, samp)
         figures = {"sampling_arithmetic": samp["prefilled_once"]["ratio"]}
-        profile = sampling_run(size, work_dir, "sampling_profile") if args.profile else {}
         text = [*run_header("bench.py --sampling_only" + " --profile" * args.profile, args, load_before, started), "",
                 *figure_rows({"sampling_arithmetic": descr}, figures, TARGETS), *lines,
                 *(profile_lines(size, profile) if profile else [])]
@@ -303,7 +302,7 @@ def main():
     lp["lean_overwrite_fwd_bwd"] = run_worker("logprobs", dict(size["logprobs"], variant="lean_overwrite", mode="fwd_bwd"),
                                               work_dir, "logprobs_lean_overwrite_fwd_bwd")
     # 4. sampling
-    samp = sampling_run(size, work_dir)
+    samp, _ = sampling_run(size, work_dir)
     sampling_descr, sampling_table = sampling_lines(size, samp)
     # 5. scaling
     scal = run_worker("scaling", dict(size["scaling"], argv=ours_argv(size, built["data"], built["model"],

@@ -323,7 +323,7 @@ def sampling_profile(cfg):
     from torch.profiler import ProfilerActivity, profile
 
     model, tokenizer, prompt_ids, config, modes = _sampling_setup(cfg)
-    once, batch, result = inference_sft.generate_once_per_prompt, prompt_ids[:cfg["batch_size"]], {}
+    once, batch, modes_profiled = inference_sft.generate_once_per_prompt, prompt_ids[:cfg["batch_size"]], {}
     for mode, generate in modes.items():
         inference_sft.generate_once_per_prompt = generate
         sample(model, tokenizer, batch, config, 0)
@@ -332,10 +332,10 @@ def sampling_profile(cfg):
             sample(model, tokenizer, batch, config, 0)
             total = time.perf_counter() - started
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        result[mode] = {"s": total, "ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
-                                            for e in ops[:cfg.get("top_ops", 8)]]}
+        modes_profiled[mode] = {"s": total, "ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6,
+                                                    "calls": e.count} for e in ops[:cfg.get("top_ops", 8)]]}
     inference_sft.generate_once_per_prompt = once
-    return result
+    return {"modes": modes_profiled}
 
 
 def sampling(cfg):
