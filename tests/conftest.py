@@ -99,6 +99,29 @@ def tiny_model_of(tmp_path_factory, align_data, tiny_model):
     return of
 
 
+def plain_and_once_draws(model, batch, config, temperature, seed=7, after_each=None):
+    """{"plain": (ids, per-token log-probs), "once": ...}: what plain generate and
+    utils.inference.generate_once_per_prompt draw from `batch` after the same seed, each
+    completion's log-probs recorded as the sampling stage records them; `after_each(mode)` runs
+    after each."""
+    import torch
+    from inference_sft import CompletionLogprobs
+    from transformers import LogitsProcessorList
+    from utils.inference import generate_once_per_prompt
+
+    drawn = {}
+    for mode, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),
+                           ("once", lambda **kw: generate_once_per_prompt(model, batch, config, **kw))):
+        recorder = CompletionLogprobs(temperature)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            sequences = generate(logits_processor=LogitsProcessorList([recorder]))
+        drawn[mode] = (sequences, recorder.finish(sequences))
+        if after_each is not None:
+            after_each(mode)
+    return drawn
+
+
 def launcher(ranks):
     """`python`, or deepspeed on `ranks` CPU ranks with a free rendezvous port (runs may overlap)."""
     if ranks == 1:

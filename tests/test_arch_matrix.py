@@ -169,9 +169,9 @@ def test_sampling_prefills_each_prompt_once_and_draws_what_generate_draws(name):
     """For one seed, generate_once_per_prompt draws the ids plain generate(num_return_sequences=K)
     draws, with the same per-token log-probs, on left-padded prompts of 9, 1 and 5 tokens (the
     1-token one shares only padding), on the cache kind the family is meant to take."""
-    from inference_sft import CompletionLogprobs
-    from transformers import GenerationConfig, LogitsProcessorList
-    from utils.inference import generate_once_per_prompt, prompt_cache_kind
+    from conftest import plain_and_once_draws
+    from transformers import GenerationConfig
+    from utils.inference import prompt_cache_kind
 
     model = build(name)
     assert prompt_cache_kind(model) == SAMPLING_CACHE.get(name, "static")
@@ -182,14 +182,7 @@ def test_sampling_prefills_each_prompt_once_and_draws_what_generate_draws(name):
              "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
     config = GenerationConfig(do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=6,
                               num_return_sequences=3, eos_token_id=[2], pad_token_id=0, use_cache=True)
-    drawn = {}
-    for mode, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),
-                           ("once", lambda **kw: generate_once_per_prompt(model, batch, config, **kw))):
-        recorder = CompletionLogprobs(TEMPERATURE)
-        torch.manual_seed(7)
-        with torch.no_grad():
-            sequences = generate(logits_processor=LogitsProcessorList([recorder]))
-        drawn[mode] = (sequences, recorder.finish(sequences))
+    drawn = plain_and_once_draws(model, batch, config, TEMPERATURE)
     assert torch.equal(drawn["once"][0], drawn["plain"][0]), name
     torch.testing.assert_close(drawn["once"][1], drawn["plain"][1], atol=ATOL, rtol=0)
 

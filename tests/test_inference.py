@@ -213,10 +213,9 @@ def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
     the same seed, the ids plain generate(num_return_sequences=K) draws, from the same
     distributions: left-padded prompts of several lengths, a 1-token one among them (its
     shared prefix is all padding)."""
-    from inference_sft import CompletionLogprobs, sampling_config
+    from conftest import plain_and_once_draws
+    from inference_sft import sampling_config
     from make_tiny_model import builtin_corpus, make_tiny_model
-    from transformers import LogitsProcessorList
-    from utils.inference import generate_once_per_prompt
 
     path = make_tiny_model(str(tmp_path / arch), builtin_corpus(), arch=arch)
     tokenizer = load_tokenizer(path)
@@ -233,15 +232,11 @@ def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
     fed = []  # (rows, tokens) of every forward
     model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)),
                                     with_kwargs=True)
-    drawn, prefills = {}, {}
-    for name, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),
-                           ("once", lambda **kw: generate_once_per_prompt(model, batch, config, **kw))):
-        recorder = CompletionLogprobs(Args.temp)
-        torch.manual_seed(7)
-        with torch.no_grad():
-            sequences = generate(logits_processor=LogitsProcessorList([recorder]))
-        drawn[name] = (sequences, recorder.finish(sequences))
-        prefills[name], fed[:] = fed[0], []
+    prefills = {}
+
+    def first_forward(mode):
+        prefills[mode], fed[:] = fed[0], []
+    drawn = plain_and_once_draws(model, batch, config, Args.temp, after_each=first_forward)
     width = batch["input_ids"].shape[1]
     assert prefills == {"plain": (len(prompts) * Args.return_num, width), "once": (len(prompts), width - 1)}
     assert drawn["once"][0].shape == (len(prompts) * Args.return_num, batch["input_ids"].shape[1] + Args.max_new_tokens)
