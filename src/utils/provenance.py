@@ -144,7 +144,10 @@ def _what_changed(old, new, at=""):
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                where = f"{at}[{key}]" if at and "/" in str(key) else f"{at}.{key}" if at else str(key)
+                if not at:
+                    where = str(key)
+                else:
+                    where = f"{at}[{key}]" if "/" in str(key) else f"{at}.{key}"
                 return _what_changed(old.get(key), new.get(key), where)
     return f"{at or 'its settings'} changed"
 
