@@ -1,4 +1,4 @@
-"""Alignment stage: EXO or DPO over K contrastive candidates per prompt (the objective: utils/loss.py, README "The objective").
+"""Alignment stage: EXO, DPO or a listwise baseline over K contrastive candidates per prompt (the objective: utils/loss.py, README "The objective").
 
     deepspeed src/train_exo.py --model_name_or_path models/x_imdb/sft \\
         --data_name_path imdb/rw:data/imdb_rw --loss_type exo-rw --num_contrastive 4 \\
@@ -8,11 +8,12 @@ One training example is a group of K candidates of one prompt, so a micro batch 
 B * K sequences, scored in one policy forward. The frozen reference's log-probs are a
 function of the data: by default they are computed once before training and cached beside
 the tokenised data, and the reference is dropped from memory (`--ref_logps online` keeps it
-and recomputes them every step instead).
+and recomputes them every step instead). A reference-free loss (simpo) never loads it.
 """
 import gc
 import hashlib
 import os
+from functools import partial
 
 import utils  # noqa: F401  before deepspeed, which logs on import what utils/quiet.py silences
 import deepspeed
@@ -24,7 +25,7 @@ from utils.data.data_utils import AlignmentEncoder, is_cache_writer
 from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
-from utils.loss import LOSS_TYPES, alignment_loss, resolve_pref_epsilon
+from utils.loss import DEFAULT_SIMPO_MARGIN, LOSS_TYPES, LOSSES, alignment_loss, label_error, resolve_pref_epsilon
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
@@ -40,7 +41,9 @@ def parse_args(argv=None):
     g.add_argument("--ref_name_or_path", default=None, help="frozen reference model; default: --model_name_or_path")
     g.add_argument("--loss_type", default="exo-pref", choices=LOSS_TYPES,
                    help="exo-* minimise KL(q||p) (mode-seeking), dpo-* CE(p, q); -pref labels are "
-                        "winner-take-(1-eps), -rw labels softmax(r / beta_r)")
+                        "winner-take-(1-eps), -rw labels softmax(r / beta_r). Listwise baselines: dpo-pl "
+                        "(Plackett-Luce), nca-rw / nca-pref (NCA), lipo (LiPO-lambda), ipo (IPO), simpo (SimPO, "
+                        "no reference model); README: The objective")
     g.add_argument("--num_contrastive", type=int, default=2,
                    help="K, candidates per group; a record's C candidates form C/K consecutive groups")
     g.add_argument("--beta_pi", type=float, default=0.5, help="scale of the policy's log-ratio h in q = softmax(beta_pi h)")
@@ -48,7 +51,10 @@ def parse_args(argv=None):
     g.add_argument("--temp", type=float, default=1.0,
                    help="sampling temperature tau: policy and reference logits are divided by it")
     g.add_argument("--pref_epsilon", type=float, default=None,
-                   help="label smoothing eps of -pref targets; default 1e-3 for EXO, 0 (one-hot) for DPO")
+                   help="label smoothing eps of -pref targets; default 1e-3 for EXO, 0 (one-hot) for DPO and NCA")
+    g.add_argument("--simpo_margin", type=float, default=DEFAULT_SIMPO_MARGIN,
+                   help="simpo only: the target margin gamma in -log sigmoid(beta_pi (s_w - s_l) - gamma), s the "
+                        "per-token average log-prob (the SimPO authors' gamma_beta_ratio is gamma / beta_pi)")
     g.add_argument("--ref_logps", default="cached", choices=["cached", "online"],
                    help="cached: one reference pass before training, stored beside the data cache; "
                         "online: keep the reference in memory and run it every step")
@@ -57,7 +63,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_training_args(args)
     args.ref_name_or_path = args.ref_name_or_path or args.model_name_or_path
-    if args.ref_name_or_path != args.model_name_or_path:
+    if LOSSES[args.loss_type].reference and args.ref_name_or_path != args.model_name_or_path:
         check_position_limit(args.ref_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
     args.pref_epsilon = resolve_pref_epsilon(args.loss_type, args.pref_epsilon)
     if args.num_contrastive < 2:
@@ -71,49 +77,59 @@ def parse_args(argv=None):
     return args
 
 
-def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi):
+def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi, lengths=None):
     """What the run is doing, in the names TRL uses where they exist ([G, K] inputs).
 
     rewards/chosen, rewards/rejected: implicit reward beta_pi * h of the best- and
-    worst-labelled candidate; rewards/accuracies: how often the policy ranks the best-labelled
-    candidate strictly above every other; kl: sum over y of e^h h - e^h + 1, an unbiased
-    non-negative estimate of KL(pi || pi_ref) when the candidates were sampled from pi_ref
-    (per sequence).
+    worst-labelled candidate (for every loss with a reference, so they compare across losses;
+    without one, SimPO's beta_pi * log pi_theta(y | x) / |y|); rewards/accuracies: how often the
+    policy ranks the best-labelled candidate strictly above every other; kl (with a reference):
+    sum over y of e^h h - e^h + 1, an unbiased non-negative estimate of KL(pi || pi_ref) when the
+    candidates were sampled from pi_ref (per sequence).
     """
-    h = (policy_logps - ref_logps).double()
+    if ref_logps is None:
+        score = policy_logps.double() / lengths
+    else:
+        score = (policy_logps - ref_logps).double()
     best, worst = rewards.argmax(-1, keepdim=True), rewards.argmin(-1, keepdim=True)
-    chosen = beta_pi * h.gather(-1, best).squeeze(-1)
-    rejected = beta_pi * h.gather(-1, worst).squeeze(-1)
-    ratio = h.clamp(max=50).exp()
+    chosen = beta_pi * score.gather(-1, best).squeeze(-1)
+    rejected = beta_pi * score.gather(-1, worst).squeeze(-1)
     # Strictly above every other candidate, as TRL's chosen > rejected: at step 0 h is 0
     # everywhere, and an argmax would break the tie towards the first (often the chosen) one.
-    others = h.scatter(-1, best, float("-inf")).amax(-1)
-    return {
+    others = score.scatter(-1, best, float("-inf")).amax(-1)
+    metrics = {
         "rewards/chosen": chosen.mean(),
         "rewards/rejected": rejected.mean(),
         "rewards/margins": (chosen - rejected).mean(),
-        "rewards/accuracies": (h.gather(-1, best).squeeze(-1) > others).double().mean(),
+        "rewards/accuracies": (score.gather(-1, best).squeeze(-1) > others).double().mean(),
         "logps/policy": policy_logps.mean(),
-        "kl": (ratio * h - ratio + 1).mean(),
     }
+    if ref_logps is not None:
+        ratio = score.clamp(max=50).exp()
+        metrics["kl"] = (ratio * score - ratio + 1).mean()
+    return metrics
 
 
 def alignment_step_loss(model, batch, args, ref_model=None, sharing=(False, False)):
     """(loss, metrics) of one collated batch of groups: one policy forward over all B * K
-    candidates; the reference's log-probs come from the batch (cached) or from `ref_model`.
-    `sharing`: whether the policy and the reference encode each prompt once."""
+    candidates; the reference's log-probs come from the batch (cached), from `ref_model`, or
+    nowhere (a reference-free loss). `sharing`: whether the policy and the reference encode
+    each prompt once."""
     groups = batch["rewards"].shape[0]
     policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, sharing[0])
     policy_logps = policy_logps.view(groups, args.num_contrastive)
-    if "ref_logps" in batch:
+    lengths = batch["loss_mask"].sum(-1).view(groups, args.num_contrastive).to(policy_logps.dtype)
+    if not LOSSES[args.loss_type].reference:
+        ref_logps = None
+    elif "ref_logps" in batch:
         ref_logps = batch["ref_logps"]
     else:
         with torch.no_grad():
             ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs, sharing[1])
             ref_logps = ref_logps.view(groups, args.num_contrastive)
     loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
-                          args.beta_r, args.pref_epsilon)
-    return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi)
+                          args.beta_r, args.pref_epsilon, lengths=lengths, margin=args.simpo_margin)
+    return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi, lengths)
 
 
 @torch.no_grad()
@@ -189,11 +205,16 @@ def main(argv=None):
     args = parse_args(argv)
     stage = Stage(args)
     tokenizer, device = stage.tokenizer, stage.device
-    pref_labels = args.loss_type.endswith("-pref")
+    loss = LOSSES[args.loss_type]
+    pref_labels = loss.labels == "pref"
     encoding = {"stage": "align", "num_contrastive": args.num_contrastive, "pref_labels": pref_labels}
+    group_check = None
+    if loss.checks_labels:  # a cached encoding was checked for this loss's labels only if the key says so
+        encoding["labels_checked_for"] = args.loss_type
+        group_check = partial(label_error, args.loss_type)
 
     def make_encoder(tok, source, kind):
-        return AlignmentEncoder(tok, source, kind, args.num_contrastive, pref_labels)
+        return AlignmentEncoder(tok, source, kind, args.num_contrastive, pref_labels, group_check)
 
     splits = stage.datasets(encoding, make_encoder)
     collator = AlignmentCollator(tokenizer.pad_token_id)
@@ -210,16 +231,17 @@ def main(argv=None):
             ref_engine.eval()
         return ref_engine, ref_sharing
 
+    cache_reference = loss.reference and args.ref_logps == "cached"
     datasets_ = {}
     for split, (dataset, data_key) in splits.items():
-        if args.ref_logps == "cached":
+        if cache_reference:
             values = cached_reference_logps(reference, dataset, data_key, collator, args, device)
             dataset = dataset.add_column("ref_logps", values.tolist())
         datasets_[split] = dataset
-    if args.ref_logps == "cached":
+    if cache_reference:
         ref_engine = None  # frees the reference: from here on alignment costs what SFT does
         gc.collect()
-    else:
+    elif loss.reference:
         reference()
 
     policy = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True)

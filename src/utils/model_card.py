@@ -14,6 +14,8 @@ import sys
 
 from huggingface_hub import ModelCardData, metadata_load
 
+from .loss import LOSSES
+
 
 def stage_name():
     """The entry script that is running: train_exo, train_sft, ..."""
@@ -61,6 +63,23 @@ def _tags(stage, args, classifier):
     return tags
 
 
+def _loss_rows(args):
+    """The alignment loss and the hyperparameters it reads (utils.loss.LOSSES)."""
+    spec = LOSSES[args.loss_type]
+    reference = f"`{args.ref_name_or_path}`" if spec.reference else "none (a reference-free loss)"
+    rows = [("reference model", reference), ("loss type", f"`{args.loss_type}`"),
+            ("K (candidates per group)", args.num_contrastive)]
+    if spec.labels == "rw":
+        rows.append(("beta_pi / beta_r", f"{args.beta_pi} / {args.beta_r}"))
+    else:
+        rows.append(("beta_pi", args.beta_pi))
+    if spec.labels == "pref":
+        rows.append(("pref epsilon", args.pref_epsilon))
+    if args.loss_type == "simpo":
+        rows.append(("SimPO margin gamma", args.simpo_margin))
+    return rows + [("temperature", args.temp)]
+
+
 def _usage(classifier):
     if classifier:
         return """```python
@@ -89,11 +108,7 @@ def model_card(args, model, path, steps, total_steps, world_size):
     rows = [("stage", f"`{stage}`"), ("initialised from", f"`{args.model_name_or_path}`"),
             ("data", ", ".join(f"`{spec}`" for spec in args.data_name_path))]
     if hasattr(args, "loss_type"):
-        rows += [("reference model", f"`{args.ref_name_or_path}`"), ("loss type", f"`{args.loss_type}`"),
-                 ("K (candidates per group)", args.num_contrastive),
-                 ("beta_pi / beta_r", f"{args.beta_pi} / {args.beta_r}"), ("temperature", args.temp)]
-        if args.loss_type.endswith("-pref"):
-            rows.append(("pref epsilon", args.pref_epsilon))
+        rows += _loss_rows(args)
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     rows += [("optimizer steps", f"{steps} of {total_steps}"), ("learning rate", f"{args.learning_rate:g} "
              f"({args.lr_scheduler_type})"), ("batch per optimizer step", batch),

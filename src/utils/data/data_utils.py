@@ -282,14 +282,15 @@ class AlignmentEncoder(Encoder):
     """record -> C / K groups of K candidates {input_ids [K][T], prompt_lens [K], rewards [K]}.
 
     `pref` records become the pair (chosen, rejected) with rewards (1, 0). With pref labels
-    every group needs a single best reward, since the winner is argmax r.
+    every group needs a single best reward, since the winner is argmax r. `group_check`, if
+    given, says why a group's rewards cannot train the loss (a string), or None where they can.
     """
 
-    def __init__(self, tok, source, kind, num_contrastive, pref_labels):
+    def __init__(self, tok, source, kind, num_contrastive, pref_labels, group_check=None):
         if kind not in ("pref", "rw"):
             raise InputError(f"{source}: alignment needs pref or rw data, got kind {kind!r}")
         super().__init__(tok, source, kind)
-        self.num_contrastive, self.pref_labels = num_contrastive, pref_labels
+        self.num_contrastive, self.pref_labels, self.group_check = num_contrastive, pref_labels, group_check
 
     def candidates(self, record):
         if self.kind == "pref":
@@ -302,7 +303,9 @@ class AlignmentEncoder(Encoder):
         k = self.num_contrastive
         at = where(self.source, index, "completions" if self.kind == "rw" else "rejected")
         if len(texts) < k:
-            raise InputError(f"{at}: {len(texts)} candidates, fewer than --num_contrastive {k}")
+            pair = ("; pref records hold one pair (chosen, rejected), so no ranking of more: use --num_contrastive 2, "
+                    "or rw data with K scored candidates") if self.kind == "pref" else ""
+            raise InputError(f"{at}: {len(texts)} candidates, fewer than --num_contrastive {k}{pair}")
         if len(texts) % k:
             raise InputError(f"{at}: {len(texts)} candidates is not a multiple of --num_contrastive {k}; "
                              "they are split into groups of K")
@@ -311,6 +314,10 @@ class AlignmentEncoder(Encoder):
             if group.count(max(group)) > 1:
                 raise InputError(f"{where(self.source, index, 'rewards')}: candidates {start}..{start + k - 1} tie "
                                  "for the best reward; a pref loss needs one winner (use an -rw loss or drop the tie)")
+        for start in range(0, len(texts), k) if self.group_check else ():
+            reason = self.group_check(rewards[start:start + k])
+            if reason:
+                raise InputError(f"{where(self.source, index, 'rewards')}: candidates {start}..{start + k - 1}: {reason}")
 
     def __call__(self, batch, indices):
         out = {"input_ids": [], "prompt_lens": [], "rewards": []}

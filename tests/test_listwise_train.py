@@ -1,0 +1,128 @@
+"""The listwise baselines through the alignment stage: every new loss trains on 2 CPU ranks from
+the command line and moves the policy toward the labels (under a spread of ZeRO stages, LoRA,
+the online reference and prefix sharing); the reference-free loss never touches a reference;
+data a loss cannot use is refused before training; a SimPO run resumes exactly."""
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import finish, launcher, run, start, write_split
+from safetensors.torch import load_file
+
+TINY = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--learning_rate", "5e-3", "--lr_scheduler_type", "constant",
+        "--seed", "7"]
+
+
+def evals(stdout):
+    """{step: {metric: value}} from the `[eval step N] name=value ...` lines."""
+    return {int(step): {k: float(v) for k, v in re.findall(r"(\S+)=(\S+)", rest)}
+            for step, rest in re.findall(r"\[eval step (\d+)\] (.*)", stdout)}
+
+
+def align(model, data, out, cache, *flags, ranks=2):
+    cmd = [*launcher(ranks), "src/train_exo.py", "--model_name_or_path", model, "--data_name_path", data,
+           "--output_dir", str(out), "--data_output_path", str(cache), *TINY, *flags]
+    return run(cmd, timeout=600)
+
+
+CASES = {  # loss: (data kind, K, flags that vary the machinery around it)
+    "dpo-pl": ("rw", 4, ["--zero_stage", "3"]),
+    "nca-rw": ("rw", 4, ["--zero_stage", "2", "--prefix_sharing", "off", "--no-fused_logprobs"]),
+    "nca-pref": ("pref", 2, ["--zero_stage", "1", "--beta_pi", "1.0", "--learning_rate", "1e-3"]),
+    "lipo": ("rw", 4, ["--zero_stage", "0", "--beta_pi", "1.0"]),
+    "ipo": ("pref", 2, ["--zero_stage", "3", "--ref_logps", "online", "--beta_pi", "1.0"]),
+    "simpo": ("rw", 4, ["--zero_stage", "2", "--lora_dim", "8", "--learning_rate", "2e-2", "--beta_pi", "2.0",
+                        "--ref_name_or_path", "/nonexistent/reference"]),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(CASES))
+def test_each_listwise_loss_trains_on_two_ranks_toward_the_labels(tiny_model, align_data, tmp_path, loss_type):
+    """The eval loss falls and the best-labelled candidate's implicit reward rises above the
+    others' (rewards/margins up, and positive at the end)."""
+    kind, k, flags = CASES[loss_type]
+    data = align_data[kind]
+    if loss_type == "lipo":  # LiPO's gains 2^r - 1 need rewards that are not mostly negative
+        data = tmp_path / "shifted"
+        for split in ("train", "test"):
+            records = json.loads((Path(align_data["rw"]) / f"{split}.json").read_text())
+            write_split(str(data), split, [{**r, "rewards": [x + 4 for x in r["rewards"]]} for r in records])
+    result = align(tiny_model, f"toy/{kind}:{data}", tmp_path / "run", tmp_path / "cache", "--loss_type", loss_type,
+                   "--num_contrastive", str(k), "--num_train_epochs", "2", "--print_loss", *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train = [float(v) for v in re.findall(r"\[train step \d+\] loss=(\S+)", result.stdout)]
+    assert sum(train[-4:]) / 4 < train[0], train  # it lowers its own objective
+    log = evals(result.stdout)
+    first, last = log[0], log[max(log)]
+    assert last["rewards/margins"] > first["rewards/margins"] and last["rewards/margins"] > 0, log
+    assert last["rewards/accuracies"] > first["rewards/accuracies"], log
+    assert ("kl" in last) == (loss_type != "simpo")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"| loss type | `{loss_type}` |" in card
+    if loss_type == "simpo":
+        assert "| reference model | none (a reference-free loss) |" in card and "| SimPO margin gamma | 0.5 |" in card
+        assert "reference log-probs" not in result.stdout + result.stderr
+        assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("ref_logps_")]
+
+
+def _write(directory, records):
+    for split in ("train", "test"):
+        write_split(str(directory), split, records)
+
+
+@pytest.mark.parametrize("case", ["pref data, K = 4", "lipo, negative rewards"])
+def test_data_a_loss_cannot_use_is_refused_before_training(tiny_model, align_data, tmp_path, case):
+    if case == "pref data, K = 4":
+        data, flags = f"toy/pref:{align_data['pref']}", ["--loss_type", "dpo-pl", "--num_contrastive", "4"]
+        expected = "pref records hold one pair (chosen, rejected), so no ranking of more"
+    else:
+        _write(tmp_path / "neg", [{"prompt": "the movie", "completions": ["good", "bad", "dull"],
+                                   "rewards": [-1.0, -2.0, -3.0]}] * 4)
+        data, flags = f"toy/rw:{tmp_path / 'neg'}", ["--loss_type", "lipo", "--num_contrastive", "3"]
+        expected = "field \"rewards\": candidates 0..2: the ideal DCG"
+    result = align(tiny_model, data, tmp_path / "run", tmp_path / "cache", *flags, ranks=1)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_simpo_stopped_by_sigterm_resumes_exactly(tiny_model, align_data, tmp_path):
+    """A reference-free run checkpoints on SIGTERM and --resume auto continues it to the same
+    per-step losses and weights as a run never stopped."""
+    import psutil
+
+    data = f"toy/rw:{align_data['rw']}"
+    flags = ["--loss_type", "simpo", "--num_contrastive", "2", "--zero_stage", "2", "--max_iter_step", "6",
+             "--save_step_interval", "1", "--keep_last_n", "2", "--print_loss", "--lr_scheduler_type", "cosine"]
+
+    def command(out, *extra):
+        return [*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model, "--data_name_path", data,
+                "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache"), *TINY, *flags, *extra]
+
+    losses = lambda text: dict(re.findall(r"\[train step (\d+)\] loss=(\S+)", text))
+    reference = finish(start(command(tmp_path / "ref")))
+    assert "saved the final model" in reference, reference[-3000:]
+
+    process = start(command(tmp_path / "run"))
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "[train step 2]" in line:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                cmdline = " ".join(child.cmdline())
+                if "train_exo.py" in cmdline and "deepspeed.launcher" not in cmdline:
+                    child.send_signal(signal.SIGTERM)
+            break
+    stopped_output = "".join(seen) + finish(process)
+    assert process.returncode == 0 and "saved the final model" not in stopped_output, stopped_output[-3000:]
+
+    resumed = finish(start(command(tmp_path / "run", "--resume", "auto")))
+    start_step = int(re.search(r"resumed from .* at step (\d+)", resumed).group(1))
+    expected = {s: v for s, v in losses(reference).items() if int(s) > start_step}
+    assert losses(resumed) == expected and expected
+    a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "ref", tmp_path / "run"))
+    assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
