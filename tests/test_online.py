@@ -148,7 +148,8 @@ class ToyLines(PromptRawDataset):
 
 def test_online_reads_prompts_through_a_dataset_module(tiny_model, online_inputs, tmp_path):
     """Prompts in a format of the user's own (--dataset_module, a path relative to where the
-    driver starts) reach sampling and the evaluations: one round runs, on the file's prompts."""
+    driver starts) reach sampling and the evaluations: one round runs, on the file's prompts. The
+    round aligns with the reference-free simpo, so online rounds run a loss without a reference too."""
     prompts_dir, reward_model = tmp_path / "lines", online_inputs[1]
     prompts_dir.mkdir()
     for split, n in (("train", 8), ("test", 2)):
@@ -161,13 +162,14 @@ def test_online_reads_prompts_through_a_dataset_module(tiny_model, online_inputs
                   "--num_samples", "2", "--max_new_tokens", "4", "--max_length", "12", "--max_iter_step", "2",
                   "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
                   "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
-                  "--eval_batch_size", "8"], timeout=900, env={"DEVICE_IDS": "0"}, cwd=tmp_path)
+                  "--eval_batch_size", "8", "--loss_type", "simpo"], timeout=900, env={"DEVICE_IDS": "0"}, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     samples = json.loads((out / "round1" / "samples" / "train.json").read_text())
     assert [s["prompt"] for s in samples] == [f"the movie {i} was" for i in range(8)]
     evaluated = json.loads((out / "eval" / "round1" / "test.json").read_text())
     assert [s["prompt"] for s in evaluated] == ["the movie 0 was", "the movie 1 was"]
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
+    assert (out / "round1" / "policy_online" / "align_simpo_nc2" / "model.safetensors").exists()
 
 
 def test_online_bad_flags_are_one_line(tiny_model, online_inputs, tmp_path):

@@ -8,7 +8,8 @@
 #   MODEL_TYPE       label of INIT_PATH, e.g. sft; names the TensorBoard run
 #   DATA_NAME        NAME/KIND of the data, e.g. imdb/rw
 #   DATA_PATH        directory with train.json[l] and test.json[l]
-#   LOSS_TYPE        exo-pref | exo-rw | dpo-pref | dpo-rw
+#   LOSS_TYPE        exo-pref | exo-rw | dpo-pref | dpo-rw, or a listwise baseline:
+#                    dpo-pl | nca-rw | nca-pref | lipo | ipo | simpo (README: Every loss type)
 #   NUM_CONTRASTIVE  K, candidates per group
 #   extra flags      passed on to src/train_exo.py and override the defaults below
 #
@@ -20,7 +21,7 @@
 # that directory). Devices: DEVICE_IDS (see common.sh); CPU ranks when there is no GPU.
 set -euo pipefail
 if [ "$#" -lt 7 ]; then
-    sed -n '2,20p' "$0"; exit 2
+    sed -n '2,21p' "$0"; exit 2
 fi
 NAME=$1; INIT_PATH=$2; MODEL_TYPE=$3; DATA_NAME=$4; DATA_PATH=$5; LOSS_TYPE=$6; NUM_CONTRASTIVE=$7
 shift 7

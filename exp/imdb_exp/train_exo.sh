@@ -5,14 +5,15 @@
 #
 #   NAME INIT_PATH   e.g. gpt2-large models/gpt2-large_imdb/sft (also the frozen reference)
 #   DATA_PATH        rw data: data/imdb_prefix10_rw or data/imdb_prefix10_pref_p2r
-#   LOSS_TYPE        exo-pref | exo-rw | dpo-pref | dpo-rw
+#   LOSS_TYPE        exo-pref | exo-rw | dpo-pref | dpo-rw, or a listwise baseline:
+#                    dpo-pl | nca-rw | nca-pref | lipo | ipo | simpo (README: Every loss type)
 #   NUM_CONTRASTIVE  K, candidates per group (at most the completions per prompt)
 #   extra flags      override the defaults below (the original EXO code's, see README.md)
 #
 # Writes models/NAME_imdb/align_LOSS_ncK/ckpt1..20 and the final model.
 set -euo pipefail
 if [ "$#" -lt 5 ]; then
-    sed -n '2,12p' "$0"; exit 2
+    sed -n '2,13p' "$0"; exit 2
 fi
 NAME=$1; INIT_PATH=$2; DATA_PATH=$3; LOSS_TYPE=$4; NUM_CONTRASTIVE=$5
 shift 5

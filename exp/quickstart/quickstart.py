@@ -13,8 +13,9 @@ Stages, each through the launcher or entry point a GPU user runs:
   rm           a reward model on those pairs (train_rm.sh)
   rm_label     the samples scored by the reward model: rw data (inference_rm.sh)
   pref_to_rw   the oracle pairs as rw data with rewards [1, 0] (src/utils/data/pref_to_rw.py)
-  align_M      EXO / DPO from the SFT model, saving checkpoints (train_exo.sh): the -rw losses on the
-               reward model's rw data with K = --num_samples, the -pref losses on the oracle pairs (K = 2)
+  align_M      EXO / DPO (or any --methods loss) from the SFT model, saving checkpoints (train_exo.sh): the
+               -pref losses on the oracle pairs (K = 2), every other loss on the reward model's rw data
+               with K = --num_samples
   eval_M       every checkpoint's test samples: oracle reward, KL(pi || pi_sft) and the win rate against
                the SFT model's test samples, judged by the oracle in both orders (evaluate.py)
   online_*     --online_rounds R (default 3) rounds of online EXO (exp/online_exp/online.py) from the SFT
@@ -40,9 +41,10 @@ sys.path.insert(0, str(QUICKSTART))
 sys.path.insert(0, str(REPO_ROOT / "exp" / "online_exp"))
 
 from utils.fileio import InputError, atomic_dir, atomic_write_json, cli_main, commit_dir  # noqa: E402
+from utils.loss import LOSS_TYPES, LOSSES  # noqa: E402
 from utils.pipeline import Pipeline, run_command, run_or_exit  # noqa: E402
 
-METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")
+METHODS = ("exo-pref", "exo-rw", "dpo-pref", "dpo-rw")  # the default; --methods takes any loss type
 # Every sampled completion fits the training and scoring cuts whole: the prompts are a few
 # words and completions at most MAX_NEW_TOKENS tokens, stop token included (+ slack).
 MAX_NEW_TOKENS, MAX_LENGTH = 64, 96
@@ -81,7 +83,8 @@ def parse_args(argv=None):
                    help="inference_sft's --backend for the SFT model's samples and the online rounds' (vllm: needs "
                         "vllm installed, README: Install); the evaluations sample with hf")
     g = parser.add_argument_group("alignment")
-    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="loss types to run")
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=LOSS_TYPES,
+                   help="loss types to run (any of train_exo's; the table and plot get a row and a curve each)")
     g.add_argument("--align_lr", type=float, default=1e-4, help="learning rate of the alignment runs")
     g.add_argument("--beta", type=float, default=0.5, help="beta_pi = beta_r of the alignment losses")
     g.add_argument("--seed", type=int, default=0, help="seeds the corpus, the model and every stage")
@@ -190,7 +193,7 @@ def build(args):
 
     align_dirs = {}
     for method in args.methods:
-        on_pref = method.endswith("-pref")
+        on_pref = LOSSES[method].labels == "pref"
         k = 2 if on_pref else args.num_samples
         align_dirs[method] = run_root / f"align_{method}_nc{k}"
         settings = {"steps": args.align_steps, "checkpoints": args.num_checkpoints, "lr": args.align_lr,
