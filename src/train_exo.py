@@ -25,7 +25,8 @@ from utils.data.data_utils import AlignmentEncoder, is_cache_writer
 from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
-from utils.loss import DEFAULT_SIMPO_MARGIN, LOSS_TYPES, LOSSES, alignment_loss, label_error, resolve_pref_epsilon
+from utils.loss import (DEFAULT_SIMPO_MARGIN, LOSS_TYPES, LOSSES, alignment_loss, label_error, resolve_pref_epsilon,
+                        win_rate_labels)
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
@@ -55,6 +56,10 @@ def parse_args(argv=None):
     g.add_argument("--simpo_margin", type=float, default=DEFAULT_SIMPO_MARGIN,
                    help="simpo only: the target margin gamma in -log sigmoid(beta_pi (s_w - s_l) - gamma), s the "
                         "per-token average log-prob (the SimPO authors' gamma_beta_ratio is gamma / beta_pi)")
+    g.add_argument("--lipo_labels", default="rewards", choices=["rewards", "win_rates"],
+                   help="lipo only: the labels psi whose gains 2^psi - 1 weigh the pairs. rewards: the data's "
+                        "rewards as given (a group of mostly negative ones is refused); win_rates: each candidate's "
+                        "mean sigmoid(r_i - r_j) over the others of its group, in (0, 1) for any reward model")
     g.add_argument("--ref_logps", default="cached", choices=["cached", "online"],
                    help="cached: one reference pass before training, stored beside the data cache; "
                         "online: keep the reference in memory and run it every step")
@@ -127,7 +132,10 @@ def alignment_step_loss(model, batch, args, ref_model=None, sharing=(False, Fals
         with torch.no_grad():
             ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs, sharing[1])
             ref_logps = ref_logps.view(groups, args.num_contrastive)
-    loss = alignment_loss(policy_logps, ref_logps, batch["rewards"], args.loss_type, args.beta_pi,
+    labels = batch["rewards"]
+    if args.loss_type == "lipo" and args.lipo_labels == "win_rates":
+        labels = win_rate_labels(labels.double()).to(labels.dtype)
+    loss = alignment_loss(policy_logps, ref_logps, labels, args.loss_type, args.beta_pi,
                           args.beta_r, args.pref_epsilon, lengths=lengths, margin=args.simpo_margin)
     return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi, lengths)
 
@@ -209,7 +217,7 @@ def main(argv=None):
     pref_labels = loss.labels == "pref"
     encoding = {"stage": "align", "num_contrastive": args.num_contrastive, "pref_labels": pref_labels}
     group_check = None
-    if loss.checks_labels:  # a cached encoding was checked for this loss's labels only if the key says so
+    if loss.checks_labels and args.lipo_labels == "rewards":  # a cached encoding was checked only if its key says so
         encoding["labels_checked_for"] = args.loss_type
         group_check = partial(label_error, args.loss_type)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.loss import LOSS_TYPES, LOSSES, alignment_loss
+from utils.loss import LOSS_TYPES, LOSSES, alignment_loss, label_error, win_rate_labels
 
 NEW_LOSSES = ("dpo-pl", "nca-pref", "nca-rw", "lipo", "ipo", "simpo")
 TOL = dict(rel=1e-12, abs=1e-12)
@@ -406,10 +406,26 @@ def test_float32_inputs_stay_float32():
         assert _loss(pol, ref, rewards, lengths, loss_type, beta_pi, beta_r).dtype == torch.float32
 
 
-def test_permutation_helper_covers_every_order_at_k3():
+def test_every_order_of_three_candidates_gives_one_value():
     """dpo-pl, nca, lipo, ipo and simpo are symmetric under all 3! orders at once."""
     pol, ref, rewards, lengths, beta_pi, beta_r = _inputs(8, 2, 3)
     for loss_type in NEW_LOSSES:
         values = {round(_loss(pol[:, list(p)], ref[:, list(p)], rewards[:, list(p)], lengths[:, list(p)], loss_type,
                               beta_pi, beta_r).item(), 12) for p in itertools.permutations(range(3))}
         assert len(values) == 1, (loss_type, values)
+
+
+def test_win_rate_labels_are_mean_bradley_terry_win_probabilities():
+    """psi_i = mean over j != i of sigmoid(r_i - r_j): in (0, 1), in r's order, and always usable
+    as LiPO's gains, where the raw rewards (negative here) are refused."""
+    rewards = torch.tensor([[-3.0, -1.0, -2.5, -7.0], [2.0, 2.0, 0.0, -1.0]], dtype=torch.float64)
+    psi = win_rate_labels(rewards)
+    for g, r in enumerate(rewards.tolist()):
+        for i in range(4):
+            expected = sum(1 / (1 + math.exp(r[j] - r[i])) for j in range(4) if j != i) / 3
+            assert psi[g, i].item() == pytest.approx(expected, **TOL)
+        assert sorted(range(4), key=lambda i: r[i]) == sorted(range(4), key=lambda i: psi[g, i].item())
+    assert ((psi > 0) & (psi < 1)).all() and psi.mean(-1).tolist() == pytest.approx([0.5, 0.5], **TOL)
+    assert label_error("lipo", rewards[0].tolist()) and label_error("lipo", psi[0].tolist()) is None
+    pol, ref, _, _, beta_pi, _ = _inputs(3, 2, 4)
+    assert torch.isfinite(alignment_loss(pol, ref, psi, "lipo", beta_pi, 1.0))

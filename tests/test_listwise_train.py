@@ -2,10 +2,8 @@
 the command line and moves the policy toward the labels (under a spread of ZeRO stages, LoRA,
 the online reference and prefix sharing); the reference-free loss never touches a reference;
 data a loss cannot use is refused before training; a SimPO run resumes exactly."""
-import json
 import re
 import signal
-from pathlib import Path
 
 import pytest
 from conftest import finish, launcher, run, start, write_split
@@ -32,7 +30,8 @@ CASES = {  # loss: (data kind, K, flags that vary the machinery around it)
     "dpo-pl": ("rw", 4, ["--zero_stage", "3"]),
     "nca-rw": ("rw", 4, ["--zero_stage", "2", "--prefix_sharing", "off", "--no-fused_logprobs"]),
     "nca-pref": ("pref", 2, ["--zero_stage", "1", "--beta_pi", "1.0", "--learning_rate", "1e-3"]),
-    "lipo": ("rw", 4, ["--zero_stage", "0", "--beta_pi", "1.0"]),
+    # the toy rewards go negative, so LiPO's gains come from their win rates
+    "lipo": ("rw", 4, ["--zero_stage", "0", "--beta_pi", "1.0", "--lipo_labels", "win_rates"]),
     "ipo": ("pref", 2, ["--zero_stage", "3", "--ref_logps", "online", "--beta_pi", "1.0"]),
     "simpo": ("rw", 4, ["--zero_stage", "2", "--lora_dim", "8", "--learning_rate", "2e-2", "--beta_pi", "2.0",
                         "--ref_name_or_path", "/nonexistent/reference"]),
@@ -44,13 +43,8 @@ def test_each_listwise_loss_trains_on_two_ranks_toward_the_labels(tiny_model, al
     """The eval loss falls and the best-labelled candidate's implicit reward rises above the
     others' (rewards/margins up, and positive at the end)."""
     kind, k, flags = CASES[loss_type]
-    data = align_data[kind]
-    if loss_type == "lipo":  # LiPO's gains 2^r - 1 need rewards that are not mostly negative
-        data = tmp_path / "shifted"
-        for split in ("train", "test"):
-            records = json.loads((Path(align_data["rw"]) / f"{split}.json").read_text())
-            write_split(str(data), split, [{**r, "rewards": [x + 4 for x in r["rewards"]]} for r in records])
-    result = align(tiny_model, f"toy/{kind}:{data}", tmp_path / "run", tmp_path / "cache", "--loss_type", loss_type,
+    result = align(tiny_model, f"toy/{kind}:{align_data[kind]}", tmp_path / "run", tmp_path / "cache",
+                   "--loss_type", loss_type,
                    "--num_contrastive", str(k), "--num_train_epochs", "2", "--print_loss", *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     train = [float(v) for v in re.findall(r"\[train step \d+\] loss=(\S+)", result.stdout)]

@@ -205,7 +205,9 @@ def build(args):
                           "--temp", str(SAMPLING_TEMP), "--per_device_train_batch_size", str(max(1, 32 // k)),
                           "--per_device_eval_batch_size", str(max(1, 64 // k)), "--gradient_accumulation_steps", "1",
                           "--learning_rate", str(args.align_lr), "--max_iter_step", str(args.align_steps),
-                          "--num_train_epochs", "100", "--num_save_checkpoint", str(args.num_checkpoints)))
+                          "--num_train_epochs", "100", "--num_save_checkpoint", str(args.num_checkpoints),
+                          # the reward model's scores go negative, where LiPO's gains 2^r - 1 lose their meaning
+                          *(["--lipo_labels", "win_rates"] if method == "lipo" else [])))
 
     eval_root = w / "eval"
     eval_settings = {"eval_samples": args.eval_samples}

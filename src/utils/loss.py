@@ -269,6 +269,17 @@ def _ideal_dcg(rewards):
     return torch.where(ideal[..., :1] > ideal[..., -1:], max_dcg, torch.ones_like(max_dcg))
 
 
+def win_rate_labels(rewards):
+    """[G, K] rewards -> each candidate's mean probability of beating the others of its group,
+    psi_i = mean_{j != i} sigmoid(r_i - r_j), the Bradley-Terry win rate under a reward model.
+    In (0, 1) whatever the rewards' scale, and in the same order as r: labels for lipo's gains
+    from a reward model whose scores are negative (LiPO labels its lists from a pairwise
+    preference model by such average win probabilities)."""
+    k = rewards.shape[-1]
+    beats = torch.sigmoid(_pair_differences(rewards))
+    return (beats.sum(-1) - 0.5) / (k - 1)  # the diagonal adds sigmoid(0) = 1/2
+
+
 def label_error(loss_type, group_rewards):
     """Why one group's rewards (a list) cannot train `loss_type`, or None: checked on the data
     before training, so that a run does not stop on them half-way."""

@@ -77,6 +77,8 @@ def _loss_rows(args):
         rows.append(("pref epsilon", args.pref_epsilon))
     if args.loss_type == "simpo":
         rows.append(("SimPO margin gamma", args.simpo_margin))
+    if args.loss_type == "lipo":
+        rows.append(("LiPO labels", args.lipo_labels))
     return rows + [("temperature", args.temp)]
 
 
