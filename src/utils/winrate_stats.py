@@ -44,6 +44,11 @@ these the features of its `length_controlled_noreg`.
 Neither removes quality that is itself correlated with length: if longer answers are better
 answers, controlling for length takes part of the real difference away with the bias.
 """
+import contextlib
+import os
+import sys
+import warnings
+
 import numpy as np
 
 Z95 = 1.959963984540054
@@ -70,7 +75,8 @@ def wilson_interval(mean, n, z=Z95):
     shrink = 1 + z * z / n
     centre = (mean + z * z / (2 * n)) / shrink
     half = z / shrink * np.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # at a mean of exactly 0 or 1 that end is exactly 0 or 1; rounding would leave 1e-17 off it
+    return (0.0 if mean == 0 else float(centre - half)), (1.0 if mean == 1 else float(centre + half))
 
 
 def percentile_bootstrap_holds(per_prompt):
@@ -97,6 +103,7 @@ def fit_soft_l1(features, soft):
     """Weights (one per column of `features`, no intercept) of AlpacaEval's L1 logistic
     regression of the soft labels `soft`, with its 5-fold cross-validated penalty; and the C."""
     import sklearn
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import make_scorer
     from sklearn.model_selection import GroupKFold
@@ -105,25 +112,51 @@ def fit_soft_l1(features, soft):
     x = np.concatenate([features, features])
     y = np.concatenate([np.ones(n), np.zeros(n)])
     weight = np.concatenate([soft, 1 - soft])  # a win weighted s, a loss weighted 1 - s
-    with sklearn.config_context(enable_metadata_routing=True):  # the soft labels reach the scorer
+    groups, cv = np.concatenate([np.arange(n)] * 2), GroupKFold(n_splits=FOLDS)  # a pair's copies in one fold
+    # liblinear writes "class label 1 specified in weight is not found" to fd 2 for each fit whose
+    # wins (or losses) all weigh 0, as on a fold the policy loses every pair of; the fit is the same
+    one_sided = any(min(weight[train][y[train] == 1].sum(), weight[train][y[train] == 0].sum()) == 0
+                    for train, _ in cv.split(x, y, groups))
+    with sklearn.config_context(enable_metadata_routing=True), _quiet_fd2(one_sided), warnings.catch_warnings():
+        # liblinear stops at AlpacaEval's iteration limit on a nearly separable fold at large C, and
+        # says so once per fit; the number is still the one AlpacaEval computes, which is the claim
+        warnings.simplefilter("ignore", ConvergenceWarning)
         scorer = make_scorer(soft_log_loss, response_method="predict_proba", greater_is_better=False)
-        model = LogisticRegressionCV(Cs=NUM_CS, cv=GroupKFold(n_splits=FOLDS), scoring=scorer.set_score_request(
-                                         soft=True), solver="liblinear", fit_intercept=False,
-                                     random_state=RANDOM_STATE, **_l1_penalty())
-        model.set_fit_request(sample_weight=True)
-        model.fit(x, y, sample_weight=weight, groups=np.concatenate([np.arange(n)] * 2),
-                  soft=np.concatenate([soft, soft]))
+        model = LogisticRegressionCV(Cs=NUM_CS, cv=cv, scoring=scorer.set_score_request(soft=True),
+                                     solver="liblinear", fit_intercept=False, random_state=RANDOM_STATE,
+                                     **_l1_penalty())
+        model.set_fit_request(sample_weight=True)  # the soft labels reach the scorer, the weights the fit
+        model.fit(x, y, sample_weight=weight, groups=groups, soft=np.concatenate([soft, soft]))
     return model.coef_[0].astype(float), float(np.atleast_1d(model.C_)[0])
 
 
+@contextlib.contextmanager
+def _quiet_fd2(quiet):
+    """File descriptor 2 (where C code writes) sent to /dev/null inside, when `quiet`."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _l1_penalty():
-    """The L1 penalty as this scikit-learn spells it: l1_ratios=(1,) from 1.8 (penalty= is
-    deprecated there and gone in 1.10), penalty="l1" before."""
+    """The L1 penalty as this scikit-learn spells it: l1_ratios=(1,) where penalty= is deprecated
+    (1.8 on; it goes in 1.10), penalty="l1" before; and the fitted attributes' new layout where
+    there is one, so that no FutureWarning is printed."""
     from sklearn.linear_model import LogisticRegressionCV
 
-    if "use_legacy_attributes" in LogisticRegressionCV().get_params():
-        return {"l1_ratios": (1.0,), "use_legacy_attributes": False}
-    return {"penalty": "l1"}
+    params = LogisticRegressionCV().get_params()
+    if params.get("penalty") != "deprecated":
+        return {"penalty": "l1"}
+    return {"l1_ratios": (1.0,), **({"use_legacy_attributes": False} if "use_legacy_attributes" in params else {})}
 
 
 def standardised_tanh(policy_lengths, baseline_lengths):
@@ -153,7 +186,7 @@ def lc_minimal(scores, policy_lengths, baseline_lengths):
         return {"lc_unavailable": too_few_pairs(len(soft))}
     features = np.stack([standardised_tanh(policy_lengths, baseline_lengths), np.ones(len(soft))], axis=1)
     (w_len, w_0), c = fit_soft_l1(features, soft)
-    return {"lc_win_rate": float(_sigmoid(w_0)), "length_weight": -float(w_len), "C": c}
+    return {"lc_win_rate": float(_sigmoid(w_0)), "length_weight": float(0.0 - w_len), "C": c}  # 0.0 -: no -0.0
 
 
 def prompt_difficulties(policies):
@@ -191,6 +224,6 @@ def lc_with_difficulty(policies):
         features = np.stack([standardised_tanh(lp, lb), d, np.ones(len(d))], axis=1)
         (w_len, w_diff, w_0), c = fit_soft_l1(features, np.asarray(scores, dtype=float))
         unique = np.array([difficulty[x] for x in sorted(set(names))])  # each prompt once
-        results.append({"lc_win_rate": float(_sigmoid(w_0 + w_diff * unique).mean()), "length_weight": -float(w_len),
+        results.append({"lc_win_rate": float(_sigmoid(w_0 + w_diff * unique).mean()), "length_weight": float(0.0 - w_len),
                         "difficulty_weight": float(w_diff), "C": c})
     return results, difficulty
