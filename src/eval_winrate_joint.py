@@ -36,6 +36,17 @@ def parse_args(argv=None):
     return args
 
 
+def labels(paths):
+    """A short name for each report: its directory below the reports' common one (eval/dpo-pref/ckpt1/
+    winrate.json, ...: dpo-pref/ckpt1), or its path below it where directories repeat."""
+    paths = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(p) for p in paths])
+    names = [os.path.relpath(os.path.dirname(p), common) for p in paths]
+    if len(set(names)) < len(names) or "." in names:
+        names = [os.path.splitext(os.path.relpath(p, common))[0] for p in paths]
+    return names
+
+
 def read_report(path):
     try:
         report = json.loads(read_text(path))
@@ -76,8 +87,8 @@ def main(argv=None):
                 for r in reports]
     fits, difficulty = stats.lc_with_difficulty(policies)
     rows = []
-    for path, report, fit in zip(args.reports, reports, fits):
-        rows.append({"report": path, "name": report.get("markdown_row", "| ?").split("|")[1].strip(),
+    for path, name, report, fit in zip(args.reports, labels(args.reports), reports, fits):
+        rows.append({"report": path, "name": name,
                      "win_rate": report["win_rate"], "lc_win_rate": report.get("lc_win_rate"),
                      "lc_difficulty_win_rate": fit["lc_win_rate"], "length_weight": fit["length_weight"],
                      "difficulty_weight": fit["difficulty_weight"], "C": fit["C"]})

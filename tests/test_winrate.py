@@ -440,12 +440,12 @@ def test_joint_fit_with_prompt_difficulty_over_several_reports(tmp_path, capsys)
     case = next(c for c in FIXTURES["cases"] if "alpaca_eval_noreg" in c)
     paths = []
     for k, policy in enumerate(case["policies"]):
+        (tmp_path / f"policy{k}").mkdir()
         judged = [{"prompt": x, "score": s, "length_policy": lp, "length_baseline": lb}
                   for x, s, lp, lb in zip(*fixture_policies(case)[k])]
         report = {"baseline": "base.json", "judge": "fn:j.py:f", "win_rate": sum(policy["scores"]) / 200,
-                  "lc_win_rate": case["alpaca_eval_minimal"][k], "markdown_row": f"| policy{k} | ...",
-                  "judged_pairs": judged}
-        paths.append(tmp_path / f"p{k}.json")
+                  "lc_win_rate": case["alpaca_eval_minimal"][k], "judged_pairs": judged}
+        paths.append(tmp_path / f"policy{k}" / "winrate.json")
         paths[-1].write_text(json.dumps(report))
     out = tmp_path / "joint.json"
     eval_winrate_joint.main([*map(str, paths), "--output_path", str(out)])
