@@ -248,7 +248,7 @@ def interval(prompt_means, resamples, seed):
     mean = sum(prompt_means) / len(prompt_means)
     boot = stats.bootstrap_interval(prompt_means, resamples, seed)
     wilson = stats.wilson_interval(mean, len(prompt_means))
-    why = stats.percentile_bootstrap_holds(prompt_means)
+    why = stats.bootstrap_under_covers(prompt_means)
     out = {"ci_low": (wilson if why else boot)[0], "ci_high": (wilson if why else boot)[1],
            "ci_method": "wilson" if why else "percentile bootstrap", "bootstrap_ci": list(boot),
            "wilson_ci": list(wilson)}
