@@ -68,3 +68,51 @@ def test_quickstart_bad_flag_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --force no_such_stage: no such stage")
     assert not (tmp_path / "stages").exists()
+
+
+def test_evaluate_keeps_an_output_only_when_made_from_the_same_inputs(tiny_model, align_data, tmp_path, capsys):
+    """evaluate.py's steps reuse an output only when its record says it was made from what the
+    rerun would make it from: a changed judge redoes the win rate alone, a changed model what it
+    makes, a changed seed the samples and all that reads them, and an output without a record
+    (an older run's) is redone."""
+    import importlib.util
+    import shutil
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("quickstart_evaluate", REPO_ROOT / "exp" / "quickstart" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    policy, out = tmp_path / "policy", tmp_path / "eval"
+    shutil.copytree(tiny_model, policy)
+    judge = tmp_path / "judge.py"
+    judge.write_text("def longer(prompt, completions):\n    return [float(len(c)) for c in completions]\n")
+    argv = ["--prompts", f"toy/rw:{align_data['rw']}", "--sft_model", tiny_model, "--model", f"sft={tiny_model}",
+            "--model", f"pol={policy}", "--output_dir", str(out), "--return_num", "2", "--max_new_tokens", "6",
+            "--max_length", "48", "--batch_size", "16", "--winrate_baseline", str(out / "sft")]
+
+    def run_evaluate(*extra):
+        evaluate.main(argv + list(extra))
+        printed = capsys.readouterr().out
+        return {name: f"pol: {name} made from the same inputs before, kept" in printed.replace(f"{out}/", "")
+                for name in ("samples", "logps_policy", "logps_sft", "kl", "winrate")}, printed
+
+    run_evaluate()
+    first = json.loads((out / "pol" / "winrate.json").read_text())
+    assert first["num_prompts"] == 16 and first["judge"].endswith("oracle_rewards")
+    kept, _ = run_evaluate()
+    assert all(kept.values()), kept
+    kept, printed = run_evaluate("--winrate_judge", f"fn:{judge}:longer")
+    assert kept == {"samples": True, "logps_policy": True, "logps_sft": True, "kl": True, "winrate": False}
+    assert "winrate redone (judge changed)" in printed
+    assert json.loads((out / "pol" / "winrate.json").read_text())["judge"] == f"fn:{judge}:longer"
+    # the model's files changed: what it makes is redone; the same samples came out, so what reads them stays
+    (policy / "note.txt").write_text("retrained in place\n")
+    kept, printed = run_evaluate("--winrate_judge", f"fn:{judge}:longer")
+    assert kept == {"samples": False, "logps_policy": False, "logps_sft": True, "kl": True, "winrate": True}
+    assert "samples redone (model changed)" in printed
+    kept, printed = run_evaluate("--winrate_judge", f"fn:{judge}:longer", "--seed", "43")
+    assert not any(kept.values()) and "samples redone (seed changed)" in printed, printed
+    shutil.rmtree(out / "pol" / "stages")  # as an evaluate.py before records left it
+    kept, _ = run_evaluate("--winrate_judge", f"fn:{judge}:longer", "--seed", "43")
+    assert not any(kept.values())

@@ -17,9 +17,13 @@ For each NAME=PATH, in OUTPUT_DIR/NAME:
 
 These are the entry points a GPU user runs one launcher call at a time; here they are called
 in one process, because on a CPU each launch costs ~15 s of start-up for a few seconds of work,
-and a dozen checkpoints would spend most of the quickstart starting Python. A file that exists
-is kept, so a rerun after a crash resumes. A model whose path is --sft_model is the SFT model
-itself: its KL is 0 by definition and is recorded without scoring.
+and a dozen checkpoints would spend most of the quickstart starting Python. Each step's
+output is kept by a rerun only when its record, OUTPUT_DIR/NAME/stages/STEP.json
+(utils/provenance.py), says it was made from the same inputs (the digests of the model, the
+data and the files it reads, and its settings) and its files are unchanged: a rerun after a
+crash resumes, and one with another model, baseline, judge or setting redoes what they
+change. A model whose path is --sft_model is the SFT model itself: its KL is 0 by definition
+and is recorded without scoring.
 """
 import argparse
 import os
@@ -36,6 +40,7 @@ import eval_kl  # noqa: E402
 import eval_winrate  # noqa: E402
 import inference_rm  # noqa: E402
 import inference_sft  # noqa: E402
+from utils import provenance  # noqa: E402
 from utils.fileio import InputError, atomic_write_json, cli_main, read_json_records  # noqa: E402
 
 
@@ -76,6 +81,33 @@ def parse_args(argv=None):
     return args
 
 
+def step(out, name, made_from, outputs, run):
+    """Run `run()` unless OUT/stages/NAME.json records that `outputs` were made from `made_from`
+    and they are unchanged; then record them."""
+    record = os.path.join(out, "stages", f"{name}.json")
+    reason = provenance.why_not_reusable(record, made_from, outputs)
+    if reason is None:
+        print(f"{out}: {name} made from the same inputs before, kept", flush=True)
+        return
+    if reason != "not done yet":
+        print(f"{out}: {name} redone ({reason})", flush=True)
+    run()
+    provenance.write_record(record, made_from, outputs)
+
+
+def data_digest(spec):
+    """The digest of the data of a NAME/KIND:PATH spec (None for a hub id: the spec names it)."""
+    return provenance.digest(spec.partition(":")[2]) if ":" in spec else None
+
+
+def judge_digest(spec):
+    """The digest of an fn: judge's file (its code is the judge), or of an rm:/lm: judge's model."""
+    kind, _, target = spec.partition(":")
+    if kind == "fn":
+        return provenance.digest(target.rpartition(":")[0])
+    return provenance.digest(target) if kind in ("rm", "lm") else None
+
+
 def evaluate(name, model_path, args):
     out = os.path.join(args.output_dir, name)
     samples = os.path.join(out, "test.json")
@@ -83,40 +115,47 @@ def evaluate(name, model_path, args):
     # sampler drew is cut
     lengths = ["--max_seq_len", str(args.max_seq_len or args.max_length + 8),
                "--max_gen_len", str(args.max_gen_len or args.max_new_tokens + 8)]
-    if not os.path.exists(samples):
-        inference_sft.main(["--model_name_or_path", model_path, "--data_name_path", args.prompts, "--split", "test",
-                            "--return_num", str(args.return_num), "--temp", str(args.temp), "--top_k", "0",
-                            "--top_p", "1.0", "--max_new_tokens", str(args.max_new_tokens),
-                            "--max_length", str(args.max_length), "--batch_size", str(args.batch_size),
-                            "--seed", str(args.seed), "--output_path", out,
-                            "--dataset_module", *args.dataset_module])
+    sampling = {"model": provenance.digest(model_path), "prompts": args.prompts, "data": data_digest(args.prompts),
+                "dataset_module": [[m, provenance.digest(m)] for m in args.dataset_module],
+                **{k: getattr(args, k) for k in ("return_num", "temp", "max_new_tokens", "max_length", "batch_size",
+                                                 "seed")}}
+    step(out, "samples", sampling, [samples], lambda: inference_sft.main(
+        ["--model_name_or_path", model_path, "--data_name_path", args.prompts, "--split", "test",
+         "--return_num", str(args.return_num), "--temp", str(args.temp), "--top_k", "0", "--top_p", "1.0",
+         "--max_new_tokens", str(args.max_new_tokens), "--max_length", str(args.max_length),
+         "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--output_path", out,
+         "--dataset_module", *args.dataset_module]))
+    scoring = {"samples": provenance.digest(samples), "lengths": lengths, "batch_size": args.batch_size}
     kl_file = os.path.join(out, "kl.json")
     if os.path.abspath(model_path) == os.path.abspath(args.sft_model):
         atomic_write_json(kl_file, {"kl": 0.0, "n": 0, "policy": model_path, "sft": model_path})
-    elif not os.path.exists(kl_file):
+    else:
         logps = {}
         for role, path in (("policy", model_path), ("sft", args.sft_model)):
             logps[role] = os.path.join(out, f"logps_{role}.json")
-            if not os.path.exists(logps[role]):
-                calc_logprobs.main(["--model_name_or_path", path, "--data_path", out, "--split", "test",
-                                    "--temp", str(args.temp), "--batch_size", str(args.batch_size), *lengths,
-                                    "--output_path", logps[role]])
-        eval_kl.main([logps["policy"], logps["sft"], "--output_path", kl_file])
+            step(out, f"logps_{role}", {**scoring, "model": provenance.digest(path), "temp": args.temp}, [logps[role]],
+                 lambda path=path, role=role: calc_logprobs.main(
+                     ["--model_name_or_path", path, "--data_path", out, "--split", "test", "--temp", str(args.temp),
+                      "--batch_size", str(args.batch_size), *lengths, "--output_path", logps[role]]))
+        step(out, "kl", {role: provenance.digest(f) for role, f in logps.items()}, [kl_file],
+             lambda: eval_kl.main([logps["policy"], logps["sft"], "--output_path", kl_file]))
     if args.reward_model:
         rw_dir = os.path.join(out, "rw")
-        if not os.path.exists(os.path.join(rw_dir, "test.json")):
-            inference_rm.main(["--model_name_or_path", args.reward_model, "--data_path", out, "--split", "test",
-                               "--mode", "label", "--batch_size", str(args.batch_size), *lengths,
-                               "--output_path", rw_dir])
+        step(out, "rw", {**scoring, "reward_model": provenance.digest(args.reward_model)}, [rw_dir],
+             lambda: inference_rm.main(["--model_name_or_path", args.reward_model, "--data_path", out, "--split",
+                                        "test", "--mode", "label", "--batch_size", str(args.batch_size), *lengths,
+                                        "--output_path", rw_dir]))
         rm_summary = inference_rm.reward_summary([r["rewards"] for r in read_json_records(os.path.join(rw_dir,
                                                                                                          "test.json"))])
         atomic_write_json(os.path.join(out, "rm_reward.json"), {**rm_summary, "model": args.reward_model})
         print(f"{name}: reward-model reward {rm_summary['mean']:.4f} (std {rm_summary['std']:.4f})", flush=True)
-    winrate_file = os.path.join(out, "winrate.json")
-    if args.winrate_baseline and os.path.abspath(model_path) != os.path.abspath(args.sft_model) \
-            and not os.path.exists(winrate_file):
-        eval_winrate.main(["--policy", out, "--baseline", args.winrate_baseline, "--judge", args.winrate_judge,
-                           "--name", name, "--output_path", winrate_file])
+    if args.winrate_baseline and os.path.abspath(model_path) != os.path.abspath(args.sft_model):
+        winrate_file = os.path.join(out, "winrate.json")
+        judged = {"samples": provenance.digest(samples), "baseline": provenance.digest(args.winrate_baseline),
+                  "judge": args.winrate_judge, "judge_digest": judge_digest(args.winrate_judge), "name": name}
+        step(out, "winrate", judged, [winrate_file], lambda: eval_winrate.main(
+            ["--policy", out, "--baseline", args.winrate_baseline, "--judge", args.winrate_judge, "--name", name,
+             "--output_path", winrate_file]))
     if args.oracle == "vader":
         from oracle import reward_summary
         summary = reward_summary(samples)

@@ -18,6 +18,7 @@ RESULTS_DIR=$1; DATA_PATH=$2; JUDGE=$3
 shift 3
 bash "$(dirname "$0")/../custom_exp/eval_winrate.sh" "${RESULTS_DIR}" "${DATA_PATH}" "${JUDGE}" \
     --baseline_kind pref \
+    --baseline_duplicates first \
     --judge_prompt "$(dirname "$0")/judge_prompt.txt" \
     --batch_size 16 \
     --max_seq_len 650 \

@@ -4,6 +4,11 @@ A judge maps (prompt, first, second) triples to a probability in [0, 1] that `fi
 better answer, or a `Failed(reason)` when it gave no usable judgment. Every judge sees each
 pair in both orders (eval_winrate.py asks it so), which cancels a judge's position bias.
 
+Whatever a judge gives that is not a finite probability is a failed judgment with its reason,
+never a tie and never a traceback: a score or probability that is NaN, infinite, None or not a
+number, a reward function or model that raises, a reply that is neither label (`judge_all`
+checks every value; the score judges check each score, so one bad answer fails only its pairs).
+
     rm:PATH          a one-label sequence classifier (a reward model): sigmoid(r_first - r_second)
     lm:PATH          a local causal LM shown the judge prompt through its chat template; the next-token
                      probabilities of the two labels, renormalised (no sampling)
@@ -39,6 +44,27 @@ class Failed:
 
     def __repr__(self):
         return f"Failed({self.reason!r})"
+
+
+def checked(value, what="probability"):
+    """`value` as a float when it is a finite number (and, for a probability, in [0, 1]); else
+    Failed saying what came instead. Booleans are refused: True is no reward."""
+    if isinstance(value, Failed):
+        return value
+    try:  # a number of any kind (numpy's, a one-element tensor) converts; a string or None does not
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        return Failed(f"the judge gave {type(value).__name__} {str(value)[:40]!r}, not a {what}")
+    if not math.isfinite(value) or (what == "probability" and not 0 <= value <= 1):
+        return Failed(f"the judge gave {value}, not a finite {what}" + (" in [0, 1]" if what == "probability" else ""))
+    return value
+
+
+def raised(err):
+    """The reason of a judgment whose judge raised `err`."""
+    return f"the judge raised {type(err).__name__}: {str(err)[:200]}"
 
 
 def answer_text(answer):
@@ -83,9 +109,11 @@ class JudgmentCache:
             for line in read_text(path).split("\n"):
                 try:
                     entry = json.loads(line)
-                    self.values[entry["key"]] = float(entry["p_first"])
+                    value = checked(entry["p_first"])
                 except (ValueError, KeyError, TypeError):
                     continue  # a line a kill cut short
+                if not isinstance(value, Failed):  # nothing but probabilities was ever written
+                    self.values[entry["key"]] = value
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -119,6 +147,7 @@ def judge_all(judge, triples, cache, progress=None):
         progress.update(cached)
 
     def done(position, value):
+        value = checked(value)
         for i in asked[position]:
             values[i] = value
         if not isinstance(value, Failed):
@@ -126,24 +155,44 @@ def judge_all(judge, triples, cache, progress=None):
         if progress is not None:
             progress.update(len(asked[position]))
 
+    missing = "the judge gave no judgment"
     if asked:
-        judge.judge([triples[positions[0]] for positions in asked], done)
+        try:
+            judge.judge([triples[positions[0]] for positions in asked], done)
+        except Exception as err:  # noqa: BLE001 -- whatever a judge raises is its judgments' failure
+            missing = raised(err)
+    for position, positions in enumerate(asked):
+        if values[positions[0]] is None:  # the ones it had not given (when it raised)
+            done(position, Failed(missing))
     return values, cached
 
 
 # -- judges ------------------------------------------------------------------------------------
 class ScoreJudge:
-    """A judge from a score per (prompt, answer): each distinct answer is scored once."""
+    """A judge from a score per (prompt, answer): each distinct answer is scored once. A score
+    that is not a finite number fails the judgments of its answer; a batch that raises, or
+    gives a score too many or too few, fails its answers'."""
 
     def judge(self, triples, done):
         answers = list({json.dumps([p, a], sort_keys=True): (p, a) for p, f, s in triples for a in (f, s)}.values())
         scores = {}
         for start in range(0, len(answers), self.batch_size):
             batch = answers[start:start + self.batch_size]
-            for (p, a), score in zip(batch, self.scores(batch)):
-                scores[json.dumps([p, a], sort_keys=True)] = score
+            for (p, a), score in zip(batch, self.batch_scores(batch)):
+                scores[json.dumps([p, a], sort_keys=True)] = checked(score, "number")
         for i, (p, f, s) in enumerate(triples):
-            done(i, self.compare(scores[json.dumps([p, f], sort_keys=True)], scores[json.dumps([p, s], sort_keys=True)]))
+            first, second = scores[json.dumps([p, f], sort_keys=True)], scores[json.dumps([p, s], sort_keys=True)]
+            failed = next((x for x in (first, second) if isinstance(x, Failed)), None)
+            done(i, failed or self.compare(first, second))
+
+    def batch_scores(self, batch):
+        try:
+            scores = list(self.scores(batch))
+        except Exception as err:  # noqa: BLE001 -- a scorer that raises fails its answers, not the run
+            return [Failed(raised(err))] * len(batch)
+        if len(scores) != len(batch):
+            return [Failed(f"the judge gave {len(scores)} scores for {len(batch)} answers")] * len(batch)
+        return scores
 
 
 class RewardModelJudge(ScoreJudge):
@@ -173,7 +222,9 @@ class RewardModelJudge(ScoreJudge):
 
     @staticmethod
     def compare(first, second):
-        return 1 / (1 + math.exp(second - first))
+        """sigmoid(first - second), without overflow at any reward gap."""
+        z = first - second
+        return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
 class FunctionJudge(ScoreJudge):
@@ -195,7 +246,19 @@ class FunctionJudge(ScoreJudge):
                    "code": hashlib.sha256(read_text(path).encode()).hexdigest()}
 
     def scores(self, answers):
-        return [self.function(p, [answer_text(a)])[0] for p, a in answers]
+        return [self.score(p, a) for p, a in answers]
+
+    def score(self, prompt, answer):
+        """The function's reward of one answer, or Failed when it raises or returns no list of one."""
+        try:
+            rewards = self.function(prompt, [answer_text(answer)])
+        except Exception as err:  # noqa: BLE001 -- the user's function: its failure is this judgment's
+            return Failed(raised(err))
+        try:
+            (reward,) = rewards
+        except (TypeError, ValueError):
+            return Failed(f"the judge gave {type(rewards).__name__} {str(rewards)[:40]!r}, not a list of one reward")
+        return reward
 
     @staticmethod
     def compare(first, second):
@@ -339,9 +402,15 @@ class OpenAIJudge:
             return 1.0 if label == LABELS[0] else 0.0
         return Failed("no attempt made")
 
+    def ask_safely(self, triple):
+        try:
+            return self.ask(triple)
+        except Exception as err:  # noqa: BLE001 -- an odd reply or client error fails one judgment
+            return Failed(raised(err))
+
     def judge(self, triples, done):
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self.ask, t): i for i, t in enumerate(triples)}
+            futures = {pool.submit(self.ask_safely, t): i for i, t in enumerate(triples)}
             for future in as_completed(futures):
                 done(futures[future], future.result())
 
