@@ -3,6 +3,7 @@
 Tasks (bench.py runs them; each writes a JSON result):
   ours_align    train_exo.main(argv): the code `python src/train_exo.py argv` runs, with step
                 timestamps and token counts taken from the outside (Logger.log, the collator)
+                and the time of the cached reference pass (cached_reference_logps)
   trl_align     TRL's DPOTrainer, loss_type exo_pair, on the same model and data
   step_ratio    train_exo's and train_sft's loss + backward + optimizer step on identical batches
   scaling       exo step time against K and against sequence length
@@ -53,7 +54,7 @@ class StepClock:
     def summary(self, warmup):
         times = [b - a for a, b in zip([self.start] + self.ends[:-1], self.ends)]
         steady = slice(min(warmup, len(times) - 1), None)
-        return {"steps": len(times), "step_times": times, "step_tokens": self.tokens,
+        return {"steps": len(times), "step_times": times, "step_tokens": self.tokens, "epoch_s": sum(times),
                 "steady_tokens_per_s": sum(self.tokens[steady]) / sum(times[steady]),
                 "steady_step_s": statistics.mean(times[steady]), "first_loss": self.losses[0],
                 "losses": self.losses, "train_tokens": sum(self.tokens)}
@@ -84,12 +85,22 @@ def ours_align(cfg):
                 in_training[0] = False  # the final evaluation's batches are not training tokens
         return log(self, prefix, metrics, step)
 
+    cached_reference_logps, reference_s = train_exo.cached_reference_logps, [0.0]
+
+    def timed_reference(*args, **kwargs):  # the cached mode's reference pass: load, score, write (per split)
+        ref_started = time.perf_counter()
+        values = cached_reference_logps(*args, **kwargs)
+        reference_s[0] += time.perf_counter() - ref_started
+        return values
+
     collators.AlignmentCollator.__call__ = counting_collate
     tracking.Logger.log = timed_log
+    train_exo.cached_reference_logps = timed_reference
     started = time.perf_counter()
     train_exo.main(cfg["argv"])
     from utils.sharing_cost import tally  # how --prefix_sharing auto scored the batches (all passes)
-    return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"]), "sharing_tally": dict(tally)}
+    return {"wall_s": time.perf_counter() - started, "reference_pass_s": reference_s[0], **clock.summary(cfg["warmup"]),
+            "sharing_tally": dict(tally)}
 
 
 def trl_align(cfg):
