@@ -1,0 +1,100 @@
+"""Reference-free alignment benchmark: train_exo with the reference-free loss (simpo) against
+dpo-rw with the reference's log-probs cached (one reference pass before training, the
+default) and with the reference kept in memory and run every step (`--ref_logps online`).
+
+    python exp/bench/bench_reffree.py            # 3 repeats of the 3 runs: ~5 minutes on 2 idle CPU cores
+    python exp/bench/bench_reffree.py --quick    # toy sizes, one repeat: checks that every part runs
+
+The main benchmark's model, data (pref pairs, K = 2), batch and steps (exp/bench/bench.py,
+its `ours` flags). The runs alternate, their order rotating each repeat, each a process of
+its own (worker.py) with a fresh data cache, so that dpo-rw pays its reference pass as a first
+epoch does. Figures are medians over the repeats; ratios are simpo's over dpo-rw's, side by
+side in one session. See exp/bench/README.md (*Reference-free loss*).
+"""
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "src"))
+sys.path.insert(0, HERE)
+
+from bench import (OURS_RUNS, SIZES, bench_parser, fmt, ours_argv, run_header, run_worker,  # noqa: E402
+                   scratch_dir, write_results)
+
+# name: (loss type, flags beyond the main benchmark's `ours` run)
+RUNS = {"simpo": ("simpo", []), "dpo-rw": ("dpo-rw", []), "dpo-rw online": ("dpo-rw", ["--ref_logps", "online"])}
+FIGURES = {  # result key: label
+    "wall_s": "stage wall s (train_exo.main: tokenisation to saved model, reference pass included)",
+    "process_s": "process wall s (start-up and imports too)",
+    "reference_pass_s": "reference pass s (cached: load the reference, score train + test, write the cache)",
+    "epoch_s": "training epoch s (baseline evaluation's end to the last step's end)",
+    "steady_step_s": "steady step s (steps 3..)",
+    "peak_rss_mib": "peak RSS MiB",
+}
+
+
+def ratio_cells(runs, key, base):
+    """simpo's median over `base`'s, and the range of the per-repeat ratios (each repeat's two
+    runs side by side); '-' where `base` measured nothing (no reference pass)."""
+    simpo, other = [r[key] for r in runs["simpo"]], [r[key] for r in runs[base]]
+    if not all(other):
+        return "-", "-"
+    each = [s / o for s, o in zip(simpo, other)]
+    return fmt(statistics.median(simpo) / statistics.median(other)), f"{fmt(min(each))}-{fmt(max(each))}"
+
+
+def main():
+    parser = bench_parser(__doc__, "results_reffree.md")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of the three runs (default 3; --quick 1)")
+    args = parser.parse_args()
+    size = SIZES["quick" if args.quick else "full"]
+    repeats = args.repeats or (1 if args.quick else 3)
+    work_dir = scratch_dir(args, "exo_bench_reffree_")
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+
+    from setup_data import build
+    built = build(work_dir, size["model"], size["num_train"], size["num_test"])
+    steps = -(-size["num_train"] // size["batch_size"])
+    runs, orders = {name: [] for name in RUNS}, []
+    for rep in range(repeats):
+        orders.append(list(RUNS)[rep % len(RUNS):] + list(RUNS)[:rep % len(RUNS)])  # each run first once in 3
+        for name in orders[-1]:
+            loss_type, flags = RUNS[name]
+            tag = f"{name.replace(' ', '_')}_{rep}"
+            argv = ours_argv(size, built["data"], built["model"], f"{work_dir}/{tag}", f"{work_dir}/{tag}_cache",
+                             loss_type=loss_type) + OURS_RUNS["ours"] + flags
+            runs[name].append(run_worker("ours_align", dict(argv=argv, warmup=size["warmup"], total_steps=steps),
+                                         work_dir, tag))
+
+    medians = {name: {key: statistics.median(r[key] for r in results) for key in FIGURES}
+               for name, results in runs.items()}
+    command = "bench_reffree.py" + (f" --repeats {args.repeats}" if args.repeats else "")
+    lines = [*run_header(command, args, load_before, started),
+             f"Model: Llama config, {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}, fp32 (exp/bench/"
+             f"bench.py's; the reference's weights: {built['params'] * 4 / 2**20:.0f} MiB). Data: {size['num_train']} "
+             f"pairs (+{size['num_test']} test), K = 2; batch {size['batch_size']} pairs, {steps} optimizer steps, "
+             f"`--group_by_length`. Medians of {repeats} repeat(s), the runs alternating; a fresh data cache per run.",
+             "",
+             "| figure | simpo | dpo-rw (cached) | simpo / dpo-rw | per repeat | dpo-rw online | simpo / online "
+             "| per repeat |", "|---|---|---|---|---|---|---|---|"]
+    for key, label in FIGURES.items():
+        m = {name: fmt(medians[name][key], 0 if key == "peak_rss_mib" else 2) for name in RUNS}
+        lines.append(f"| {label} | {m['simpo']} | {m['dpo-rw']} | {' | '.join(ratio_cells(runs, key, 'dpo-rw'))} | "
+                     f"{m['dpo-rw online']} | {' | '.join(ratio_cells(runs, key, 'dpo-rw online'))} |")
+    lines += ["", "Runs, in the order they ran within each repeat:", "",
+              "| run | repeat | stage s | process s | reference pass s | epoch s | steady step s | peak RSS MiB "
+              "| first-step loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for rep, order in enumerate(orders):
+        for name in order:
+            r = runs[name][rep]
+            lines.append(f"| {name} | {rep} | {r['wall_s']:.1f} | {r['process_s']:.1f} | {r['reference_pass_s']:.1f} "
+                         f"| {r['epoch_s']:.1f} | {r['steady_step_s']:.2f} | {r['peak_rss_mib']:.0f} "
+                         f"| {r['first_loss']:.6f} |")
+    write_results(args, "\n".join(lines) + "\n",
+                  {"medians": medians, "runs": runs, "repeats": repeats, "load_before": load_before}, work_dir)
+
+
+if __name__ == "__main__":
+    main()
