@@ -8,8 +8,9 @@ default) and with the reference kept in memory and run every step (`--ref_logps 
 The main benchmark's model, data (pref pairs, K = 2), batch and steps (exp/bench/bench.py,
 its `ours` flags). The runs alternate, their order rotating each repeat, each a process of
 its own (worker.py) with a fresh data cache, so that dpo-rw pays its reference pass as a first
-epoch does. Figures are medians over the repeats; ratios are simpo's over dpo-rw's, side by
-side in one session. See exp/bench/README.md (*Reference-free loss*).
+epoch does. Figures are the median and the best (least disturbed) of the repeats; ratios are
+simpo's over dpo-rw's, side by side in one session. See exp/bench/README.md (*Reference-free
+loss*).
 """
 import os
 import statistics
@@ -28,21 +29,31 @@ RUNS = {"simpo": ("simpo", []), "dpo-rw": ("dpo-rw", []), "dpo-rw online": ("dpo
 FIGURES = {  # result key: label
     "wall_s": "stage wall s (train_exo.main: tokenisation to saved model, reference pass included)",
     "process_s": "process wall s (start-up and imports too)",
-    "reference_pass_s": "reference pass s (cached: load the reference, score train + test, write the cache)",
-    "epoch_s": "training epoch s (baseline evaluation's end to the last step's end)",
-    "steady_step_s": "steady step s (steps 3..)",
+    "reference_pass_s": "reference pass wall s (cached: load the reference, score train + test, write the cache)",
+    "epoch_s": "training epoch wall s (baseline evaluation's end to the last step's end)",
+    "steady_step_s": "steady step wall s (steps 3..)",
     "peak_rss_mib": "peak RSS MiB",
 }
+STATS = {"median": statistics.median, "best": min}  # over the repeats
 
 
-def ratio_cells(runs, key, base):
-    """simpo's median over `base`'s, and the range of the per-repeat ratios (each repeat's two
-    runs side by side); '-' where `base` measured nothing (no reference pass)."""
-    simpo, other = [r[key] for r in runs["simpo"]], [r[key] for r in runs[base]]
-    if not all(other):
-        return "-", "-"
-    each = [s / o for s, o in zip(simpo, other)]
-    return fmt(statistics.median(simpo) / statistics.median(other)), f"{fmt(min(each))}-{fmt(max(each))}"
+def figure_table(runs, stat):
+    """Each figure's `stat` over the repeats for each run, and simpo's over each dpo-rw's; with
+    the median, also the range of the per-repeat ratios (each repeat's two runs side by side).
+    '-' where dpo-rw measured nothing (no reference pass)."""
+    spread = stat == "median"
+    lines = ["| figure | simpo | dpo-rw (cached) | simpo / dpo-rw |" + " per repeat |" * spread
+             + " dpo-rw online | simpo / online |" + " per repeat |" * spread, "|---" * (6 + 2 * spread) + "|"]
+    for key, label in FIGURES.items():
+        value = {name: STATS[stat]([r[key] for r in results]) for name, results in runs.items()}
+        digits = 0 if key == "peak_rss_mib" else 2
+        cells = [label, fmt(value["simpo"], digits)]
+        for base in ("dpo-rw", "dpo-rw online"):
+            each = [s[key] / o[key] for s, o in zip(runs["simpo"], runs[base]) if o[key]]
+            cells += [fmt(value[base], digits), fmt(value["simpo"] / value[base]) if value[base] else "-"]
+            cells += [f"{fmt(min(each))}-{fmt(max(each))}" if each else "-"] * spread
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main():
@@ -68,24 +79,18 @@ def main():
             runs[name].append(run_worker("ours_align", dict(argv=argv, warmup=size["warmup"], total_steps=steps),
                                          work_dir, tag))
 
-    medians = {name: {key: statistics.median(r[key] for r in results) for key in FIGURES}
-               for name, results in runs.items()}
     command = "bench_reffree.py" + (f" --repeats {args.repeats}" if args.repeats else "")
     lines = [*run_header(command, args, load_before, started),
              f"Model: Llama config, {built['params'] / 1e6:.1f}M parameters, vocab {built['vocab']}, fp32 (exp/bench/"
              f"bench.py's; the reference's weights: {built['params'] * 4 / 2**20:.0f} MiB). Data: {size['num_train']} "
              f"pairs (+{size['num_test']} test), K = 2; batch {size['batch_size']} pairs, {steps} optimizer steps, "
-             f"`--group_by_length`. Medians of {repeats} repeat(s), the runs alternating; a fresh data cache per run.",
-             "",
-             "| figure | simpo | dpo-rw (cached) | simpo / dpo-rw | per repeat | dpo-rw online | simpo / online "
-             "| per repeat |", "|---|---|---|---|---|---|---|---|"]
-    for key, label in FIGURES.items():
-        m = {name: fmt(medians[name][key], 0 if key == "peak_rss_mib" else 2) for name in RUNS}
-        lines.append(f"| {label} | {m['simpo']} | {m['dpo-rw']} | {' | '.join(ratio_cells(runs, key, 'dpo-rw'))} | "
-                     f"{m['dpo-rw online']} | {' | '.join(ratio_cells(runs, key, 'dpo-rw online'))} |")
-    lines += ["", "Runs, in the order they ran within each repeat:", "",
-              "| run | repeat | stage s | process s | reference pass s | epoch s | steady step s | peak RSS MiB "
-              "| first-step loss |", "|---|---|---|---|---|---|---|---|---|"]
+             f"`--group_by_length`. {repeats} repeat(s), the runs alternating; a fresh data cache per run.", "",
+             f"Median of the {repeats} repeats:", "", *figure_table(runs, "median"), "",
+             f"Best of the {repeats} repeats (the least disturbed run of each; on a machine loaded by other work, "
+             "the nearest to an idle machine's figure):", "", *figure_table(runs, "best"), "",
+             "Runs, in the order they ran within each repeat:", "",
+             "| run | repeat | stage s | process s | reference pass s | epoch s | steady step s | peak RSS MiB "
+             "| first-step loss |", "|---" * 9 + "|"]
     for rep, order in enumerate(orders):
         for name in order:
             r = runs[name][rep]
@@ -93,7 +98,7 @@ def main():
                          f"| {r['epoch_s']:.1f} | {r['steady_step_s']:.2f} | {r['peak_rss_mib']:.0f} "
                          f"| {r['first_loss']:.6f} |")
     write_results(args, "\n".join(lines) + "\n",
-                  {"medians": medians, "runs": runs, "repeats": repeats, "load_before": load_before}, work_dir)
+                  {"runs": runs, "orders": orders, "repeats": repeats, "load_before": load_before}, work_dir)
 
 
 if __name__ == "__main__":
