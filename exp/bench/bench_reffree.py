@@ -35,25 +35,46 @@ FIGURES = {  # result key: label
     "peak_rss_mib": "peak RSS MiB",
 }
 STATS = {"median": statistics.median, "best": min}  # over the repeats
+BASES = ("dpo-rw", "dpo-rw online")  # simpo's ratios are over each
+
+
+def table_head(spread=False):
+    per_repeat = " per repeat |" if spread else ""
+    return [f"| figure | simpo | dpo-rw (cached) | simpo / dpo-rw |{per_repeat} dpo-rw online | simpo / online |"
+            f"{per_repeat}", "|---" * (6 + 2 * spread) + "|"]
+
+
+def table_row(label, value, digits=2, spread=None):
+    """A figure's row: {run: value}, simpo's ratio over each of BASES ('-' over nothing) and,
+    given, each ratio's spread."""
+    cells = [label, fmt(value["simpo"], digits)]
+    for base in BASES:
+        cells += [fmt(value[base], digits), fmt(value["simpo"] / value[base]) if value[base] else "-"]
+        cells += [spread[base]] if spread else []
+    return "| " + " | ".join(cells) + " |"
 
 
 def figure_table(runs, stat):
-    """Each figure's `stat` over the repeats for each run, and simpo's over each dpo-rw's; with
-    the median, also the range of the per-repeat ratios (each repeat's two runs side by side).
-    '-' where dpo-rw measured nothing (no reference pass)."""
-    spread = stat == "median"
-    lines = ["| figure | simpo | dpo-rw (cached) | simpo / dpo-rw |" + " per repeat |" * spread
-             + " dpo-rw online | simpo / online |" + " per repeat |" * spread, "|---" * (6 + 2 * spread) + "|"]
+    """Each figure's `stat` over the repeats for each run; with the median, also the range of
+    the per-repeat ratios (each repeat's two runs side by side)."""
+    lines = table_head(spread=stat == "median")
     for key, label in FIGURES.items():
         value = {name: STATS[stat]([r[key] for r in results]) for name, results in runs.items()}
-        digits = 0 if key == "peak_rss_mib" else 2
-        cells = [label, fmt(value["simpo"], digits)]
-        for base in ("dpo-rw", "dpo-rw online"):
-            each = [s[key] / o[key] for s, o in zip(runs["simpo"], runs[base]) if o[key]]
-            cells += [fmt(value[base], digits), fmt(value["simpo"] / value[base]) if value[base] else "-"]
-            cells += [f"{fmt(min(each))}-{fmt(max(each))}" if each else "-"] * spread
-        lines.append("| " + " | ".join(cells) + " |")
+        spread = None
+        if stat == "median":
+            each = {base: [s[key] / o[key] for s, o in zip(runs["simpo"], runs[base]) if o[key]] for base in BASES}
+            spread = {base: f"{fmt(min(e))}-{fmt(max(e))}" if e else "-" for base, e in each.items()}
+        lines.append(table_row(label, value, 0 if key == "peak_rss_mib" else 2, spread))
     return lines
+
+
+def interleaved_table(cost):
+    """The in-process measurement's table: one epoch's steps, the reference pass, their sum."""
+    steps, ref = cost["steps_s"], cost["reference_pass_s"]
+    return [*table_head(),
+            table_row(f"the epoch's {cost['batches']} training steps, s", steps),
+            table_row("reference pass over the training split, s", {"simpo": 0.0, "dpo-rw": ref, "dpo-rw online": 0.0}),
+            table_row("epoch: steps + reference pass, s", {**steps, "dpo-rw": steps["dpo-rw"] + ref})]
 
 
 def main():
@@ -68,6 +89,11 @@ def main():
     from setup_data import build
     built = build(work_dir, size["model"], size["num_train"], size["num_test"])
     steps = -(-size["num_train"] // size["batch_size"])
+    # the time figures a loaded machine leaves meaningful: all three in one process, interleaved
+    passes = 1 if args.quick else 3
+    cost = run_worker("reference_cost", dict(argv=ours_argv(size, built["data"], built["model"], f"{work_dir}/cost",
+                                                            f"{work_dir}/cost_cache", loss_type="dpo-rw")
+                                             + OURS_RUNS["ours"], repeats=passes), work_dir, "reference_cost")
     runs, orders = {name: [] for name in RUNS}, []
     for rep in range(repeats):
         orders.append(list(RUNS)[rep % len(RUNS):] + list(RUNS)[:rep % len(RUNS)])  # each run first once in 3
@@ -85,6 +111,11 @@ def main():
              f"bench.py's; the reference's weights: {built['params'] * 4 / 2**20:.0f} MiB). Data: {size['num_train']} "
              f"pairs (+{size['num_test']} test), K = 2; batch {size['batch_size']} pairs, {steps} optimizer steps, "
              f"`--group_by_length`. {repeats} repeat(s), the runs alternating; a fresh data cache per run.", "",
+             f"In one process, interleaved (robust to a change of load during the run): one epoch's batches "
+             f"({cost['tokens']} tokens), the three steps rotating batch by batch, and the cached mode's reference "
+             f"pass; per batch and for the pass, the best of {passes} pass(es) after an untimed one:", "",
+             *interleaved_table(cost), "",
+             "Each run a process of its own (`train_exo.main`, as `python src/train_exo.py` runs it):", "",
              f"Median of the {repeats} repeats:", "", *figure_table(runs, "median"), "",
              f"Best of the {repeats} repeats (the least disturbed run of each; on a machine loaded by other work, "
              "the nearest to an idle machine's figure):", "", *figure_table(runs, "best"), "",
@@ -98,7 +129,8 @@ def main():
                          f"| {r['epoch_s']:.1f} | {r['steady_step_s']:.2f} | {r['peak_rss_mib']:.0f} "
                          f"| {r['first_loss']:.6f} |")
     write_results(args, "\n".join(lines) + "\n",
-                  {"runs": runs, "orders": orders, "repeats": repeats, "load_before": load_before}, work_dir)
+                  {"interleaved": cost, "runs": runs, "orders": orders, "repeats": repeats, "load_before": load_before},
+                  work_dir)
 
 
 if __name__ == "__main__":
