@@ -2,15 +2,17 @@
 dpo-rw with the reference's log-probs cached (one reference pass before training, the
 default) and with the reference kept in memory and run every step (`--ref_logps online`).
 
-    python exp/bench/bench_reffree.py            # 3 repeats of the 3 runs: ~5 minutes on 2 idle CPU cores
+    python exp/bench/bench_reffree.py            # ~5 minutes on 2 idle CPU cores
     python exp/bench/bench_reffree.py --quick    # toy sizes, one repeat: checks that every part runs
 
 The main benchmark's model, data (pref pairs, K = 2), batch and steps (exp/bench/bench.py,
-its `ours` flags). The runs alternate, their order rotating each repeat, each a process of
-its own (worker.py) with a fresh data cache, so that dpo-rw pays its reference pass as a first
-epoch does. Figures are the median and the best (least disturbed) of the repeats; ratios are
-simpo's over dpo-rw's, side by side in one session. See exp/bench/README.md (*Reference-free
-loss*).
+its `ours` flags). First, in one process (worker.py reference_cost), one epoch's steps of the
+three, rotating batch by batch, and the cached mode's reference pass: the time ratios, robust
+to a machine whose load changes. Then each run as a whole train_exo process of its own, with a
+fresh data cache so that dpo-rw pays its reference pass as a first epoch does: stage and epoch
+wall time and peak RSS; the runs alternate, their order rotating each repeat, and the table
+gives the median and the best (least disturbed) of the repeats. Ratios are simpo's over
+dpo-rw's, side by side in one session. See exp/bench/README.md (*Reference-free loss*).
 """
 import os
 import statistics
