@@ -76,13 +76,14 @@ def run_worker(task, cfg, work_dir, name):
                          + proc.stdout[-4000:])
     with open(out_path) as f:
         result = json.load(f)
-    print(f"[bench] {name} done in {time.perf_counter() - started:.0f}s", flush=True)
+    result["process_s"] = time.perf_counter() - started  # the whole process: start-up and imports too
+    print(f"[bench] {name} done in {result['process_s']:.0f}s", flush=True)
     return result
 
 
-def ours_argv(size, data, model, out_dir, cache_dir, ref_model=None):
+def ours_argv(size, data, model, out_dir, cache_dir, ref_model=None, loss_type="exo-pref"):
     argv = ["--model_name_or_path", model, "--data_name_path", f"bench/pref:{data}", "--output_dir", out_dir,
-            "--data_output_path", cache_dir, "--loss_type", "exo-pref", "--num_contrastive", "2",
+            "--data_output_path", cache_dir, "--loss_type", loss_type, "--num_contrastive", "2",
             "--pref_epsilon", str(HYPER["epsilon"]), "--beta_pi", str(HYPER["beta"]),
             "--per_device_train_batch_size", str(size["batch_size"]),
             "--per_device_eval_batch_size", str(2 * size["batch_size"]),

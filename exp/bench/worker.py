@@ -3,8 +3,12 @@
 Tasks (bench.py runs them; each writes a JSON result):
   ours_align    train_exo.main(argv): the code `python src/train_exo.py argv` runs, with step
                 timestamps and token counts taken from the outside (Logger.log, the collator)
+                and the time of the cached reference pass (cached_reference_logps)
   trl_align     TRL's DPOTrainer, loss_type exo_pair, on the same model and data
   step_ratio    train_exo's and train_sft's loss + backward + optimizer step on identical batches
+  reference_cost  one epoch's steps with simpo, dpo-rw on cached reference log-probs and dpo-rw
+                running the reference (online), rotating batch by batch in one process, and
+                the cached mode's reference pass
   scaling       exo step time against K and against sequence length
   logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
   sampling      inference_sft.sample (prompts prefilled once) against plain generate, at TL;DR
@@ -53,7 +57,7 @@ class StepClock:
     def summary(self, warmup):
         times = [b - a for a, b in zip([self.start] + self.ends[:-1], self.ends)]
         steady = slice(min(warmup, len(times) - 1), None)
-        return {"steps": len(times), "step_times": times, "step_tokens": self.tokens,
+        return {"steps": len(times), "step_times": times, "step_tokens": self.tokens, "epoch_s": sum(times),
                 "steady_tokens_per_s": sum(self.tokens[steady]) / sum(times[steady]),
                 "steady_step_s": statistics.mean(times[steady]), "first_loss": self.losses[0],
                 "losses": self.losses, "train_tokens": sum(self.tokens)}
@@ -84,12 +88,22 @@ def ours_align(cfg):
                 in_training[0] = False  # the final evaluation's batches are not training tokens
         return log(self, prefix, metrics, step)
 
+    cached_reference_logps, reference_s = train_exo.cached_reference_logps, [0.0]
+
+    def timed_reference(*args, **kwargs):  # the cached mode's reference pass: load, score, write (per split)
+        ref_started = time.perf_counter()
+        values = cached_reference_logps(*args, **kwargs)
+        reference_s[0] += time.perf_counter() - ref_started
+        return values
+
     collators.AlignmentCollator.__call__ = counting_collate
     tracking.Logger.log = timed_log
+    train_exo.cached_reference_logps = timed_reference
     started = time.perf_counter()
     train_exo.main(cfg["argv"])
     from utils.sharing_cost import tally  # how --prefix_sharing auto scored the batches (all passes)
-    return {"wall_s": time.perf_counter() - started, **clock.summary(cfg["warmup"]), "sharing_tally": dict(tally)}
+    return {"wall_s": time.perf_counter() - started, "reference_pass_s": reference_s[0], **clock.summary(cfg["warmup"]),
+            "sharing_tally": dict(tally)}
 
 
 def trl_align(cfg):
@@ -170,6 +184,15 @@ def _with_ref_logps(engine, batch, num_contrastive):
     return batch
 
 
+def _train_split(stage):
+    """The bench's training pairs encoded as train_exo encodes them (K = 2)."""
+    import train_exo
+
+    dataset, _ = stage.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
+                                lambda tok, source, kind: train_exo.AlignmentEncoder(tok, source, kind, 2, True))["train"]
+    return dataset
+
+
 def step_ratio(cfg):
     """train_exo's step against train_sft's on the same batches: the alignment batch's B*K
     sequences are, for SFT, 2B examples (prompt + completion each) with the same padding."""
@@ -177,8 +200,7 @@ def step_ratio(cfg):
     import train_sft
 
     args, stage, engine, collator = _engine_and_batches(cfg)
-    dataset, _ = stage.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
-                                lambda tok, source, kind: train_exo.AlignmentEncoder(tok, source, kind, 2, True))["train"]
+    dataset = _train_split(stage)
     batch_size = args.per_device_train_batch_size
     batches = [collator([dataset[j] for j in range(i, i + batch_size)])
                for i in range(0, cfg["num_batches"] * batch_size, batch_size)]
@@ -199,6 +221,67 @@ def step_ratio(cfg):
     return {"sft_s": statistics.median(times["sft"]), "exo_s": statistics.median(times["exo"]),
             "sft_total_s": sum(times["sft"]), "exo_total_s": sum(times["exo"]), "tokens": tokens,
             "ratio": sum(times["exo"]) / sum(times["sft"]), "peak_rss_mib": peak_rss_mib()}
+
+
+def reference_cost(cfg):
+    """What the reference costs an epoch, measured in one process so that a change of machine
+    load hits every variant alike: the epoch's training steps (its own batches, the sampler of
+    train_exo's flags) with the reference-free loss (simpo), with dpo-rw on cached reference
+    log-probs, and with dpo-rw running the reference each step (--ref_logps online), the three
+    rotating batch by batch; and the cached mode's reference pass over the training split
+    (train_exo.reference_logps), before the steps in one pass and after them in the next. Per
+    batch and for the reference pass, the best of cfg["repeats"] passes after an untimed one."""
+    import deepspeed
+    import train_exo
+    from utils.distributed import distributed_loader, to_device
+    from utils.ds_utils import eval_ds_config
+    from utils.model_utils import load_causal_lm
+
+    args, stage, engine, collator = _engine_and_batches(cfg)
+    dataset = _train_split(stage)
+    ref = load_causal_lm(args.ref_name_or_path, stage.tokenizer, args.dtype, disable_dropout=True)
+    ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, 1))
+    ref_engine.eval()
+    loader = distributed_loader(dataset, args.per_device_train_batch_size, collator, True, args.seed,
+                                group_by_length=args.group_by_length)
+    loader.sampler.set_epoch(0)
+    plain = [to_device(batch, stage.device) for batch in loader]
+    cached = [_with_ref_logps(ref_engine, dict(batch), args.num_contrastive) for batch in plain]
+
+    def loss_of(loss_type, ref_model=None):
+        def loss(model, batch):
+            args.loss_type = loss_type
+            return train_exo.alignment_step_loss(model, batch, args, ref_model)
+        return loss
+
+    variants = {"simpo": (loss_of("simpo"), plain), "dpo-rw": (loss_of("dpo-rw"), cached),
+                "dpo-rw online": (loss_of("dpo-rw", ref_engine), plain)}
+    names = list(variants)
+    best = {name: [float("inf")] * len(plain) for name in names}
+    best_reference = float("inf")
+
+    def reference_pass(rep):
+        nonlocal best_reference
+        started = time.perf_counter()
+        train_exo.reference_logps(ref_engine, dataset, collator, args, stage.device)
+        if rep:
+            best_reference = min(best_reference, time.perf_counter() - started)
+
+    for rep in range(cfg["repeats"] + 1):  # the first pass warms up
+        if rep % 2 == 0:
+            reference_pass(rep)
+        for i in range(len(plain)):
+            shift = (rep + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                loss, batches = variants[name]
+                t = _timed_step(engine, loss, batches[i])
+                if rep:
+                    best[name][i] = min(best[name][i], t)
+        if rep % 2 == 1:
+            reference_pass(rep)
+    return {"steps_s": {name: sum(times) for name, times in best.items()}, "step_s": best,
+            "reference_pass_s": best_reference, "batches": len(plain),
+            "tokens": sum(int(b["attention_mask"].sum()) for b in plain)}
 
 
 def _synthetic_batch(collator, vocab, groups, k, prompt_len, completion_len, gen):
@@ -451,8 +534,8 @@ def prefix_scoring(cfg):
     return result
 
 
-TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, scaling, logprobs, sampling, sampling_profile,
-                                    prefix_scoring)}
+TASKS = {f.__name__: f for f in (ours_align, trl_align, step_ratio, reference_cost, scaling, logprobs, sampling,
+                                    sampling_profile, prefix_scoring)}
 
 def main():
     task, cfg_path, out_path = sys.argv[1:4]
