@@ -8,7 +8,10 @@ from utils import sharing_cost
 from utils.data.collators import pad_sequences
 from utils.sharing_cost import forward_cost, sharing_saves_work, sharing_summary
 
-ATOL = 1e-5
+# Sequence log-probs here sum ~60 float32 token log-probs to |logp| ~ 300, where one ulp is 3e-5:
+# the packed and unpacked forwards may round a few ulps apart (transformers' kernels decide), so
+# the bound is relative at that size and absolute near 0.
+ATOL, RTOL = 1e-5, 1e-6
 
 
 def test_cost_rule_packs_long_prompts_and_leaves_short_prompts_with_long_completions():
@@ -77,8 +80,8 @@ def test_auto_takes_the_cheaper_path_and_on_always_shares(llama, decoder_calls, 
         on = model_sequence_logprobs(model, batch, prefix_sharing="on")
     assert len(decoder_calls) == 1 + (expect == "shared")
     assert sharing_cost.tally == {expect: 1}  # on does not decide
-    torch.testing.assert_close(auto, off, rtol=0, atol=ATOL)
-    torch.testing.assert_close(on, off, rtol=0, atol=ATOL)
+    torch.testing.assert_close(auto, off, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(on, off, rtol=RTOL, atol=ATOL)
     said = "scoring batches unshared where packing costs more" in capsys.readouterr().out
     assert said == (expect == "unshared")
     assert sharing_summary().startswith(f"prefix sharing (auto): {int(expect == 'shared')} of 1 batches shared")
@@ -93,5 +96,5 @@ def test_reward_scores_under_auto_score_a_short_prompt_group_unshared(llama, dec
     with torch.no_grad():
         for name, batch in batches.items():
             off = reward_scores(model, batch, False)
-            torch.testing.assert_close(reward_scores(model, batch, "auto"), off, rtol=0, atol=ATOL)
+            torch.testing.assert_close(reward_scores(model, batch, "auto"), off, rtol=RTOL, atol=ATOL)
     assert sharing_cost.tally == {"unshared": 1, "shared": 1} and len(decoder_calls) == 1

@@ -158,7 +158,7 @@ BAD_INPUTS = {
                          r"no train\.json, train\.jsonl, train\.parquet or save_to_disk folder"),
     "no colon": (lambda t: "x/rw", [], r"expected NAME/KIND:PATH"),
     "unknown dataset": (lambda t: f"imdb:{t}", [], r"unknown dataset 'imdb' \(registered: "),
-    "unknown loss": (lambda t: _bad_rw(t, lambda r: None), ["--loss_type", "ipo"], r"invalid choice: 'ipo'"),
+    "unknown loss": (lambda t: _bad_rw(t, lambda r: None), ["--loss_type", "kto"], r"invalid choice: 'kto'"),
     "C not multiple of K": (lambda t: _bad_rw(t, lambda r: None), ["--num_contrastive", "3"],
                             r"record 0 field \"completions\": 4 candidates is not a multiple of --num_contrastive 3"),
     "K above C": (lambda t: _bad_rw(t, lambda r: None), ["--num_contrastive", "8"], r"fewer than --num_contrastive 8"),
