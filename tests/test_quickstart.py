@@ -4,6 +4,7 @@ stage that is already done."""
 import json
 import math
 
+import pytest
 from conftest import run
 
 SMALL = ["--num_reviews", "200", "--num_train_prompts", "64", "--num_test_prompts", "16", "--sft_epochs", "1",
@@ -70,7 +71,25 @@ def test_quickstart_bad_flag_is_one_line(tmp_path):
     assert not (tmp_path / "stages").exists()
 
 
-def test_evaluate_keeps_an_output_only_when_made_from_the_same_inputs(tiny_model, align_data, tmp_path, capsys):
+@pytest.fixture
+def in_process_stage():
+    """Room for a stage's main() run inside the test process: the one-process group it joins
+    sets RANK, MASTER_PORT, ... in os.environ and listens on that port, and every later
+    subprocess of the suite would inherit them and find the port taken. Both go afterwards."""
+    import os
+
+    import torch.distributed
+
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_evaluate_keeps_an_output_only_when_made_from_the_same_inputs(tiny_model, align_data, tmp_path, capsys,
+                                                                       in_process_stage):
     """evaluate.py's steps reuse an output only when its record says it was made from what the
     rerun would make it from: a changed judge redoes the win rate alone, a changed model what it
     makes, a changed seed the samples and all that reads them, and an output without a record
