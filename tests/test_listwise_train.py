@@ -120,3 +120,30 @@ def test_simpo_stopped_by_sigterm_resumes_exactly(tiny_model, align_data, tmp_pa
     assert losses(resumed) == expected and expected
     a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "ref", tmp_path / "run"))
     assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+
+
+def test_continue_from_makes_two_runs_one(tiny_model, align_data, tmp_path):
+    """--continue_from (what online rounds pass) takes the weights, AdamW state and data position
+    of a finished run: 2 steps, then 2 more continued from them, are the steps and weights of one
+    4-step run (constant LR: the schedule is the one thing a continued run starts afresh)."""
+    data = f"toy/rw:{align_data['rw']}"
+    flags = ["--loss_type", "exo-rw", "--num_contrastive", "2", "--zero_stage", "2", "--print_loss",
+             "--lr_scheduler_type", "constant", "--num_save_checkpoint", "1"]
+    losses = lambda text: list(re.findall(r"\[train step \d+\] loss=(\S+)", text))
+    whole = align(tiny_model, data, tmp_path / "whole", tmp_path / "cache", *flags, "--max_iter_step", "4")
+    first = align(tiny_model, data, tmp_path / "first", tmp_path / "cache", *flags, "--max_iter_step", "2")
+    second = align(str(tmp_path / "first"), data, tmp_path / "second", tmp_path / "cache", *flags,
+                   "--max_iter_step", "2", "--ref_name_or_path", tiny_model,
+                   "--continue_from", str(tmp_path / "first" / "ds_checkpoints"))
+    for result in (whole, first, second):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from" in second.stdout
+    assert losses(first.stdout) + losses(second.stdout) == losses(whole.stdout) and len(losses(whole.stdout)) == 4
+    a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "whole", tmp_path / "second"))
+    assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+
+    # a continued run must have the batch layout the checkpoint was written with
+    refused = align(str(tmp_path / "first"), data, tmp_path / "third", tmp_path / "cache", *flags,
+                    "--max_iter_step", "2", "--ref_name_or_path", tiny_model, "--per_device_train_batch_size", "1",
+                    "--continue_from", str(tmp_path / "first" / "ds_checkpoints"))
+    assert refused.returncode != 0 and "per_device_train_batch_size" in refused.stderr.strip().splitlines()[-1]

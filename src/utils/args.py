@@ -96,6 +96,13 @@ def add_training_args(parser):
                    help="continue an interrupted run exactly (weights, optimizer, scheduler, step, data order, RNG) "
                         f"from a DeepSpeed checkpoint: auto = OUTPUT_DIR/{CHECKPOINT_DIR} if it holds one, else start "
                         "fresh; PATH = such a directory (its `latest`) or one of its step directories")
+    g.add_argument("--continue_from", default=None, metavar="PATH",
+                   help="start a new run where a finished one stopped: its weights, AdamW state (moments and step "
+                        "count) and position in the data order, from its DeepSpeed checkpoint (PATH as for --resume; "
+                        "same ranks, batch layout and optimizer flags). Online rounds pass the previous round's, so a "
+                        "round continues what the last one learned instead of restarting AdamW on the first prompts "
+                        "of the order. The step count, LR schedule and exports start afresh; --resume wins when the "
+                        "run itself has a checkpoint")
     g.add_argument("--keep_last_n", type=int, default=2,
                    help=f"resumable DeepSpeed checkpoints kept in OUTPUT_DIR/{CHECKPOINT_DIR}; one is written with "
                         "every ckptN export and on SIGTERM/SIGINT (which end the run with exit code 0)")
@@ -137,6 +144,10 @@ def check_training_args(args):
         location = checkpoint_location(args.resume)  # raises if PATH holds no checkpoint
         provenance.verified(os.path.join(*location), "--resume")  # before any work, as the flags are
         check_optimizer_flags(location, args)
+    if args.continue_from is not None:
+        location = checkpoint_location(args.continue_from)
+        provenance.verified(os.path.join(*location), "--continue_from")
+        check_optimizer_flags(location, args, flag="--continue_from")
     check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
 
 

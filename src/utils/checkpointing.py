@@ -126,16 +126,16 @@ def _saved_run_state(location):
         raise InputError(f"{path}: unreadable run state ({err}); resume from another checkpoint") from None
 
 
-def check_optimizer_flags(location, values):
-    """Refuse to resume the checkpoint at `location` with an optimizer or schedule flag (of
-    `values`, a dict or the args) other than the one it was written with."""
+def check_optimizer_flags(location, values, flag="--resume"):
+    """Refuse to resume (or continue, `flag`) the checkpoint at `location` with an optimizer or
+    schedule flag (of `values`, a dict or the args) other than the one it was written with."""
     layout = _saved_run_state(location)[0].get("layout", {})
-    get = values.get if isinstance(values, dict) else lambda flag: getattr(values, flag)
-    for flag in OPTIMIZER_FLAGS:
-        if flag in layout and layout[flag] != get(flag):
-            raise InputError(f"--resume {os.path.join(*location)}: written with --{flag} {layout[flag]}, this run has "
-                             f"--{flag} {get(flag)}; the optimizer and its schedule resume as saved, so resume with "
-                             f"--{flag} {layout[flag]} (or start a new run in another --output_dir)")
+    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name)
+    for name in OPTIMIZER_FLAGS:
+        if name in layout and layout[name] != get(name):
+            raise InputError(f"{flag} {os.path.join(*location)}: written with --{name} {layout[name]}, this run has "
+                             f"--{name} {get(name)}; the optimizer and its schedule resume as saved, so use "
+                             f"--{name} {layout[name]} (or start a new run in another --output_dir)")
 
 
 def read_run_state(location, layout):
@@ -148,6 +148,19 @@ def read_run_state(location, layout):
             raise InputError(f"--resume {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
                              f"this run has {layout[key]}; resume with the flags, data and ranks of that run")
     return state
+
+
+def read_continued_state(location, layout):
+    """The RunState a run started with --continue_from LOCATION begins in: a fresh step count at
+    the data position where that run stopped. Its ranks and batch layout must be this run's, for
+    DeepSpeed's partitioned optimizer state and for the position to mean the same batches."""
+    saved, state = _saved_run_state(location)
+    check_optimizer_flags(location, layout, flag="--continue_from")
+    for key in ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        if saved["layout"].get(key) != layout[key]:
+            raise InputError(f"--continue_from {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
+                             f"this run has {layout[key]}; continue with the ranks and batch layout of that run")
+    return RunState(epoch=state.epoch, batches_done=state.batches_done)
 
 
 def rng_states():
@@ -212,12 +225,13 @@ def prune_checkpoints(root, keep_last_n, step):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_resumable_checkpoint(engine, location):
-    """Restore weights, optimizer and scheduler into `engine` (all ranks); returns this rank's RNG
-    states, to be set right before training continues."""
+def load_resumable_checkpoint(engine, location, scheduler=True):
+    """Restore weights, optimizer and (unless `scheduler` is False: --continue_from) the LR
+    scheduler into `engine` (all ranks); returns this rank's RNG states, to be set right before
+    training continues."""
     directory, tag = location
     load_path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=scheduler)
     path = os.path.join(directory, tag, rng_file(torch.distributed.get_rank()))
     if load_path is None or not os.path.isfile(path):
         raise InputError(f"--resume {os.path.join(directory, tag)}: incomplete checkpoint (no DeepSpeed states or "

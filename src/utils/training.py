@@ -14,8 +14,9 @@ import deepspeed
 import torch
 from transformers import get_scheduler
 
-from .checkpointing import (RunState, find_resume_checkpoint, load_resumable_checkpoint, read_run_state,
-                            run_layout, save_resumable_checkpoint, set_rng_states)
+from .checkpointing import (RunState, checkpoint_location, find_resume_checkpoint, load_resumable_checkpoint,
+                            read_continued_state, read_run_state, run_layout, save_resumable_checkpoint,
+                            set_rng_states)
 from .distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
 from .ds_utils import make_optimizer, train_ds_config
 from .fileio import InputError
@@ -114,7 +115,11 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     exports = export_steps(total_steps, args.num_save_checkpoint, args.save_step_interval)
     layout = run_layout(args, world_size, len(train_dataset), total_steps)
     resume_from = find_resume_checkpoint(args)
-    state = read_run_state(resume_from, layout) if resume_from else RunState()
+    continue_from = checkpoint_location(args.continue_from) if args.continue_from and not resume_from else None
+    if resume_from:
+        state = read_run_state(resume_from, layout)
+    else:
+        state = read_continued_state(continue_from, layout) if continue_from else RunState()
     engine, guard, scheduler = build_engine(args, model, total_steps, world_size)
     if is_rank0():
         # Made once every input has been checked: a run refused for bad input leaves no directory.
@@ -131,6 +136,11 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
             print_rank0(f"resumed from {os.path.join(*resume_from)} at step {state.step}")
         else:
             rng = None
+            if continue_from:
+                # its RNG states are not taken: this run's seed draws afresh from here
+                load_resumable_checkpoint(engine, continue_from, scheduler=False)
+                print_rank0(f"continuing from {os.path.join(*continue_from)}: its weights and optimizer state, at "
+                            f"epoch {state.epoch}, batch {state.batches_done} of the data order")
             # the baseline
             logger.log("eval", evaluate(engine, eval_loader, compute_loss, device, summarize_metrics), 0)
         last_eval = (None, None)  # (step, metrics) of the latest evaluation
