@@ -13,7 +13,9 @@ launcher). Round r = 1..R:
   roundR_score   their reward-model rewards, as rw data (inference_rm.sh); the held-out split is the
                  previous evaluation's test samples of the same policy, scored by the same reward model
   roundR_align   one alignment pass (--loss_type, train_exo.sh with --resume auto) starting from
-                 policy r-1, against the SFT model as the reference (--reference previous: policy r-1)
+                 policy r-1, against the SFT model as the reference (--reference previous: policy r-1);
+                 with --round_start continue (the default) it also takes round r-1's AdamW state and
+                 data position, so that the rounds together are one optimizer run
   roundR_eval    test-prompt samples of policy r: reward-model reward, KL(pi_r || pi_sft) and, with
                  --oracle, the oracle reward (exp/quickstart/evaluate.py)
   roundR_report  OUTPUT_DIR/results.md, results.json and reward_kl_per_round.png, with rounds 0..r
@@ -108,6 +110,12 @@ def parse_args(argv=None):
     g.add_argument("--reference", default="sft", choices=["sft", "previous"],
                    help="reference of round r's alignment: the SFT model, or policy r-1 (the model it starts from)")
     g.add_argument("--seed", type=int, default=1234, help="seeds training; round r samples with seed + r")
+    g.add_argument("--round_start", default="continue", choices=["continue", "restart"],
+                   help="continue: round r > 1 starts from round r-1's DeepSpeed checkpoint (train_exo.py "
+                        "--continue_from): its AdamW state and its position in the data order, so R rounds of S "
+                        "steps take the optimizer steps and read the prompts one run of R x S steps would; restart: "
+                        "each round starts AdamW afresh from the first prompts of the order, as rounds did before "
+                        "--continue_from existed (README: Online EXO measures the difference)")
     g = parser.add_argument_group("sampling (each round's train prompts)")
     g.add_argument("--temp", type=float, default=0.8,
                    help="sampling temperature, also the temperature of the alignment's and the KL's log-probs")
@@ -227,6 +235,14 @@ def train_flags(args):
     return flags + args.train_args
 
 
+def continue_flags(args, r):
+    """Round r's --continue_from: round r-1's last DeepSpeed checkpoint (none for round 1, or with
+    --round_start restart)."""
+    if r == 1 or args.round_start == "restart":
+        return []
+    return ["--continue_from", policy_dir(args, r - 1) / "ds_checkpoints"]
+
+
 def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, report=None, input_stages=()):
     """Add the stages of rounds 1..args.rounds to `pipe` (see the module docstring).
 
@@ -248,6 +264,7 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
     scoring = {"reward_model": args.reward_model, "max_seq_len": args.max_seq_len, "max_gen_len": args.max_gen_len,
                "batch_size": args.score_batch_size}
     training = {"loss_type": args.loss_type, "reference": args.reference, "max_iter_step": args.max_iter_step,
+                **({"round_start": "restart"} if args.round_start == "restart" else {}),
                 "num_save_checkpoint": args.num_save_checkpoint, "flags": train_flags(args), "temp": args.temp,
                 "max_seq_len": args.max_seq_len, "max_gen_len": args.max_gen_len, "seed": args.seed}
     heldout_file, heldout_stage = heldout
@@ -295,7 +312,8 @@ def add_rounds(pipe, args, prompts, heldout, eval_root, prefix="", env=None, rep
                         "--max_gen_len", str(args.max_gen_len), "--max_iter_step", str(args.max_iter_step),
                         "--num_save_checkpoint", str(args.num_save_checkpoint), "--seed", str(args.seed),
                         "--data_output_path", Path(args.output_dir) / "cache", *train_flags(args),
-                        "--resume", "auto"], log, {**env, "OUTPUT_ROOT": str(round_dir(args, r))}),
+                        *continue_flags(args, r), "--resume", "auto"], log,
+                       {**env, "OUTPUT_ROOT": str(round_dir(args, r))}),
                    inputs=[source, reference])
 
         eval_dirs.append(Path(eval_root) / f"round{r}")
