@@ -9,7 +9,9 @@ For each NAME=PATH, in OUTPUT_DIR/NAME:
   logps_policy.json  their log-probs under the policy, logps_sft.json under the SFT model
                      (src/calc_logprobs.py), at the sampling temperature
   kl.json            KL(pi || pi_sft) = mean log-ratio over the samples (src/eval_kl.py)
-  reward.json        mean oracle (VADER) reward of the samples (oracle.py); not with --oracle none
+  oracle/test.json   the samples' oracle rewards, as rw data: VADER's (oracle.py) or, with --oracle rm:PATH,
+                     a one-logit model's (src/inference_rm.py; the IMDB recipe's sentiment classifier)
+  reward.json        their mean oracle reward; neither with --oracle none
   rw/test.json       with --reward_model: the samples scored by it, as rw data (src/inference_rm.py)
   rm_reward.json     with --reward_model: their mean reward-model reward
   winrate.json       with --winrate_baseline: the samples' win rate against the baseline's samples of the
@@ -65,15 +67,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (the same for every policy)")
     parser.add_argument("--reward_model", default=None,
                         help="also score the samples with this reward model: rw/test.json and rm_reward.json")
-    parser.add_argument("--oracle", default="vader", choices=["vader", "none"],
-                        help="vader: the quickstart's oracle reward, VADER's sentiment of prompt + completion "
-                             "(reward.json); none: no oracle")
+    parser.add_argument("--oracle", default="vader",
+                        help="vader: the quickstart's oracle reward, VADER's sentiment of prompt + completion; "
+                             "rm:PATH: the score of a one-logit model (a reward model, or train_class.py's classifier, "
+                             "whose logit is the IMDB recipe's oracle log-odds); none: no oracle")
     parser.add_argument("--winrate_baseline", default=None, metavar="GEN_DIR",
                         help="also judge each policy's samples against these (e.g. the SFT model's test samples): "
                              "winrate.json; not for the --sft_model itself")
     parser.add_argument("--winrate_judge", default=f"fn:{QUICKSTART / 'oracle.py'}:oracle_rewards",
                         help="the judge of --winrate_baseline (src/eval_winrate.py --judge); default the VADER oracle")
     args = parser.parse_args(argv)
+    if args.oracle not in ("vader", "none") and not (args.oracle.startswith("rm:") and args.oracle[3:]):
+        raise InputError(f"--oracle {args.oracle!r}: expected vader, none or rm:PATH")
     for spec in args.model:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -156,12 +161,21 @@ def evaluate(name, model_path, args):
         step(out, "winrate", judged, [winrate_file], lambda: eval_winrate.main(
             ["--policy", out, "--baseline", args.winrate_baseline, "--judge", args.winrate_judge, "--name", name,
              "--output_path", winrate_file]))
-    if args.oracle == "vader":
-        from oracle import reward_summary
-        summary = reward_summary(samples)
+    if args.oracle != "none":
+        oracle_dir = os.path.join(out, "oracle")
+        if args.oracle == "vader":
+            from oracle import label_rewards
+            label_rewards(samples, oracle_dir)
+        else:
+            oracle_model = args.oracle[3:]
+            step(out, "oracle", {**scoring, "oracle": provenance.digest(oracle_model)}, [oracle_dir],
+                 lambda: inference_rm.main(["--model_name_or_path", oracle_model, "--data_path", out, "--split", "test",
+                                            "--mode", "label", "--batch_size", str(args.batch_size), *lengths,
+                                            "--output_path", oracle_dir]))
+        rewards = [r["rewards"] for r in read_json_records(os.path.join(oracle_dir, "test.json"))]
+        summary = {k: v for k, v in inference_rm.reward_summary(rewards).items() if k != "num_prompts"}
         atomic_write_json(os.path.join(out, "reward.json"), summary)
         print(f"{name}: oracle reward {summary['mean']:.4f} (std {summary['std']:.4f}, n {summary['n']})", flush=True)
-
 
 @cli_main
 def main(argv=None):

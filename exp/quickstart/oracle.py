@@ -62,6 +62,17 @@ def label_pref(gen_dir, pref_dir):
     return {split: len(pairs) for split, pairs in labelled.items()}
 
 
+def label_rewards(gen_file, rw_dir):
+    """The oracle rewards of a gen file's completions, written whole as rw data RW_DIR/test.json."""
+    records = JsonDataset("samples", os.path.dirname(gen_file), "gen").records(
+        os.path.splitext(os.path.basename(gen_file))[0])
+    tmp = atomic_dir(rw_dir)
+    atomic_write_json(os.path.join(tmp, "test.json"), [
+        {"prompt": r["prompt"], "completions": r["completions"], "rewards": oracle_rewards(r["prompt"], r["completions"])}
+        for r in records])
+    commit_dir(tmp, rw_dir)
+
+
 def reward_summary(gen_file):
     """{mean, std, n}: the oracle reward over every completion of a gen file."""
     records = JsonDataset("samples", os.path.dirname(gen_file), "gen").records(

@@ -109,149 +109,180 @@ def parse_args(argv=None):
 
 
 # -- the experiment -------------------------------------------------------------------------
+class Shared:
+    """The stages every alignment run of the miniature starts from (corpus -> pref_to_rw), added to
+    `pipe`, and what a driver needs to add its own runs on them: the paths, the flags every stage
+    passes and the launcher wrapper. The frontier driver (exp/frontier) adds its sweep the same way."""
+
+    def __init__(self, args, pipe, workdir, prefix=""):
+        from corpus import make_corpus
+        from oracle import label_pref
+
+        w = Path(workdir).resolve()
+        self.args, self.pipe, self.workdir, self.prefix = args, pipe, w, prefix
+        data, models = w / "data", w / "models"
+        # the launchers' naming: sampling PATH writes PATH_sft, scoring PATH_sft writes PATH_rw
+        corpus_dir, self.prompts_dir = data / DATA_NAME, data / "prompts"
+        gen_dir, self.rw_dir = data / "prompts_sft", data / "prompts_rw"
+        pref_dir, self.p2r_dir = data / "prompts_pref", data / "prompts_pref_p2r"
+        base, self.run_root = models / MODEL_NAME, models / f"{MODEL_NAME}_{DATA_NAME}"
+        self.sft, self.rm = self.run_root / "sft", self.run_root / "rm"
+        self.prompts = f"{DATA_NAME}/sft:{self.prompts_dir}"
+        self.env = {"OUTPUT_ROOT": str(models), "TB_ROOT": str(w / "tb_logs")}
+        # The launchers recompute activations to fit large models; a tiny one fits anyway, and the
+        # recompute would cost a third more time.
+        self.common = [*LENGTHS, "--data_output_path", str(w / "cache"), "--seed", str(args.seed), "--zero_stage",
+                       "0", "--no-gradient_checkpointing"]
+        sampling = ["--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--temp",
+                    str(SAMPLING_TEMP), "--batch_size", "64", "--seed", str(args.seed), "--backend",
+                    args.sampling_backend]
+        device_ids = os.environ.get("DEVICE_IDS", "")  # empty: the launchers' default
+        stage = self.stage
+
+        def write_corpus(log):
+            corpus = make_corpus(args.num_reviews, args.num_test_prompts, args.seed)
+            # the prompts sampled, labelled and aligned on: those of the first --num_train_prompts reviews
+            prompts = {"train": corpus["train"][:args.num_train_prompts], "test": corpus["test"]}
+            for directory, splits in ((corpus_dir, corpus), (self.prompts_dir, prompts)):
+                tmp = atomic_dir(directory)
+                for split, records in splits.items():
+                    atomic_write_json(os.path.join(tmp, f"{split}.json"), records)
+                commit_dir(tmp, directory)
+            print(f"    {len(corpus['train'])} train and {len(corpus['test'])} test reviews in {corpus_dir}")
+
+        def write_pref(log):
+            counts = label_pref(str(gen_dir), str(pref_dir))
+            print(f"    {counts['train']} train and {counts['test']} test preference pairs in {pref_dir}")
+
+        sizes = {k: getattr(args, k) for k in ("num_reviews", "num_train_prompts", "num_test_prompts", "seed")}
+        stage("corpus", "synthetic movie reviews", [], sizes, [corpus_dir, self.prompts_dir], write_corpus)
+        stage("base_model", "a tiny GPT-2 and tokenizer made locally", ["corpus"],
+              {"hidden_size": args.hidden_size, "num_layers": args.num_layers}, [base],
+              lambda log: run_command([sys.executable, REPO_ROOT / "src" / "make_tiny_model.py", "--out", base,
+                                       "--text_file", corpus_dir / "train.json", "--vocab_size", "1024",
+                                       "--hidden_size", str(args.hidden_size), "--num_layers", str(args.num_layers),
+                                       "--seed", str(args.seed)], log))
+        stage("sft", "supervised fine-tuning on the reviews", ["base_model"], {"epochs": args.sft_epochs}, [self.sft],
+              self.launch("train_sft.sh", MODEL_NAME, base, "base", f"{DATA_NAME}/sft", corpus_dir, *self.common,
+                          "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                          "--gradient_accumulation_steps", "1", "--learning_rate", "2e-3", "--num_warmup_steps", "10",
+                          "--num_train_epochs", str(args.sft_epochs)))
+
+        def sample_splits(log):
+            for split in ("train", "test"):
+                run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / "inference_sft.sh", device_ids,
+                             f"{DATA_NAME}/sft:{self.prompts_dir}", split, self.sft, *sampling,
+                             "--return_num", str(args.num_samples)], log, self.env)
+
+        stage("sample", f"{args.num_samples} completions per prompt from the SFT model", ["sft"],
+              {"num_samples": args.num_samples,
+               **({"backend": args.sampling_backend} if args.sampling_backend != "hf" else {})},
+              [gen_dir], sample_splits)
+        stage("oracle_pref", "oracle (VADER) preference pairs, best vs worst completion", ["sample"], {},
+              [pref_dir], write_pref)
+        stage("rm", "reward model on the oracle pairs", ["oracle_pref"], {"epochs": args.rm_epochs}, [self.rm],
+              self.launch("train_rm.sh", MODEL_NAME, self.sft, "sft", f"{DATA_NAME}/pref", pref_dir, *self.common,
+                          "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+                          "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--num_warmup_steps", "5",
+                          "--num_train_epochs", str(args.rm_epochs)))
+
+        def rm_label(log):
+            for split in ("train", "test"):
+                run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / "inference_rm.sh", device_ids,
+                             gen_dir, split, self.rm, "label", *LENGTHS, "--batch_size", "64"], log, self.env)
+
+        stage("rm_label", "reward-model rewards of the samples (rw data)", ["rm"], {}, [self.rw_dir], rm_label)
+        stage("pref_to_rw", "the oracle pairs as rw data", ["oracle_pref"], {}, [self.p2r_dir],
+              lambda log: run_command([sys.executable, REPO_ROOT / "src" / "utils" / "data" / "pref_to_rw.py",
+                                       pref_dir, "--output_dir", self.p2r_dir], log))
+
+    def stage(self, name, *rest, **kwargs):
+        """pipe.stage with this set's prefix on its name (and on its dependencies' names)."""
+        description, deps, *rest = rest
+        self.pipe.stage(self.prefix + name, description, [self.prefix + d for d in deps], *rest, **kwargs)
+
+    def launch(self, script, *script_args, env=None):
+        return lambda log: run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / script, *script_args], log,
+                                       {**self.env, **(env or {})})
+
+    def align(self, name, method, out_root, settings, beta, lr, steps, checkpoints, seed=None, deps=()):
+        """Stage `name`: `method` from the SFT model, `checkpoints` exports over `steps` steps, under
+        OUT_ROOT/MODEL_NAME_DATA_NAME/align_METHOD_ncK (train_exo.sh's naming). Returns that directory."""
+        on_pref = LOSSES[method].labels == "pref"
+        k = 2 if on_pref else self.args.num_samples
+        directory = Path(out_root) / f"{MODEL_NAME}_{DATA_NAME}" / f"align_{method}_nc{k}"
+        self.stage(name, f"{method} from the SFT model, K = {k}", ["pref_to_rw" if on_pref else "rm_label", *deps],
+                   settings, [directory],
+                   self.launch("train_exo.sh", MODEL_NAME, self.sft, "sft", f"{DATA_NAME}/rw",
+                               self.p2r_dir if on_pref else self.rw_dir, method, str(k), *self.common,
+                               "--beta_pi", str(beta), "--beta_r", str(beta), "--temp", str(SAMPLING_TEMP),
+                               "--per_device_train_batch_size", str(max(1, 32 // k)),
+                               "--per_device_eval_batch_size", str(max(1, 64 // k)), "--gradient_accumulation_steps",
+                               "1", "--learning_rate", str(lr), "--max_iter_step", str(steps),
+                               "--num_train_epochs", "100", "--num_save_checkpoint", str(checkpoints),
+                               *(["--seed", str(seed)] if seed is not None else []),
+                               # the reward model's scores go negative, where LiPO's gains 2^r - 1 lose their meaning
+                               *(["--lipo_labels", "win_rates"] if method == "lipo" else []),
+                               env={"OUTPUT_ROOT": str(out_root)}))
+        return directory
+
+    def evaluate(self, name, description, deps, settings, models, out_dir, seed, winrate_baseline=None):
+        """Stage `name`: evaluate.py on each (NAME, PATH) of `models` into OUT_DIR/NAME, sampling with
+        `seed`; `winrate_baseline`: gen data the samples are also judged against (win rate vs SFT)."""
+        winrate = ["--winrate_baseline", winrate_baseline] if winrate_baseline else []
+        self.stage(name, description, deps, settings, [out_dir], lambda log: run_command(
+            [sys.executable, QUICKSTART / "evaluate.py", "--prompts", self.prompts, "--sft_model", self.sft,
+             *[f"--model={n}={p}" for n, p in models], "--output_dir", out_dir,
+             "--return_num", str(self.args.eval_samples), "--temp", str(SAMPLING_TEMP),
+             "--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--batch_size", "128",
+             "--seed", str(seed), *winrate], log))
+
+    def online(self, output_dir, rounds, steps, lr, beta, seed, extra=()):
+        """online.py's arguments for rounds of exo-rw on this miniature (the offline exo-rw run's settings)."""
+        import online
+        args, k = self.args, self.args.num_samples
+        return online.parse_args([
+            "--sft_model", str(self.sft), "--reward_model", str(self.rm), "--data_name_path", self.prompts,
+            "--output_dir", str(output_dir), "--rounds", str(rounds), "--num_samples", str(k),
+            "--loss_type", "exo-rw", "--seed", str(seed), "--temp", str(SAMPLING_TEMP),
+            "--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--sample_batch_size", "64",
+            "--max_seq_len", str(MAX_LENGTH + 8), "--max_gen_len", str(MAX_NEW_TOKENS + 8), "--score_batch_size", "64",
+            "--max_iter_step", str(steps), "--num_save_checkpoint", "1", "--num_train_epochs", "100",
+            "--learning_rate", str(lr), "--beta_pi", str(beta), "--beta_r", str(beta),
+            "--per_device_train_batch_size", str(max(1, 32 // k)), "--per_device_eval_batch_size", str(max(1, 64 // k)),
+            "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
+            "--eval_samples", str(args.eval_samples), "--eval_seed", str(seed + 1), "--eval_batch_size", "128",
+            "--oracle", "vader", "--sampling_backend", args.sampling_backend, *extra])
+
+
 def build(args):
-    from corpus import make_corpus
-    from oracle import label_pref
-
     w = Path(args.workdir).resolve()
-    data, models = w / "data", w / "models"
-    # the launchers' naming: sampling PATH writes PATH_sft, scoring PATH_sft writes PATH_rw
-    corpus_dir, prompts_dir = data / DATA_NAME, data / "prompts"
-    gen_dir, rw_dir = data / "prompts_sft", data / "prompts_rw"
-    pref_dir, p2r_dir = data / "prompts_pref", data / "prompts_pref_p2r"
-    base, run_root = models / MODEL_NAME, models / f"{MODEL_NAME}_{DATA_NAME}"
-    sft, rm = run_root / "sft", run_root / "rm"
-    env = {"OUTPUT_ROOT": str(models), "TB_ROOT": str(w / "tb_logs")}
-    # The launchers recompute activations to fit large models; a tiny one fits anyway, and the
-    # recompute would cost a third more time.
-    common = [*LENGTHS, "--data_output_path", str(w / "cache"), "--seed", str(args.seed), "--zero_stage", "0",
-              "--no-gradient_checkpointing"]
-    sampling = ["--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--temp", str(SAMPLING_TEMP),
-                "--batch_size", "64", "--seed", str(args.seed), "--backend", args.sampling_backend]
-    device_ids = os.environ.get("DEVICE_IDS", "")  # empty: the launchers' default
     pipe = Pipeline(w, args.force)
-
-    def launch(script, *script_args):
-        return lambda log: run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / script, *script_args], log, env)
-
-    def write_corpus(log):
-        corpus = make_corpus(args.num_reviews, args.num_test_prompts, args.seed)
-        # the prompts sampled, labelled and aligned on: those of the first --num_train_prompts reviews
-        prompts = {"train": corpus["train"][:args.num_train_prompts], "test": corpus["test"]}
-        for directory, splits in ((corpus_dir, corpus), (prompts_dir, prompts)):
-            tmp = atomic_dir(directory)
-            for split, records in splits.items():
-                atomic_write_json(os.path.join(tmp, f"{split}.json"), records)
-            commit_dir(tmp, directory)
-        print(f"    {len(corpus['train'])} train and {len(corpus['test'])} test reviews in {corpus_dir}")
-
-    def write_pref(log):
-        counts = label_pref(str(gen_dir), str(pref_dir))
-        print(f"    {counts['train']} train and {counts['test']} test preference pairs in {pref_dir}")
-
-    sizes = {k: getattr(args, k) for k in ("num_reviews", "num_train_prompts", "num_test_prompts", "seed")}
-    pipe.stage("corpus", "synthetic movie reviews", [], sizes, [corpus_dir, prompts_dir], write_corpus)
-    pipe.stage("base_model", "a tiny GPT-2 and tokenizer made locally", ["corpus"],
-               {"hidden_size": args.hidden_size, "num_layers": args.num_layers}, [base],
-               lambda log: run_command([sys.executable, REPO_ROOT / "src" / "make_tiny_model.py", "--out", base,
-                                        "--text_file", corpus_dir / "train.json", "--vocab_size", "1024",
-                                        "--hidden_size", str(args.hidden_size), "--num_layers", str(args.num_layers),
-                                        "--seed", str(args.seed)], log))
-    pipe.stage("sft", "supervised fine-tuning on the reviews", ["base_model"], {"epochs": args.sft_epochs}, [sft],
-               launch("train_sft.sh", MODEL_NAME, base, "base", f"{DATA_NAME}/sft", corpus_dir, *common,
-                      "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-                      "--gradient_accumulation_steps", "1", "--learning_rate", "2e-3", "--num_warmup_steps", "10",
-                      "--num_train_epochs", str(args.sft_epochs)))
-
-    def sample_splits(log):
-        for split in ("train", "test"):
-            run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / "inference_sft.sh", device_ids,
-                         f"{DATA_NAME}/sft:{prompts_dir}", split, sft, *sampling,
-                         "--return_num", str(args.num_samples)], log, env)
-
-    pipe.stage("sample", f"{args.num_samples} completions per prompt from the SFT model", ["sft"],
-               {"num_samples": args.num_samples,
-                **({"backend": args.sampling_backend} if args.sampling_backend != "hf" else {})},
-               [gen_dir], sample_splits)
-    pipe.stage("oracle_pref", "oracle (VADER) preference pairs, best vs worst completion", ["sample"], {},
-               [pref_dir], write_pref)
-    pipe.stage("rm", "reward model on the oracle pairs", ["oracle_pref"], {"epochs": args.rm_epochs}, [rm],
-               launch("train_rm.sh", MODEL_NAME, sft, "sft", f"{DATA_NAME}/pref", pref_dir, *common,
-                      "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-                      "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--num_warmup_steps", "5",
-                      "--num_train_epochs", str(args.rm_epochs)))
-
-    def rm_label(log):
-        for split in ("train", "test"):
-            run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / "inference_rm.sh", device_ids,
-                         gen_dir, split, rm, "label", *LENGTHS, "--batch_size", "64"], log, env)
-
-    pipe.stage("rm_label", "reward-model rewards of the samples (rw data)", ["rm"], {}, [rw_dir], rm_label)
-    pipe.stage("pref_to_rw", "the oracle pairs as rw data", ["oracle_pref"], {}, [p2r_dir],
-               lambda log: run_command([sys.executable, REPO_ROOT / "src" / "utils" / "data" / "pref_to_rw.py",
-                                        pref_dir, "--output_dir", p2r_dir], log))
-
+    shared = Shared(args, pipe, w)
     align_dirs = {}
     for method in args.methods:
-        on_pref = LOSSES[method].labels == "pref"
-        k = 2 if on_pref else args.num_samples
-        align_dirs[method] = run_root / f"align_{method}_nc{k}"
         settings = {"steps": args.align_steps, "checkpoints": args.num_checkpoints, "lr": args.align_lr,
                     "beta": args.beta}
-        pipe.stage(f"align_{method}", f"{method} from the SFT model, K = {k}", ["pref_to_rw" if on_pref else "rm_label"],
-                   settings, [align_dirs[method]],
-                   launch("train_exo.sh", MODEL_NAME, sft, "sft", f"{DATA_NAME}/rw", p2r_dir if on_pref else rw_dir,
-                          method, str(k), *common, "--beta_pi", str(args.beta), "--beta_r", str(args.beta),
-                          "--temp", str(SAMPLING_TEMP), "--per_device_train_batch_size", str(max(1, 32 // k)),
-                          "--per_device_eval_batch_size", str(max(1, 64 // k)), "--gradient_accumulation_steps", "1",
-                          "--learning_rate", str(args.align_lr), "--max_iter_step", str(args.align_steps),
-                          "--num_train_epochs", "100", "--num_save_checkpoint", str(args.num_checkpoints),
-                          # the reward model's scores go negative, where LiPO's gains 2^r - 1 lose their meaning
-                          *(["--lipo_labels", "win_rates"] if method == "lipo" else [])))
+        align_dirs[method] = shared.align(f"align_{method}", method, w / "models", settings, args.beta, args.align_lr,
+                                          args.align_steps, args.num_checkpoints)
 
     eval_root = w / "eval"
     eval_settings = {"eval_samples": args.eval_samples}
-
-    def evaluate(name, models_to_eval, winrate_baseline=None):
-        # winrate_baseline: gen data the samples are judged against (win rate vs the SFT model)
-        winrate = ["--winrate_baseline", winrate_baseline] if winrate_baseline else []
-
-        def run(log):
-            run_command([sys.executable, QUICKSTART / "evaluate.py", "--prompts", f"{DATA_NAME}/sft:{prompts_dir}",
-                         "--sft_model", sft, *[f"--model={n}={p}" for n, p in models_to_eval],
-                         "--output_dir", eval_root / name, "--return_num", str(args.eval_samples),
-                         "--temp", str(SAMPLING_TEMP), "--max_new_tokens", str(MAX_NEW_TOKENS),
-                         "--max_length", str(MAX_LENGTH), "--batch_size", "128", "--seed", str(args.seed + 1),
-                         *winrate], log)
-        return run
-
-    pipe.stage("eval_sft", "the SFT model's test samples: oracle reward", ["sft"], eval_settings, [eval_root / "sft"],
-               evaluate("sft", [("sft", sft)]))
+    shared.evaluate("eval_sft", "the SFT model's test samples: oracle reward", ["sft"], eval_settings,
+                    [("sft", shared.sft)], eval_root / "sft", args.seed + 1)
     for method, directory in align_dirs.items():
         ckpts = [(f"ckpt{i}", directory / f"ckpt{i}") for i in range(1, args.num_checkpoints + 1)]
-        pipe.stage(f"eval_{method}", f"{method} checkpoints: oracle reward, KL(pi || pi_sft), win rate vs SFT",
-                   [f"align_{method}", "eval_sft"], {**eval_settings, "winrate": "oracle, both orders"},
-                   [eval_root / method], evaluate(method, ckpts, eval_root / "sft" / "sft"))
+        shared.evaluate(f"eval_{method}", f"{method} checkpoints: oracle reward, KL(pi || pi_sft), win rate vs SFT",
+                        [f"align_{method}", "eval_sft"], {**eval_settings, "winrate": "oracle, both orders"}, ckpts,
+                        eval_root / method, args.seed + 1, eval_root / "sft" / "sft")
 
     runs = {"sft": ["sft"], **{m: [f"ckpt{i}" for i in range(1, args.num_checkpoints + 1)] for m in align_dirs}}
     if args.online_rounds:
         import online
-        k = args.num_samples
-        # the offline exo-rw run's settings, as an online.py command line
-        online_args = online.parse_args([
-            "--sft_model", str(sft), "--reward_model", str(rm), "--data_name_path", f"{DATA_NAME}/sft:{prompts_dir}",
-            "--output_dir", str(w / "online"), "--rounds", str(args.online_rounds), "--num_samples", str(k),
-            "--loss_type", "exo-rw", "--seed", str(args.seed), "--temp", str(SAMPLING_TEMP),
-            "--max_new_tokens", str(MAX_NEW_TOKENS), "--max_length", str(MAX_LENGTH), "--sample_batch_size", "64",
-            "--max_seq_len", str(MAX_LENGTH + 8), "--max_gen_len", str(MAX_NEW_TOKENS + 8), "--score_batch_size", "64",
-            "--max_iter_step", str(args.online_steps), "--num_save_checkpoint", "1", "--num_train_epochs", "100",
-            "--learning_rate", str(args.align_lr), "--beta_pi", str(args.beta), "--beta_r", str(args.beta),
-            "--per_device_train_batch_size", str(max(1, 32 // k)), "--per_device_eval_batch_size", str(max(1, 64 // k)),
-            "--gradient_accumulation_steps", "1", "--zero_stage", "0", "--no-gradient_checkpointing",
-            "--eval_samples", str(args.eval_samples), "--eval_seed", str(args.seed + 1), "--eval_batch_size", "128",
-            "--oracle", "vader", "--sampling_backend", args.sampling_backend])
+        online_args = shared.online(w / "online", args.online_rounds, args.online_steps, args.align_lr, args.beta,
+                                    args.seed)
         # round 1's held-out split: the SFT model's test samples scored by the reward model
-        online.add_rounds(pipe, online_args, f"{DATA_NAME}/sft:{prompts_dir}", (rw_dir / "test.json", "rm_label"),
+        online.add_rounds(pipe, online_args, shared.prompts, (shared.rw_dir / "test.json", "rm_label"),
                           eval_root / "online-exo-rw", prefix="online_", input_stages=["sft"])
         runs["online-exo-rw"] = [f"round{r}" for r in range(1, args.online_rounds + 1)]
 
