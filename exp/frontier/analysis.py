@@ -29,7 +29,7 @@ The definitions, fixed before the sweep was run (README: "The reward–KL fronti
 import argparse
 import json
 import math
-import os
+import shutil
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -184,7 +184,7 @@ class Sweep:
         if self.k_common <= 0:
             raise InputError(f"some method's frontier never leaves KL 0 ({self.k_max}): no common KL range to compare "
                              "on; train longer or with a larger learning rate")
-        at = np.array([k for k in self.kl_grid if k <= self.k_common] + [self.k_common])
+        at = np.array([k for k in self.kl_grid if k < self.k_common] + [self.k_common])
         online = self.online_pairs()
         draws = []
         for r, k, seeds in self.replicate_values():
@@ -372,9 +372,11 @@ def analyse(workdir, n_boot=None):
     return markdown, result
 
 
-def readme_section(workdir, markdown, elapsed):
-    return (f"{MARKER[0]}\n![reward-KL frontiers](imgs/frontier.png)\n\n{markdown}\n"
-            f"The sweep took {elapsed / 60:.0f} min on 2 idle CPU cores.\n{MARKER[1]}")
+def readme_section(markdown, command, elapsed):
+    return (f"{MARKER[0]}\nWhat `{command}` wrote (it took {elapsed / 60:.0f} min on 2 idle CPU cores; "
+            f"`python exp/frontier/analysis.py --workdir results/frontier --write README.md` puts a sweep's "
+            f"results here and `--check` fails while they are not this one's):\n\n"
+            f"![reward-KL frontiers](imgs/frontier.png)\n\n{markdown}{MARKER[1]}")
 
 
 @cli_main
@@ -387,8 +389,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     markdown, _ = analyse(args.workdir)
     with open(Path(args.workdir) / "timing.json") as f:
-        elapsed = json.load(f)["seconds"]
-    section = readme_section(args.workdir, markdown, elapsed)
+        timing = json.load(f)
+    section = readme_section(markdown, timing["command"], timing["seconds"])
     for target in filter(None, (args.write, args.check)):
         text = Path(target).read_text(encoding="utf-8")
         start, end = text.find(MARKER[0]), text.find(MARKER[1])
@@ -402,7 +404,6 @@ def main(argv=None):
             print(f"{target}: the frontier section is this sweep's")
         else:
             atomic_write_text(target, new)
-            import shutil
             shutil.copyfile(Path(args.workdir) / "frontier.png", Path(target).resolve().parent / "imgs" / "frontier.png")
             print(f"wrote the frontier section of {target} and imgs/frontier.png")
     if not (args.write or args.check):

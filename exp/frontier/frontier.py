@@ -81,6 +81,10 @@ def parse_args(argv=None):
     g.add_argument("--reseed_shared", action="store_true",
                    help="make the corpus, models and training samples again for every seed (seeded by it) instead "
                         "of sharing those of --seed")
+    g.add_argument("--rw_labels", default="rm", choices=["rm", "oracle"],
+                   help="the rewards the -rw losses (and every non-pref loss) train on: the reward model's, or the "
+                        "oracle's on the same samples (no reward-model error: how much of a difference is label "
+                        "noise); the miniature only, in its own --workdir")
     g.add_argument("--align_steps", type=int, default=48, help="optimizer steps of each run")
     g.add_argument("--num_checkpoints", type=int, default=6, help="checkpoints exported and evaluated per run")
     g.add_argument("--align_lr", type=float, default=5e-5, help="learning rate of every run (constant)")
@@ -128,6 +132,8 @@ def parse_args(argv=None):
                          "--oracle")
     if args.online_rounds is None:
         args.online_rounds = 0 if args.external else 3
+    if args.external and args.rw_labels != "rm":
+        raise InputError("--rw_labels oracle is the miniature's (a recipe's oracle-scored rw data is its --rw_data)")
     if args.external and args.online_rounds:
         raise InputError("--online_rounds with a recipe's models: run exp/online_exp/run.sh on them")
     if args.num_checkpoints < 1 or args.align_steps < args.num_checkpoints:
@@ -181,9 +187,10 @@ def build(args):
             for beta in args.betas:
                 name = cell_name(method, beta, seed)
                 settings = {"steps": args.align_steps, "checkpoints": args.num_checkpoints, "lr": args.align_lr,
-                            "beta": beta, "seed": seed}
+                            "beta": beta, "seed": seed,
+                            **({"rw_labels": args.rw_labels} if args.rw_labels != "rm" else {})}
                 directory = s.align(f"align_{name}", method, w / "models" / name, settings, beta, args.align_lr,
-                                    args.align_steps, args.num_checkpoints, seed=seed)
+                                    args.align_steps, args.num_checkpoints, seed=seed, rw_labels=args.rw_labels)
                 ckpts = [(f"ckpt{i}", directory / f"ckpt{i}") for i in range(1, args.num_checkpoints + 1)]
                 s.evaluate(f"eval_{name}", f"{method}, beta {fmt(beta)}, seed {seed}: oracle reward, KL",
                            [f"align_{name}"], {"eval_samples": args.eval_samples, "seed": eval_seed}, ckpts,
@@ -241,7 +248,8 @@ class External:
         self.env = {"TB_ROOT": str(Path(workdir) / "tb_logs")}
         self.train_args = shlex.split(args.train_args)
 
-    def align(self, name, method, out_root, settings, beta, lr, steps, checkpoints, seed=None, deps=()):
+    def align(self, name, method, out_root, settings, beta, lr, steps, checkpoints, seed=None, deps=(),
+              rw_labels="rm"):
         on_pref = LOSSES[method].labels == "pref"
         k = 2 if on_pref else (self.args.num_contrastive or self.args.num_samples)
         data = self.p2r_dir if on_pref else self.rw_dir

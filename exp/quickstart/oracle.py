@@ -73,6 +73,18 @@ def label_rewards(gen_file, rw_dir):
     commit_dir(tmp, rw_dir)
 
 
+def relabel_rw(rw_dir, out_dir):
+    """rw data with the oracle's rewards in place of the reward model's: every other field (the
+    sampled ids among them) kept, so a run on it differs from one on RW_DIR only by its labels."""
+    source = JsonDataset(os.path.basename(os.path.normpath(rw_dir)), rw_dir, "rw")
+    relabelled = {split: [{**r, "rewards": oracle_rewards(r["prompt"], r["completions"])}
+                          for r in source.records(split)] for split in SPLITS}
+    tmp = atomic_dir(out_dir)
+    for split, records in relabelled.items():
+        atomic_write_json(os.path.join(tmp, f"{split}.json"), records)
+    commit_dir(tmp, out_dir)
+
+
 def reward_summary(gen_file):
     """{mean, std, n}: the oracle reward over every completion of a gen file."""
     records = JsonDataset("samples", os.path.dirname(gen_file), "gen").records(

@@ -196,6 +196,16 @@ class Shared:
               lambda log: run_command([sys.executable, REPO_ROOT / "src" / "utils" / "data" / "pref_to_rw.py",
                                        pref_dir, "--output_dir", self.p2r_dir], log))
 
+    def oracle_rw(self):
+        """The reward model's rw data with the oracle's rewards instead (stage oracle_rw, added on the
+        first call): runs on it differ from runs on rm_label's only by the reward model's errors."""
+        from oracle import relabel_rw
+        directory = self.workdir / "data" / "prompts_oracle_rw"
+        if not any(s["name"] == self.prefix + "oracle_rw" for s in self.pipe.stages):
+            self.stage("oracle_rw", "the samples' rw data with oracle (VADER) rewards", ["rm_label"], {}, [directory],
+                       lambda log: relabel_rw(str(self.rw_dir), str(directory)))
+        return directory
+
     def stage(self, name, *rest, **kwargs):
         """pipe.stage with this set's prefix on its name (and on its dependencies' names)."""
         description, deps, *rest = rest
@@ -205,16 +215,24 @@ class Shared:
         return lambda log: run_command(["bash", REPO_ROOT / "exp" / "custom_exp" / script, *script_args], log,
                                        {**self.env, **(env or {})})
 
-    def align(self, name, method, out_root, settings, beta, lr, steps, checkpoints, seed=None, deps=()):
+    def align(self, name, method, out_root, settings, beta, lr, steps, checkpoints, seed=None, deps=(),
+              rw_labels="rm"):
         """Stage `name`: `method` from the SFT model, `checkpoints` exports over `steps` steps, under
-        OUT_ROOT/MODEL_NAME_DATA_NAME/align_METHOD_ncK (train_exo.sh's naming). Returns that directory."""
+        OUT_ROOT/MODEL_NAME_DATA_NAME/align_METHOD_ncK (train_exo.sh's naming). Returns that directory.
+        The -pref losses train on the oracle pairs, the others on the samples' rw data, scored by
+        the reward model (`rw_labels` "rm") or by the oracle ("oracle")."""
         on_pref = LOSSES[method].labels == "pref"
         k = 2 if on_pref else self.args.num_samples
         directory = Path(out_root) / f"{MODEL_NAME}_{DATA_NAME}" / f"align_{method}_nc{k}"
-        self.stage(name, f"{method} from the SFT model, K = {k}", ["pref_to_rw" if on_pref else "rm_label", *deps],
-                   settings, [directory],
-                   self.launch("train_exo.sh", MODEL_NAME, self.sft, "sft", f"{DATA_NAME}/rw",
-                               self.p2r_dir if on_pref else self.rw_dir, method, str(k), *self.common,
+        if on_pref:
+            data, data_stage = self.p2r_dir, "pref_to_rw"
+        elif rw_labels == "oracle":
+            data, data_stage = self.oracle_rw(), "oracle_rw"
+        else:
+            data, data_stage = self.rw_dir, "rm_label"
+        self.stage(name, f"{method} from the SFT model, K = {k}", [data_stage, *deps], settings, [directory],
+                   self.launch("train_exo.sh", MODEL_NAME, self.sft, "sft", f"{DATA_NAME}/rw", data, method, str(k),
+                               *self.common,
                                "--beta_pi", str(beta), "--beta_r", str(beta), "--temp", str(SAMPLING_TEMP),
                                "--per_device_train_batch_size", str(max(1, 32 // k)),
                                "--per_device_eval_batch_size", str(max(1, 64 // k)), "--gradient_accumulation_steps",
