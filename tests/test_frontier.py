@@ -78,7 +78,14 @@ def test_online_rounds_are_paired_with_the_offline_checkpoint_of_their_step():
             offline = next(m for p, m in zip(points, matrices)
                            if p["method"] == "exo-rw" and p["seed"] == seed and p["steps"] == step)
             matrices.append((offline[0] - 0.2, offline[1]))
+            # rounds that restart AdamW every round, 0.1 below those that continue it
+            points.append({**points[-1], "method": "online-exo-rw-restart"})
+            matrices.append((offline[0] - 0.3, offline[1]))
     result = Sweep(points, matrices, [1.0], {"exo-rw": "rw", "dpo-rw": "rw"}, n_boot=100).compare()
-    assert [(r["steps"], r["pairs"]) for r in result["online"]] == [(2, 3), (4, 3)]
-    for row in result["online"]:
-        assert row["diff"] == pytest.approx(-0.2) and row["diff_ci"] == pytest.approx([-0.2, -0.2])
+    rows = {(r["method"], r["offline"], r["steps"]): r for r in result["online"]}
+    expected = {("online-exo-rw", "exo-rw"): -0.2, ("online-exo-rw-restart", "exo-rw"): -0.3,
+                ("online-exo-rw", "online-exo-rw-restart"): 0.1}
+    assert set(rows) == {(*pair, steps) for pair in expected for steps in (2, 4)}
+    for (method, against, steps), row in rows.items():
+        diff = expected[(method, against)]
+        assert row["pairs"] == 3 and row["diff"] == pytest.approx(diff) and row["diff_ci"] == pytest.approx([diff, diff])

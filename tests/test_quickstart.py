@@ -63,6 +63,62 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert again.stdout.count("done before, skipped") == 13  # every stage but the report
     assert table in again.stdout
 
+    # The frontier driver's --quick grid on the same miniature: its shared stages are the
+    # quickstart's, made above, so only its own cells run
+    frontier = run(["bash", "exp/frontier/run.sh", "--quick", "--workdir", str(workdir)], env=ENV, timeout=900)
+    assert frontier.returncode == 0, frontier.stdout[-4000:] + frontier.stderr[-4000:]
+    for stage in ("corpus", "base_model", "sft", "sample", "oracle_pref", "rm", "rm_label", "pref_to_rw"):
+        assert f"] {stage}: " in frontier.stdout and f"{stage}: " in [
+            line.split("] ", 1)[-1][:len(stage) + 2] for line in frontier.stdout.splitlines()
+            if "done before, skipped" in line], stage
+    result = json.loads((workdir / "results.json").read_text())
+    assert result["command"] == f"bash exp/frontier/run.sh --quick --workdir {workdir}"
+    points = result["points"]
+    offline = [p for p in points if p["kind"] == "offline"]
+    assert {(p["method"], p["beta_pi"], p["seed"], p["checkpoint"]) for p in offline} == {
+        (m, 1.0, s, c) for m in ("exo-rw", "dpo-rw") for s in (0, 1) for c in ("ckpt1", "ckpt2")}
+    for p in points:
+        assert {"reward", "reward_se", "kl", "kl_se"} <= set(p) and -1 <= p["reward"] <= 1 and p["n"] == 16 * 4
+    assert all(p["kl"] > 0 for p in offline)
+    online = [p for p in points if p["kind"] == "online"]
+    assert [(p["checkpoint"], p["steps"]) for p in online] == [("round1", 2), ("round2", 4)]
+    # each round beside the offline checkpoint of its step; exo-rw's frontier against dpo-rw's
+    assert [(r["steps"], r["pairs"]) for r in result["online"]] == [(2, 1), (4, 1)]
+    exo = next(r for r in result["matched"] if r["method"] == "exo-rw")
+    assert exo["baseline"] == "dpo-rw" and exo["kl"][-1] == pytest.approx(result["k_common"])
+    assert all(low <= high for low, high in exo["diff_ci"])
+    report = (workdir / "results.md").read_text()
+    assert "| − dpo-rw |" in report and "In words" in report and report.split("\n\n", 2)[1] in frontier.stdout
+    assert (workdir / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the README section: --check fails on a stale one, --write makes it this sweep's
+    (tmp_path / "imgs").mkdir()
+    readme.write_text("a\n<!-- frontier results -->\nstale\n<!-- /frontier results -->\nb\n")
+    analysis = ["python", "exp/frontier/analysis.py", "--workdir", str(workdir)]
+    assert run([*analysis, "--check", str(readme)], timeout=120).returncode == 1
+    assert run([*analysis, "--write", str(readme)], timeout=120).returncode == 0
+    assert run([*analysis, "--check", str(readme)], timeout=120).returncode == 0
+    assert "| − dpo-rw |" in readme.read_text() and (tmp_path / "imgs" / "frontier.png").exists()
+
+    again = run(["bash", "exp/frontier/run.sh", "--quick", "--workdir", str(workdir)], env=ENV, timeout=300)
+    assert again.returncode == 0 and "(not done yet)" not in again.stdout and "redone" not in again.stdout
+
+    # A recipe's models by flags (here the miniature's, with its reward model as the oracle): one cell
+    models, data = workdir / "models" / "tiny_review", workdir / "data"
+    recipe = run(["bash", "exp/frontier/run.sh", "--workdir", str(tmp_path / "recipe"), "--sft_model",
+                  str(models / "sft"), "--reward_model", str(models / "rm"), "--oracle", f"rm:{models / 'rm'}",
+                  "--prompts", f"review/sft:{data / 'prompts'}", "--rw_data", str(data / "prompts_rw"),
+                  "--pref_data", str(data / "prompts_pref_p2r"), "--methods", "exo-rw", "--betas", "1", "--seeds", "0",
+                  "--align_steps", "2", "--num_checkpoints", "1", "--align_lr", "1e-3", "--eval_samples", "2",
+                  "--bootstrap", "50", "--train_args", "--max_seq_len 104 --max_gen_len 72 --zero_stage 0 "
+                  "--no-gradient_checkpointing --per_device_train_batch_size 8 --gradient_accumulation_steps 1"],
+                 env=ENV, timeout=600)
+    assert recipe.returncode == 0, recipe.stdout[-4000:] + recipe.stderr[-4000:]
+    point = json.loads((tmp_path / "recipe" / "results.json").read_text())["points"][-1]
+    assert point["method"] == "exo-rw" and point["kl"] > 0 and point["n"] == 16 * 2
+    rm_scored = json.loads((tmp_path / "recipe" / "eval" / "exo-rw_b1_s0" / "ckpt1" / "oracle" / "test.json").read_text())
+    assert len(rm_scored) == 16 and all(len(r["rewards"]) == 2 for r in rm_scored)
+
 
 def test_quickstart_bad_flag_is_one_line(tmp_path):
     result = quickstart("--workdir", str(tmp_path), "--force", "no_such_stage", timeout=60)
@@ -135,3 +191,4 @@ def test_evaluate_keeps_an_output_only_when_made_from_the_same_inputs(tiny_model
     shutil.rmtree(out / "pol" / "stages")  # as an evaluate.py before records left it
     kept, _ = run_evaluate("--winrate_judge", f"fn:{judge}:longer", "--seed", "43")
     assert not any(kept.values())
+

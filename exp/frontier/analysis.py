@@ -208,18 +208,25 @@ class Sweep:
                            mean_reward_diff=area, mean_reward_diff_ci=np.percentile(boot_area, [2.5, 97.5]).tolist())
             rows.append(row)
         online_rows = []
+        observed_reward, observed_kl = self.rewards.mean(axis=1), self.kls.mean(axis=1)
         for j, (key, pairs) in enumerate(online.items()):
             values = np.array([d[j] for _, d in boot])
             values = values[np.isfinite(values)]
             online_rows.append({"method": key[0], "offline": key[1], "steps": key[2], "beta_pi": key[3],
+                                "reward": float(np.mean([observed_reward[a] for a, _ in pairs])),
+                                "other_reward": float(np.mean([observed_reward[b] for _, b in pairs])),
+                                "kl": float(np.mean([observed_kl[a] for a, _ in pairs])),
+                                "other_kl": float(np.mean([observed_kl[b] for _, b in pairs])),
                                 "diff": observed[1][j], "diff_ci": np.percentile(values, [2.5, 97.5]).tolist(),
                                 "pairs": len(pairs)})
         return {"k_common": self.k_common, "k_max": {f"{m} seed {s}": v for (m, s), v in self.k_max.items()},
                 "matched": rows, "online": online_rows}
 
     def online_pairs(self):
-        """{(online method, offline method, steps, beta): [(online point, offline point), ...]}: each
-        online round beside the offline checkpoint of the same loss, beta, seed and step count."""
+        """{(online method, compared with, steps, beta): [(online point, other point), ...]}: each
+        online round beside the offline checkpoint of the same loss, beta, seed and step count, and
+        a restarting variant's round beside the continuing one's (online-exo-rw-restart against
+        online-exo-rw) of the same seed and step."""
         pairs = OrderedDict()
         for i, p in enumerate(self.points):
             if p["kind"] != "online":
@@ -228,6 +235,13 @@ class Sweep:
             match = self.index(kind="offline", method=offline, beta_pi=p["beta_pi"], seed=p["seed"], steps=p["steps"])
             if match:
                 pairs.setdefault((p["method"], offline, p["steps"], p["beta_pi"]), []).append((i, match[0]))
+        for i, p in enumerate(self.points):
+            if p["kind"] == "online" and p["method"].endswith("-restart"):
+                match = self.index(kind="online", method=p["method"].removesuffix("-restart"), seed=p["seed"],
+                                   steps=p["steps"], beta_pi=p["beta_pi"])
+                if match:  # continuing minus restarting
+                    pairs.setdefault((self.points[match[0]]["method"], p["method"], p["steps"], p["beta_pi"]),
+                                     []).append((match[0], i))
         return pairs
 
 
@@ -272,12 +286,15 @@ def tables(result, settings):
         else:
             lines.append(f"| {row['method']} | {row['mean_reward']:.3f} | (baseline) | |")
     if result["online"]:
-        lines += ["", "Online rounds against the offline run of the same loss, β and seed at the same optimizer step "
-                  "(oracle reward, online − offline, mean over seeds, 95% bootstrap interval):", "",
-                  "| online | offline | β | steps | online − offline | the interval |", "|---|---|---|---|---|---|"]
+        lines += ["", "Online rounds against the offline run of the same loss, β and seed at the same optimizer step, "
+                  "and rounds that continue AdamW and the data order against rounds that restart them (oracle "
+                  "reward and KL, means over seeds; the difference with its 95% bootstrap interval):", "",
+                  "| rounds | against | β | steps | reward | KL | reward − against's [95%] | the interval |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in result["online"]:
             lo, hi = row["diff_ci"]
             lines.append(f"| {row['method']} | {row['offline']} | {row['beta_pi']} | {row['steps']} | "
+                         f"{row['reward']:.3f} vs {row['other_reward']:.3f} | {row['kl']:.2f} vs {row['other_kl']:.2f} | "
                          f"{row['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {interval_words(lo, hi)} 0 |")
     return "\n".join(lines)
 
@@ -310,6 +327,8 @@ def plot(sweep, result, path):
     import matplotlib.pyplot as plt
     from report import save_figure
 
+    import warnings
+    warnings.filterwarnings("ignore", "(Mean of empty slice|All-NaN slice)", RuntimeWarning)  # past every seed's end
     reward, kl = sweep.rewards.mean(axis=1), sweep.kls.mean(axis=1)
     x_max = max(p["kl"] for p in sweep.points)
     grid = np.linspace(0.0, x_max, 200)
@@ -325,13 +344,15 @@ def plot(sweep, result, path):
             upto = grid <= sweep.k_max[(method, seed)]
             curves.append(np.where(upto, read_frontier(xs, ys, grid), np.nan))
         curves = np.array(curves)
-        ax.plot(grid, np.nanmean(curves, axis=0), color=color, label=method,
-                linestyle="-" if method.startswith("exo") else "--")
+        # the mean where every seed's frontier reaches, the band as far as any does
+        ax.plot(grid, np.where(np.isnan(curves).any(axis=0), np.nan, np.nanmean(curves, axis=0)), color=color,
+                label=method, linestyle="-" if method.startswith("exo") else "--")
         ax.fill_between(grid, np.nanmin(curves, axis=0), np.nanmax(curves, axis=0), color=color, alpha=0.15)
     online = sweep.index(kind="online")
     for method in dict.fromkeys(sweep.points[i]["method"] for i in online):
         idx = sweep.index(kind="online", method=method)
-        ax.scatter(kl[idx], reward[idx], marker="x", color="black", label=method)
+        ax.scatter(kl[idx], reward[idx], marker="+" if method.endswith("-restart") else "x", s=40,
+                   color="grey" if method.endswith("-restart") else "black", label=method)
     sft = sweep.index(kind="sft")
     ax.scatter(kl[sft], reward[sft], marker="*", s=120, color="black", label="SFT", zorder=3)
     ax.axvline(result["k_common"], color="grey", linestyle=":", linewidth=1)
@@ -390,7 +411,7 @@ def main(argv=None):
     markdown, _ = analyse(args.workdir)
     with open(Path(args.workdir) / "timing.json") as f:
         timing = json.load(f)
-    section = readme_section(markdown, timing["command"], timing["seconds"])
+    section = readme_section(markdown, timing["command"].strip(), timing["seconds"])
     for target in filter(None, (args.write, args.check)):
         text = Path(target).read_text(encoding="utf-8")
         start, end = text.find(MARKER[0]), text.find(MARKER[1])

@@ -63,7 +63,7 @@ QUICK = ["--num_reviews", "200", "--num_train_prompts", "64", "--num_test_prompt
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = "bash exp/frontier/run.sh " + " ".join(shlex.quote(a) for a in argv)
+    command = " ".join(["bash exp/frontier/run.sh", *(shlex.quote(a) for a in argv)])
     if "--quick" in argv:  # the tiny grid first, so that any flag given overrides it
         argv = QUICK + [a for a in argv if a != "--quick"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,9 +282,11 @@ def main(argv=None):
     args = parse_args(argv)
     pipe = build(args)
     elapsed = run_or_exit(pipe)
-    timing = Path(args.workdir) / "timing.json"
-    # this run's time: the whole sweep's when it ran from an empty workdir, as the README's was
-    atomic_write_json(timing, {"seconds": elapsed, "command": args.command, "finished": time.time()})
+    # The time of the last run that did any work: the whole sweep's when it ran from an empty
+    # workdir, as the README's did (a rerun that only redoes the analysis keeps it).
+    if pipe.redone - {"analysis"} or not (Path(args.workdir) / "timing.json").exists():
+        atomic_write_json(Path(args.workdir) / "timing.json",
+                          {"seconds": elapsed, "command": args.command, "finished": time.time()})
     print(Path(args.workdir, "results.md").read_text())
     print(f"frontier sweep finished in {elapsed / 60:.1f} min; results in {args.workdir}/results.md and "
           f"{args.workdir}/frontier.png")
