@@ -89,3 +89,23 @@ def test_online_rounds_are_paired_with_the_offline_checkpoint_of_their_step():
     for (method, against, steps), row in rows.items():
         diff = expected[(method, against)]
         assert row["pairs"] == 3 and row["diff"] == pytest.approx(diff) and row["diff_ci"] == pytest.approx([diff, diff])
+
+
+def test_reseed_shared_gives_every_seed_its_own_miniature(tmp_path):
+    """--reseed_shared wires each seed's runs to that seed's own corpus, models and samples (the
+    pipeline as built; the stages themselves are the --quick grid's, run in test_quickstart)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exp" / "online_exp"))
+    import frontier
+
+    pipe = frontier.build(frontier.parse_args(["--quick", "--workdir", str(tmp_path), "--reseed_shared"]))
+    stages = {s["name"]: s for s in pipe.stages}
+    for stage in pipe.stages:  # every dependency is a stage added before it
+        assert all(list(stages).index(d) < list(stages).index(stage["name"]) for d in stage["deps"]), stage["name"]
+    for seed in (0, 1):
+        assert stages[f"s{seed}_corpus"]["settings"]["seed"] == seed
+        assert stages[f"s{seed}_align_exo-rw_b1_s{seed}"]["deps"] == [f"s{seed}_rm_label"]
+        assert stages[f"s{seed}_eval_sft_s{seed}"]["deps"] == [f"s{seed}_sft"]
+    online = [s for s in pipe.stages if "online" in s["name"]]
+    # the rounds (seed 0 only in --quick) read seed 0's miniature, and their own earlier stages
+    assert online and all(d.startswith(("s0_", "online-exo-rw_b1_s0_")) for s in online for d in s["deps"])
+    assert {d for s in online for d in s["deps"] if d.startswith("s0_")} == {"s0_sft", "s0_rm_label"}
