@@ -134,8 +134,9 @@ def check_optimizer_flags(location, values, flag="--resume"):
     for name in OPTIMIZER_FLAGS:
         if name in layout and layout[name] != get(name):
             raise InputError(f"{flag} {os.path.join(*location)}: written with --{name} {layout[name]}, this run has "
-                             f"--{name} {get(name)}; the optimizer and its schedule resume as saved, so use "
-                             f"--{name} {layout[name]} (or start a new run in another --output_dir)")
+                             f"--{name} {get(name)}; the optimizer and its schedule resume as saved, so "
+                             f"{flag.removeprefix('--').split('_')[0]} with --{name} {layout[name]} (or start a new "
+                             "run in another --output_dir)")
 
 
 def read_run_state(location, layout):
