@@ -50,6 +50,7 @@ class RunState:
     micro_step: int = 0           # micro batches consumed in all
     skipped_steps: int = 0        # steps skipped for a non-finite loss or gradient norm
     nonfinite_in_row: int = 0
+    first_epoch: int = 0          # the epoch the run started in (--continue_from: where the last one stopped)
 
     def count_step(self, applied):
         """One optimizer step taken; `applied` is False when its update was skipped."""
@@ -161,7 +162,7 @@ def read_continued_state(location, layout):
         if saved["layout"].get(key) != layout[key]:
             raise InputError(f"--continue_from {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
                              f"this run has {layout[key]}; continue with the ranks and batch layout of that run")
-    return RunState(epoch=state.epoch, batches_done=state.batches_done)
+    return RunState(epoch=state.epoch, batches_done=state.batches_done, first_epoch=state.epoch)
 
 
 def rng_states():

@@ -120,6 +120,9 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
         state = read_run_state(resume_from, layout)
     else:
         state = read_continued_state(continue_from, layout) if continue_from else RunState()
+        if state.batches_done >= len(train_loader):  # the run continued from ended with an epoch
+            state.epoch = state.first_epoch = state.epoch + 1
+            state.batches_done = 0
     engine, guard, scheduler = build_engine(args, model, total_steps, world_size)
     if is_rank0():
         # Made once every input has been checked: a run refused for bad input leaves no directory.
@@ -151,7 +154,8 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
         if rng:
             set_rng_states(rng)  # last, so that nothing between here and the next batch draws from them
         with StopRequest() as stop:
-            while state.step < total_steps and state.epoch < args.num_train_epochs:
+            # --num_train_epochs counts from the epoch the run started in (a continued run's is later)
+            while state.step < total_steps and state.epoch < state.first_epoch + args.num_train_epochs:
                 train_loader.sampler.set_epoch(state.epoch)
                 train_loader.sampler.start = state.batches_done * args.per_device_train_batch_size
                 for batch in train_loader:
