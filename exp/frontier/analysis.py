@@ -49,8 +49,9 @@ MARKER = ("<!-- frontier results -->", "<!-- /frontier results -->")
 
 # -- reading the evaluations ----------------------------------------------------------------
 def per_prompt(directory):
-    """(prompts, reward, kl): per distinct prompt, the mean oracle reward and the mean
-    log-ratio log pi - log pi_sft over its completions, from an evaluate.py output directory."""
+    """(prompts, reward, kl, rewards): per distinct prompt, the mean oracle reward and the mean
+    log-ratio log pi - log pi_sft over its completions, from an evaluate.py output directory; and
+    every completion's oracle reward."""
     directory = Path(directory)
     rewards = read_json_records(directory / "oracle" / "test.json")
     logratios = None
@@ -65,7 +66,7 @@ def per_prompt(directory):
     prompts = list(groups)
     reward = np.array([np.mean(groups[p][0]) for p in prompts])
     kl = np.array([np.mean(groups[p][1]) for p in prompts])
-    return prompts, reward, kl
+    return prompts, reward, kl, [r for record in rewards for r in record["rewards"]]
 
 
 def summary(values):
@@ -81,19 +82,18 @@ def load_points(workdir, cells):
     points, matrices, prompts = [], [], None
     for cell in cells:
         for checkpoint, (directory, steps) in cell["checkpoints"].items():
-            names, reward, kl = per_prompt(directory)
+            names, reward, kl, rewards = per_prompt(directory)
             if prompts is None:
                 prompts = names
             elif names != prompts:
                 raise InputError(f"{directory}: evaluated on other test prompts than the other points; "
                                  "rerun its evaluation")
-            rewards = [r for rec in read_json_records(Path(directory) / "oracle" / "test.json") for r in rec["rewards"]]
             kl_file = Path(directory) / "kl.json"
             with open(kl_file) as f:
                 kl_record = json.load(f)
             points.append({"method": cell["method"], "kind": cell["kind"], "beta_pi": cell["beta_pi"],
                            "seed": cell["seed"], "checkpoint": checkpoint, "steps": steps,
-                           "reward": summary(rewards)[0], "reward_se": summary(rewards)[1],
+                           **dict(zip(("reward", "reward_se"), summary(rewards))),
                            "kl": float(kl_record["kl"]), "kl_se": float(kl_record.get("se", 0.0)),
                            "n": len(rewards), "num_prompts": len(names)})
             matrices.append((reward, kl))
@@ -208,15 +208,14 @@ class Sweep:
                            mean_reward_diff=area, mean_reward_diff_ci=np.percentile(boot_area, [2.5, 97.5]).tolist())
             rows.append(row)
         online_rows = []
-        observed_reward, observed_kl = self.rewards.mean(axis=1), self.kls.mean(axis=1)
         for j, (key, pairs) in enumerate(online.items()):
             values = np.array([d[j] for _, d in boot])
             values = values[np.isfinite(values)]
             online_rows.append({"method": key[0], "offline": key[1], "steps": key[2], "beta_pi": key[3],
-                                "reward": float(np.mean([observed_reward[a] for a, _ in pairs])),
-                                "other_reward": float(np.mean([observed_reward[b] for _, b in pairs])),
-                                "kl": float(np.mean([observed_kl[a] for a, _ in pairs])),
-                                "other_kl": float(np.mean([observed_kl[b] for _, b in pairs])),
+                                "reward": float(np.mean([reward[a] for a, _ in pairs])),
+                                "other_reward": float(np.mean([reward[b] for _, b in pairs])),
+                                "kl": float(np.mean([kl[a] for a, _ in pairs])),
+                                "other_kl": float(np.mean([kl[b] for _, b in pairs])),
                                 "diff": observed[1][j], "diff_ci": np.percentile(values, [2.5, 97.5]).tolist(),
                                 "pairs": len(pairs)})
         return {"k_common": self.k_common, "k_max": {f"{m} seed {s}": v for (m, s), v in self.k_max.items()},

@@ -145,11 +145,18 @@ def read_run_state(location, layout):
     in the same order (otherwise the resume would silently be a different run)."""
     saved, state = _saved_run_state(location)
     check_optimizer_flags(location, layout)
-    for key in LAYOUT_KEYS:
-        if saved["layout"].get(key) != layout[key]:
-            raise InputError(f"--resume {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
-                             f"this run has {layout[key]}; resume with the flags, data and ranks of that run")
+    _require_same_layout(location, saved, layout, LAYOUT_KEYS, "--resume", "resume with the flags, data and ranks of "
+                         "that run")
     return state
+
+
+def _require_same_layout(location, saved, layout, keys, flag, advice):
+    """Refuse the checkpoint at `location` (read as `saved`) unless its layout has this run's
+    value of every key in `keys`."""
+    for key in keys:
+        if saved["layout"].get(key) != layout[key]:
+            raise InputError(f"{flag} {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
+                             f"this run has {layout[key]}; {advice}")
 
 
 def read_continued_state(location, layout):
@@ -158,10 +165,9 @@ def read_continued_state(location, layout):
     DeepSpeed's partitioned optimizer state and for the position to mean the same batches."""
     saved, state = _saved_run_state(location)
     check_optimizer_flags(location, layout, flag="--continue_from")
-    for key in ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps"):
-        if saved["layout"].get(key) != layout[key]:
-            raise InputError(f"--continue_from {os.path.join(*location)}: written with {key}={saved['layout'].get(key)}, "
-                             f"this run has {layout[key]}; continue with the ranks and batch layout of that run")
+    _require_same_layout(location, saved, layout, ("world_size", "per_device_train_batch_size",
+                                                   "gradient_accumulation_steps"),
+                         "--continue_from", "continue with the ranks and batch layout of that run")
     return RunState(epoch=state.epoch, batches_done=state.batches_done, first_epoch=state.epoch)
 
 
