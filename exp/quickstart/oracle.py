@@ -47,6 +47,20 @@ def preference_pairs(records):
     return pairs
 
 
+def gen_file_records(gen_file):
+    """The records of one gen data file (e.g. samples/test.json), checked as gen data."""
+    return JsonDataset("samples", os.path.dirname(gen_file), "gen").records(
+        os.path.splitext(os.path.basename(gen_file))[0])
+
+
+def write_data(out_dir, records_by_split):
+    """{split: records} as OUT_DIR/<split>.json, the directory written whole (atomically)."""
+    tmp = atomic_dir(out_dir)
+    for split, records in records_by_split.items():
+        atomic_write_json(os.path.join(tmp, f"{split}.json"), records)
+    commit_dir(tmp, out_dir)
+
+
 def label_pref(gen_dir, pref_dir):
     """gen data (train and test) -> oracle-labelled pref data in `pref_dir`, written whole."""
     source = JsonDataset(os.path.basename(os.path.normpath(gen_dir)), gen_dir, "gen")
@@ -55,41 +69,28 @@ def label_pref(gen_dir, pref_dir):
         labelled[split] = preference_pairs(source.records(split))
         if not labelled[split]:
             raise InputError(f"{source.split_file(split)}: no prompt has completions of different oracle reward")
-    tmp = atomic_dir(pref_dir)
-    for split, pairs in labelled.items():
-        atomic_write_json(os.path.join(tmp, f"{split}.json"), pairs)
-    commit_dir(tmp, pref_dir)
+    write_data(pref_dir, labelled)
     return {split: len(pairs) for split, pairs in labelled.items()}
 
 
 def label_rewards(gen_file, rw_dir):
     """The oracle rewards of a gen file's completions, written whole as rw data RW_DIR/test.json."""
-    records = JsonDataset("samples", os.path.dirname(gen_file), "gen").records(
-        os.path.splitext(os.path.basename(gen_file))[0])
-    tmp = atomic_dir(rw_dir)
-    atomic_write_json(os.path.join(tmp, "test.json"), [
+    write_data(rw_dir, {"test": [
         {"prompt": r["prompt"], "completions": r["completions"], "rewards": oracle_rewards(r["prompt"], r["completions"])}
-        for r in records])
-    commit_dir(tmp, rw_dir)
+        for r in gen_file_records(gen_file)]})
 
 
 def relabel_rw(rw_dir, out_dir):
     """rw data with the oracle's rewards in place of the reward model's: every other field (the
     sampled ids among them) kept, so a run on it differs from one on RW_DIR only by its labels."""
     source = JsonDataset(os.path.basename(os.path.normpath(rw_dir)), rw_dir, "rw")
-    relabelled = {split: [{**r, "rewards": oracle_rewards(r["prompt"], r["completions"])}
-                          for r in source.records(split)] for split in SPLITS}
-    tmp = atomic_dir(out_dir)
-    for split, records in relabelled.items():
-        atomic_write_json(os.path.join(tmp, f"{split}.json"), records)
-    commit_dir(tmp, out_dir)
+    write_data(out_dir, {split: [{**r, "rewards": oracle_rewards(r["prompt"], r["completions"])}
+                                 for r in source.records(split)] for split in SPLITS})
 
 
 def reward_summary(gen_file):
     """{mean, std, n}: the oracle reward over every completion of a gen file."""
-    records = JsonDataset("samples", os.path.dirname(gen_file), "gen").records(
-        os.path.splitext(os.path.basename(gen_file))[0])
-    rewards = [r for record in records for r in oracle_rewards(record["prompt"], record["completions"])]
+    rewards = [r for record in gen_file_records(gen_file) for r in oracle_rewards(record["prompt"], record["completions"])]
     if not rewards:
         raise InputError(f"{gen_file}: no completions")
     mean = sum(rewards) / len(rewards)
