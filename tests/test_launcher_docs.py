@@ -1,11 +1,12 @@
-"""What the README says a launcher passes is what the launcher passes."""
+"""What the documentation (README.md or a docs/ page) says a launcher passes is what the launcher passes."""
 import re
 
 from conftest import REPO_ROOT
 
 
 def test_readme_states_the_align_launchers_defaults():
-    readme = (REPO_ROOT / "README.md").read_text()
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    (readme,) = [text for text in (p.read_text() for p in pages) if "The launcher sets " in text]
     claim = readme[readme.index("The launcher sets "):readme.index("Without the launcher:")]
     claimed = re.findall(r"`(--\w+)(?: ([^`\s]+))?`", claim.split("(no LoRA")[0])
     launcher = (REPO_ROOT / "exp/custom_exp/train_exo.sh").read_text()
@@ -13,6 +14,6 @@ def test_readme_states_the_align_launchers_defaults():
     assert len(claimed) >= 10
     for flag, value in claimed:
         assert flag in passed and passed[flag] == value, (flag, value, passed.get(flag))
-    assert "--lora_dim" not in passed  # the README says it trains the full model
+    assert "--lora_dim" not in passed  # the docs say it trains the full model
     # every default the launcher passes is stated
     assert {flag for flag, value in passed.items() if not value.startswith('"')} == {flag for flag, _ in claimed}

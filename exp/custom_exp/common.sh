@@ -7,7 +7,7 @@
 #   MASTER_PORT=29500    rendezvous port (default: a free one, so runs can share a node; set it
 #                        when NODE_RANK is set: every node must use the same)
 #
-# Several nodes (README "Several nodes"); the positional arguments stay as they are:
+# Several nodes (docs/multinode.md); the positional arguments stay as they are:
 #   HOSTFILE=path        `deepspeed --hostfile path` from this node, which starts every node's
 #                        ranks over ssh (pdsh), every slot of every host listed
 #   NNODES=N NODE_RANK=R MASTER_ADDR=host

@@ -1,10 +1,10 @@
 """Reward–KL frontiers and their comparison at matched KL, with a bootstrap over seeds and prompts.
 
     python exp/frontier/analysis.py --workdir results/frontier            # results.md/json, frontier.png
-    python exp/frontier/analysis.py --workdir results/frontier --write README.md   # the README's section
-    python exp/frontier/analysis.py --workdir results/frontier --check README.md   # exit 1 if it is stale
+    python exp/frontier/analysis.py --workdir results/frontier --write docs/frontier.md   # the docs page's section
+    python exp/frontier/analysis.py --workdir results/frontier --check docs/frontier.md   # exit 1 if it is stale
 
-The definitions, fixed before the sweep was run (README: "The reward–KL frontier"):
+The definitions, fixed before the sweep was run (docs/frontier.md):
 
 - A *point* is one evaluated checkpoint: its oracle reward and KL(pi ‖ pi_sft), each the mean
   over the test prompts of the per-prompt mean over that prompt's sampled completions (a
@@ -45,6 +45,7 @@ from utils.fileio import InputError, atomic_write_json, atomic_write_text, cli_m
 
 BASELINES = {"rw": "dpo-rw", "pref": "dpo-pref"}
 MARKER = ("<!-- frontier results -->", "<!-- /frontier results -->")
+PAGE = "docs/frontier.md"  # the page whose section --write and --check keep; its figure goes to docs/imgs/
 
 
 # -- reading the evaluations ----------------------------------------------------------------
@@ -394,7 +395,7 @@ def analyse(workdir, n_boot=None):
 
 def readme_section(markdown, command, elapsed):
     return (f"{MARKER[0]}\nWhat `{command}` wrote (it took {elapsed / 60:.0f} min on 2 idle CPU cores; "
-            f"`python exp/frontier/analysis.py --workdir results/frontier --write README.md` puts a sweep's "
+            f"`python exp/frontier/analysis.py --workdir results/frontier --write {PAGE}` puts a sweep's "
             f"results here and `--check` fails while they are not this one's):\n\n"
             f"![reward-KL frontiers](imgs/frontier.png)\n\n{markdown}{MARKER[1]}")
 
@@ -403,9 +404,11 @@ def readme_section(markdown, command, elapsed):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="results/frontier", help="the sweep's directory (frontier.py --workdir)")
-    parser.add_argument("--write", metavar="README", help="also put the results between the markers of README "
-                        "and copy frontier.png to imgs/frontier.png")
-    parser.add_argument("--check", metavar="README", help="exit 1 if README's section is not this sweep's")
+    parser.add_argument("--write", metavar="PAGE", nargs="?", const=PAGE,
+                        help=f"also put the results between the markers of PAGE (default {PAGE}) and copy "
+                        "frontier.png to imgs/frontier.png beside it")
+    parser.add_argument("--check", metavar="PAGE", nargs="?", const=PAGE,
+                        help=f"exit 1 if PAGE's section (default {PAGE}) is not this sweep's")
     args = parser.parse_args(argv)
     markdown, _ = analyse(args.workdir)
     with open(Path(args.workdir) / "timing.json") as f:

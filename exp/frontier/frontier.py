@@ -27,7 +27,7 @@ On a recipe's models (a GPU cluster), name them instead of building the miniatur
         --align_steps 800 --num_checkpoints 10 --align_lr 1e-6 --max_new_tokens 200 --max_length 512 \\
         --train_args '--per_device_train_batch_size 8 --gradient_accumulation_steps 4 --max_seq_len 512 ...'
 
-(README: "The reward–KL frontier" has the IMDB recipe's whole command.)
+(docs/frontier.md has the IMDB recipe's whole command.)
 """
 import argparse
 import json
@@ -51,7 +51,7 @@ from utils.loss import LOSS_TYPES, LOSSES  # noqa: E402
 from utils.pipeline import Pipeline, run_command, run_or_exit  # noqa: E402
 
 METHODS = ("exo-rw", "dpo-rw", "exo-pref", "dpo-pref")
-# Fixed before the sweep was run; see README: "The reward–KL frontier" for how they were chosen.
+# Fixed before the sweep was run; docs/frontier.md says how they were chosen.
 BETAS = (0.25, 0.5, 1.0)
 SEEDS = (0, 1, 2)
 KL_GRID = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -72,7 +72,7 @@ def parse_args(argv=None):
                         help="redo these stages (and every stage that depends on them); no name: redo all")
     parser.add_argument("--quick", action="store_true",
                         help=f"the tiny grid the tests run: {' '.join(QUICK)} (flags given override it)")
-    g = parser.add_argument_group("the sweep (its defaults are the README's, fixed before it was run)")
+    g = parser.add_argument_group("the sweep (its defaults are those of docs/frontier.md, fixed before it was run)")
     g.add_argument("--methods", nargs="+", default=list(METHODS), choices=LOSS_TYPES,
                    help="loss types; each is compared with dpo-rw or dpo-pref (its labels' baseline) when that runs")
     g.add_argument("--betas", nargs="+", type=float, default=list(BETAS), help="beta_pi = beta_r of each run")
@@ -283,7 +283,7 @@ def main(argv=None):
     pipe = build(args)
     elapsed = run_or_exit(pipe)
     # The time of the last run that did any work: the whole sweep's when it ran from an empty
-    # workdir, as the README's did (a rerun that only redoes the analysis keeps it).
+    # workdir, as docs/frontier.md's did (a rerun that only redoes the analysis keeps it).
     if pipe.redone - {"analysis"} or not (Path(args.workdir) / "timing.json").exists():
         atomic_write_json(Path(args.workdir) / "timing.json",
                           {"seconds": elapsed, "command": args.command, "finished": time.time()})

@@ -17,7 +17,7 @@ if [ "$#" -lt 5 ]; then
 fi
 NAME=$1; INIT_PATH=$2; DATA_PATH=$3; LOSS_TYPE=$4; NUM_CONTRASTIVE=$5
 shift 5
-# exo-pref with the original EXO code's target, log eps = -10 (README: The objective)
+# exo-pref with the original EXO code's target, log eps = -10 (docs/objective.md)
 EXO_PREF_LOG_EPS=-10 bash "$(dirname "$0")/../custom_exp/train_exo.sh" "${NAME}" "${INIT_PATH}" sft hh/rw "${DATA_PATH}" \
     "${LOSS_TYPE}" "${NUM_CONTRASTIVE}" \
     --beta_r 0.5 \

@@ -97,7 +97,7 @@ def parse_args(argv=None):
                    help="NAME/KIND:PATH of the prompts (any kind with a prompt); the train split is sampled and "
                         "aligned on, the test split evaluated")
     g.add_argument("--dataset_module", nargs="*", default=[], metavar="MODULE",
-                   help="Python files or module names that register the prompts' dataset class (README: Your own "
+                   help="Python files or module names that register the prompts' dataset class (docs/data.md: Your own "
                         "format); sampling and evaluation import them")
     g.add_argument("--output_dir", required=True, help="every round, the results and the logs go here")
     g.add_argument("--force", nargs="*", default=None, metavar="STAGE",
@@ -115,7 +115,7 @@ def parse_args(argv=None):
                         "--continue_from): its AdamW state and its position in the data order, so R rounds of S "
                         "steps take the optimizer steps and read the prompts one run of R x S steps would; restart: "
                         "each round starts AdamW afresh from the first prompts of the order, as rounds did before "
-                        "--continue_from existed (README: Online EXO measures the difference)")
+                        "--continue_from existed (docs/frontier.md measures the difference)")
     g = parser.add_argument_group("sampling (each round's train prompts)")
     g.add_argument("--temp", type=float, default=0.8,
                    help="sampling temperature, also the temperature of the alignment's and the KL's log-probs")

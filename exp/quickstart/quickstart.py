@@ -25,7 +25,7 @@ Stages, each through the launcher or entry point a GPU user runs:
 
 A stage is skipped when its record says it was made from the same settings and from the outputs
 of the stages it reads as they are now (utils/provenance.py); each stage's console output goes
-to WORKDIR/logs/STAGE.log. The README's tables are this run's: exp/quickstart/readme_tables.py
+to WORKDIR/logs/STAGE.log. The tables of docs/quickstart.md are this run's: exp/quickstart/readme_tables.py
 writes and checks them. Everything is written
 under --workdir (default results/quickstart).
 """

@@ -1,15 +1,15 @@
-"""The README's quickstart tables, from a finished quickstart, and the check that keeps them in step.
+"""The quickstart tables of docs/quickstart.md, from a finished quickstart, and the check that keeps them in step.
 
     python exp/quickstart/readme_tables.py --workdir results/quickstart            # print them
-    python exp/quickstart/readme_tables.py --workdir results/quickstart --write README.md
-    python exp/quickstart/readme_tables.py --workdir results/quickstart --check README.md
+    python exp/quickstart/readme_tables.py --workdir results/quickstart --write docs/quickstart.md
+    python exp/quickstart/readme_tables.py --workdir results/quickstart --check docs/quickstart.md
 
-The README holds each table between `<!-- quickstart table: NAME -->` and `<!-- /quickstart
+The page holds each table between `<!-- quickstart table: NAME -->` and `<!-- /quickstart
 table -->` (offline: one row per method, its checkpoints side by side; online: the online rounds
 against the offline exo-rw checkpoints at equal optimizer steps). --write replaces them with what
-this workdir's run gives; --check exits 1, naming the first differing line, unless the README's
+this workdir's run gives; --check exits 1, naming the first differing line, unless the page's
 tables are exactly that (at the printed precision), so a change of the code that moves the
-numbers cannot land with the old ones in the README: rerun the quickstart and --write.
+numbers cannot land with the old ones in the docs: rerun the quickstart and --write.
 """
 import argparse
 import json
@@ -22,6 +22,7 @@ sys.path.insert(0, str(QUICKSTART.parents[1] / "src"))
 
 from utils.fileio import InputError, atomic_write_text, cli_main, read_text  # noqa: E402
 
+PAGE = "docs/quickstart.md"  # the page --write and --check keep when given no path
 BLOCK = re.compile(r"(<!-- quickstart table: (\w+) -->\n)(.*?)(<!-- /quickstart table -->)", re.S)
 
 
@@ -86,7 +87,7 @@ def tables(workdir):
 
 
 def check(readme_text, expected):
-    """None when every table block of the README is the expected table, else the first difference."""
+    """None when every table block of the page is the expected table, else the first difference."""
     blocks = {m.group(2): m.group(3).strip() for m in BLOCK.finditer(readme_text)}
     for name, table in expected.items():
         if name not in blocks:
@@ -102,8 +103,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="results/quickstart", help="a finished quickstart's --workdir")
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--write", metavar="README", help="replace the README's table blocks with this run's tables")
-    action.add_argument("--check", metavar="README", help="exit 1 unless the README's tables are this run's")
+    action.add_argument("--write", metavar="PAGE", nargs="?", const=PAGE,
+                        help=f"replace the table blocks of PAGE (default {PAGE}) with this run's tables")
+    action.add_argument("--check", metavar="PAGE", nargs="?", const=PAGE,
+                        help=f"exit 1 unless the tables of PAGE (default {PAGE}) are this run's")
     args = parser.parse_args(argv)
     expected = tables(args.workdir)
     if args.check:

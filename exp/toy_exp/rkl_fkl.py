@@ -10,7 +10,7 @@ has two separated peaks of different height, so the policy that maximises the RL
 is bimodal. Both methods train on what the real pipeline trains on: groups of K candidates
 sampled from pi_sft, labelled with their rewards, scored by the policy and the reference, and
 fed to the project's `alignment_loss` (exo-rw and dpo-rw, beta_pi = 1 and beta_r = beta, so
-that the optimum of both losses is pi*; README: The objective). The policy is either
+that the optimum of both losses is pi*; docs/objective.md). The policy is either
 
   unimodal  a discretised Gaussian (mean and log-width): it cannot represent pi*. EXO's reverse KL
             settles on one mode; DPO's forward KL stretches across both and puts mass in the

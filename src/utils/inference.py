@@ -74,7 +74,7 @@ def check_output_dir(path, flag="--output_path"):
 
 # -- gen data, scored by the training rule ------------------------------------------------
 def labelled_dir(data_path, kind):
-    """Where labelled data goes beside the `gen` data it came from (README: The pipeline): a
+    """Where labelled data goes beside the `gen` data it came from (docs/pipeline.md): a
     trailing `_sft` gives way to `_KIND` (data/imdb_sft -> data/imdb_rw); other names gain it."""
     path = os.path.normpath(data_path)
     return (path[:-len("_sft")] if path.endswith("_sft") else path) + f"_{kind}"

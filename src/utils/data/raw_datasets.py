@@ -1,6 +1,6 @@
 """Raw datasets: where records come from, before tokenisation.
 
-Every dataset is addressed as `NAME/KIND:PATH` (README: Data formats). KIND is one of the
+Every dataset is addressed as `NAME/KIND:PATH` (docs/data.md). KIND is one of the
 standard record formats below; any NAME works with them (`JsonDataset` reads
 `PATH/{train,test}` as `.json`, `.jsonl` or `.parquet`, or a `datasets` `save_to_disk`
 folder; a PATH that is a Hub dataset id, or a local Hub-style repository, is read with
