@@ -26,7 +26,7 @@ from inference_rm import reward_summary
 from utils.fileio import InputError, atomic_write_json, cli_main, where
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
-from utils.distributed import run_stage
+from utils.process_exit import run_and_exit
 
 
 def parse_args(argv=None):
@@ -97,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

@@ -27,7 +27,7 @@ from utils.fileio import atomic_write_json, cli_main
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
 from utils.prefix_sharing import resolve_prefix_sharing, reward_scores
-from utils.distributed import run_stage
+from utils.process_exit import run_and_exit
 
 
 def parse_args(argv=None):
@@ -75,4 +75,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

@@ -57,7 +57,8 @@ from utils.heads import token_vocab_size
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.sharding import sharded_map
 from utils.args import base_parser
-from utils.distributed import init_distributed, run_stage
+from utils.distributed import init_distributed
+from utils.process_exit import run_and_exit
 
 
 def parse_args(argv=None):
@@ -289,4 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

@@ -17,7 +17,8 @@ from transformers import get_scheduler
 from .checkpointing import (RunState, checkpoint_location, find_resume_checkpoint, load_resumable_checkpoint,
                             read_continued_state, read_run_state, run_layout, save_resumable_checkpoint,
                             set_rng_states)
-from .distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
+from .data.loaders import distributed_loader
+from .distributed import is_rank0, print_rank0, sum_across_ranks, to_device
 from .ds_utils import make_optimizer, train_ds_config
 from .fileio import InputError
 from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
