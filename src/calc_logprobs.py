@@ -66,7 +66,7 @@ def main(argv=None):
                                              for r, v, t in zip(records, logps, record_scored_tokens(tok, records))])
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
+                "tokenisation": tok.settings_fingerprint(), "temp": args.temp, "dtype": args.dtype}
 
     def logps_of(batch):
         return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, prefix_sharing)

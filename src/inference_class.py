@@ -88,7 +88,7 @@ def main(argv=None):
             summary_line = f"wrote {output_file}"
 
     settings = {"stage": "oracle", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(), "dtype": args.dtype}
+                "tokenisation": tok.settings_fingerprint(), "dtype": args.dtype}
     scores = score_completions(records, tok, score, device, output_file, settings, args, write, desc="oracle")
     if scores is not None:
         summary = reward_summary(scores)

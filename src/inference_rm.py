@@ -66,7 +66,7 @@ def main(argv=None):
                                             "data": data_file})
 
     settings = {"stage": "reward", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(), "dtype": args.dtype}
+                "tokenisation": tok.settings_fingerprint(), "dtype": args.dtype}
     rewards = score_completions(records, tok, score, device, output_file, settings, args, write, desc="scoring")
     if rewards is not None:
         summary = reward_summary(rewards)

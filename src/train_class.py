@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data.collators import ClassCollator
-from utils.data.data_utils import ClassEncoder
+from utils.data.encoders import ClassEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args

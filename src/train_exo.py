@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from utils.data.collators import AlignmentCollator
-from utils.data.data_utils import AlignmentEncoder, is_cache_writer
+from utils.data.encoders import AlignmentEncoder
+from utils.data.cache import is_cache_writer
 from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main

@@ -28,7 +28,7 @@ saved model ignores.
 import torch.nn.functional as F
 
 from utils.data.collators import PairCollator
-from utils.data.data_utils import PairEncoder
+from utils.data.encoders import PairEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing, reward_scores

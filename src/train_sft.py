@@ -16,7 +16,7 @@ the whole eval set. Dropout stays as the model's config has it unless --disable_
 import torch
 
 from utils.data.collators import SFTCollator
-from utils.data.data_utils import SFTEncoder
+from utils.data.encoders import SFTEncoder
 from utils.fileio import InputError, cli_main
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, load_causal_lm

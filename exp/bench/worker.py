@@ -380,7 +380,7 @@ def _sampling_setup(cfg):
 
     import inference_sft
     from inference_sft import fit_prompt, sampling_config
-    from utils.data.data_utils import Tokenisation
+    from utils.data.tokenisation import Tokenisation
     from utils.model_utils import load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
@@ -485,7 +485,7 @@ def prefix_scoring(cfg):
     cfg["num_records"]), batch by batch as calc_logprobs / inference_rm / the cached reference
     pass batch them, sharing on (or cfg["sharing"], e.g. "auto") and off; the best of
     cfg["repeats"] passes, alternating, after one untimed warm-up batch."""
-    from utils.data.data_utils import Tokenisation
+    from utils.data.tokenisation import Tokenisation
     from utils.inference import completion_batch
     from utils.logprobs import model_sequence_logprobs
     from utils.model_utils import load_causal_lm, load_reward_model, load_tokenizer

@@ -198,7 +198,7 @@ class ScoreJudge:
 class RewardModelJudge(ScoreJudge):
     def __init__(self, path, args):
         import torch
-        from .data.data_utils import Tokenisation
+        from .data.tokenisation import Tokenisation
         from .model_utils import check_position_limit, load_reward_model, load_tokenizer, model_fingerprint
 
         check_position_limit(path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)

@@ -2,7 +2,10 @@
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
-from .data.data_utils import DEFAULT_CACHE_DIR, Tokenisation, build_dataset, load_raw_datasets
+from .data.cache import DEFAULT_CACHE_DIR
+from .data.tokenisation import Tokenisation
+from .data.tokenised_datasets import build_dataset
+from .data.dataset_names import load_raw_datasets
 from .distributed import init_distributed
 from .ds_utils import train_ds_config
 from .model_utils import load_tokenizer
