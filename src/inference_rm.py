@@ -26,7 +26,8 @@ from utils.data.raw_datasets import token_fields
 from utils.fileio import atomic_write_json, cli_main
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
-from utils.prefix_sharing import resolve_prefix_sharing, reward_scores
+from utils.prefix_sharing import resolve_prefix_sharing
+from utils.reward_scoring import reward_scores
 from utils.process_exit import run_and_exit
 
 

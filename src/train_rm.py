@@ -31,7 +31,8 @@ from utils.data.collators import PairCollator
 from utils.data.encoders import PairEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
-from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing, reward_scores
+from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
+from utils.reward_scoring import reward_scores
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
 from utils.training_setup import TrainingSetup
 from utils.process_exit import run_and_exit

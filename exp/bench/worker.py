@@ -489,7 +489,7 @@ def prefix_scoring(cfg):
     from utils.inference import completion_batch
     from utils.logprobs import model_sequence_logprobs
     from utils.model_utils import load_causal_lm, load_reward_model, load_tokenizer
-    from utils.prefix_sharing import reward_scores
+    from utils.reward_scoring import reward_scores
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg["model"])

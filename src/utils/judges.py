@@ -213,7 +213,7 @@ class RewardModelJudge(ScoreJudge):
 
     def scores(self, answers):
         from .inference import completion_batch
-        from .prefix_sharing import reward_scores
+        from .reward_scoring import reward_scores
 
         # text answers, each scored as reward-model training scores it (the template's tokens for a message)
         records = [{"prompt": p, "completions": [a]} for p, a in answers]
