@@ -47,25 +47,26 @@ from .sharing_cost import decide_sharing
 PREFIX_SHARING_CHOICES = ("auto", "on", "off")
 _MASKED_ATTENTION = ("eager", "sdpa")  # the implementations that apply a custom 4D mask as given
 
-
-def add_prefix_sharing_arg(parser):
-    parser.add_argument("--prefix_sharing", default="auto", choices=PREFIX_SHARING_CHOICES,
-                        help="encode the prompt once per group of candidates instead of once per candidate "
-                             "(exact; saves the prompt's compute and memory K-1 times over): auto = on for the "
-                             "architectures it is tested exact on (GPT-2, GPT-NeoX, Llama, Mistral, Mixtral, "
-                             "Qwen2/3, Gemma, Phi-3, OPT, GPT-Neo, Falcon; no sliding/local window, SSM layers "
-                             "or ALiBi; eager or sdpa attention), else off with a note, and only for the batches "
-                             "that packing makes cheaper (short prompts with long completions are scored "
-                             "unshared); on = every batch, and stop if the model does not qualify")
-    return parser
-
-
-# -- which models ---------------------------------------------------------------------------
 # The architectures (config.model_type) on which the packed forward is tested exact against the
 # unshared one (tests/test_arch_matrix.py): tokens mix only through attention, placed by
 # position ids, under the mask given. `auto` shares on these only; `on` also only on these.
 SHARING_ARCHITECTURES = ("falcon", "gemma", "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "mixtral", "opt",
                          "phi3", "qwen2", "qwen3")
+
+
+def add_prefix_sharing_arg(parser):
+    parser.add_argument("--prefix_sharing", default="auto", choices=PREFIX_SHARING_CHOICES,
+                        help="encode the prompt once per group of candidates instead of once per candidate "
+                             "(exact; saves the prompt's compute and memory K-1 times over): auto = on for the "
+                             f"architectures it is tested exact on (model types {', '.join(SHARING_ARCHITECTURES)}; "
+                             "no sliding/local window, SSM layers or ALiBi; eager or sdpa attention), else off "
+                             "with a note, and only for the batches that packing makes cheaper (short prompts "
+                             "with long completions are scored unshared); on = every batch, and stop if the "
+                             "model does not qualify")
+    return parser
+
+
+# -- which models ---------------------------------------------------------------------------
 _STATE_SPACE_FIELDS = ("mamba", "ssm", "conv_", "linear_", "attn_layer_period", "layers_block_type")
 
 
