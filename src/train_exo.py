@@ -31,6 +31,7 @@ from utils.loss import (DEFAULT_SIMPO_MARGIN, LOSS_TYPES, LOSSES, alignment_loss
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
+from utils.sharing_cost import sharing_summary
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.training_setup import TrainingSetup
 from utils.data.loaders import distributed_loader
@@ -264,7 +265,9 @@ def main(argv=None):
     def compute_loss(model, batch):
         return alignment_step_loss(model, batch, args, ref_engine, sharing)
 
-    train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device)
+    # closing: which batches --prefix_sharing auto packed (rank 0's, the reference pass included)
+    train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device,
+          closing_note=sharing_summary)
 
 
 if __name__ == "__main__":

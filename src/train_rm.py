@@ -33,6 +33,7 @@ from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.reward_scoring import reward_scores
+from utils.sharing_cost import sharing_summary
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
 from utils.training_setup import TrainingSetup
 from utils.process_exit import run_and_exit
@@ -77,7 +78,8 @@ def main(argv=None):
         return pairwise_loss(model, batch, prefix_sharing)
 
     train(args, model, setup.tokenizer, splits["train"][0], splits["test"][0],
-          PairCollator(setup.tokenizer.pad_token_id), compute_loss, setup.device)
+          PairCollator(setup.tokenizer.pad_token_id), compute_loss, setup.device,
+          closing_note=sharing_summary)  # which batches --prefix_sharing auto packed
 
 
 if __name__ == "__main__":
