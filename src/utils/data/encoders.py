@@ -32,8 +32,8 @@ class Encoder:
                 self.warned = True
                 print(f"warning: {where(self.source, index, 'tokenizer_fingerprint')}: the completion ids come from "
                       f"tokenizer {record['tokenizer_fingerprint']} (of {record.get('source_model', '?')}), not "
-                      f"this one ({tokenizer_fingerprint(self.tok.tokenizer)}); its records are scored from their text + EOS, "
-                      "which is not the sequence that was sampled", file=sys.stderr, flush=True)
+                      f"this one ({tokenizer_fingerprint(self.tok.tokenizer)}); its records are scored from their "
+                      "text + EOS, which is not the sequence that was sampled", file=sys.stderr, flush=True)
             return
         vocab = len(self.tok.tokenizer)
         texts = record.get("completions") or []
