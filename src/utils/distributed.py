@@ -1,6 +1,4 @@
-"""Joining the ranks and working across them: the process group, seeding, the device,
-rank-0 printing and the collectives the stages share.
-"""
+"""The ranks: joining the process group, seeding, the device, rank-0 printing, shared collectives."""
 import atexit
 import collections
 import datetime

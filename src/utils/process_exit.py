@@ -1,5 +1,7 @@
-"""How an entry script's process ends: `run_and_exit(main)` runs it, then exits with its status
-without interpreter teardown (which can abort a run that succeeded).
+"""`run_and_exit`: how an entry script's process ends, with its status and without teardown.
+
+`run_and_exit(main)` runs the script's main, then exits with its status without interpreter
+teardown, which can abort a run that succeeded.
 """
 import atexit
 import faulthandler

@@ -1,5 +1,4 @@
-"""The tokenised-data cache (`--data_output_path`): where it lives, which rank writes it, and
-the key of an entry.
+"""The tokenised-data cache (`--data_output_path`): which rank writes it, and each entry's key.
 
 The cache directory (`--data_output_path`) may be one directory every node sees (a shared
 file system) or a directory on each node's own disk. Which it is, is found out once per run

@@ -1,5 +1,7 @@
-"""From `--data_name_path` (and `--dataset_module`) to the raw datasets it names: NAME/KIND:PATH
-parsed, dataset modules imported, each name resolved (add a dataset by hand in get_raw_dataset).
+"""From `--data_name_path` (and `--dataset_module`) to the raw datasets it names.
+
+NAME/KIND:PATH is parsed, dataset modules are imported, and each name is resolved (a dataset
+of your own can be added by hand in get_raw_dataset).
 """
 import hashlib
 import importlib

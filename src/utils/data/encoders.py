@@ -1,5 +1,7 @@
-"""The encoders: each turns a batch of standard records into one stage's training examples
-(a `datasets.map` function) by the tokenisation rule, after checking every record.
+"""The encoders: one stage's training examples from a batch of records (a `datasets.map` function).
+
+Each encoder checks every record of a split first, then tokenises by the rule of
+utils/data/tokenisation.py.
 """
 import sys
 
