@@ -25,7 +25,7 @@ from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.args import base_parser
-from utils.distributed import run_stage
+from utils.process_exit import run_and_exit
 
 
 def default_output(data_path, split, model_path):
@@ -66,7 +66,7 @@ def main(argv=None):
                                              for r, v, t in zip(records, logps, record_scored_tokens(tok, records))])
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(), "temp": args.temp, "dtype": args.dtype}
+                "tokenisation": tok.settings_fingerprint(), "temp": args.temp, "dtype": args.dtype}
 
     def logps_of(batch):
         return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, prefix_sharing)
@@ -78,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

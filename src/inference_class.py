@@ -26,7 +26,7 @@ from inference_rm import reward_summary
 from utils.fileio import InputError, atomic_write_json, cli_main, where
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
-from utils.distributed import run_stage
+from utils.process_exit import run_and_exit
 
 
 def parse_args(argv=None):
@@ -88,7 +88,7 @@ def main(argv=None):
             summary_line = f"wrote {output_file}"
 
     settings = {"stage": "oracle", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(), "dtype": args.dtype}
+                "tokenisation": tok.settings_fingerprint(), "dtype": args.dtype}
     scores = score_completions(records, tok, score, device, output_file, settings, args, write, desc="oracle")
     if scores is not None:
         summary = reward_summary(scores)
@@ -97,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

@@ -26,8 +26,9 @@ from utils.data.raw_datasets import token_fields
 from utils.fileio import atomic_write_json, cli_main
 from utils.inference import parse_scoring_args, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
-from utils.prefix_sharing import resolve_prefix_sharing, reward_scores
-from utils.distributed import run_stage
+from utils.prefix_sharing import resolve_prefix_sharing
+from utils.reward_scoring import reward_scores
+from utils.process_exit import run_and_exit
 
 
 def parse_args(argv=None):
@@ -66,7 +67,7 @@ def main(argv=None):
                                             "data": data_file})
 
     settings = {"stage": "reward", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(), "dtype": args.dtype}
+                "tokenisation": tok.settings_fingerprint(), "dtype": args.dtype}
     rewards = score_completions(records, tok, score, device, output_file, settings, args, write, desc="scoring")
     if rewards is not None:
         summary = reward_summary(rewards)
@@ -75,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

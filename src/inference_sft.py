@@ -48,7 +48,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from utils.data.chat import add_chat_template_arg, is_conversation
-from utils.data.data_utils import Tokenisation, load_raw_datasets
+from utils.data.tokenisation import Tokenisation, tokenizer_fingerprint
+from utils.data.dataset_names import load_raw_datasets
 from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
 from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts,
@@ -57,7 +58,8 @@ from utils.heads import token_vocab_size
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
 from utils.sharding import sharded_map
 from utils.args import base_parser
-from utils.distributed import init_distributed, run_stage
+from utils.distributed import init_distributed
+from utils.process_exit import run_and_exit
 
 
 def parse_args(argv=None):
@@ -258,13 +260,15 @@ def main(argv=None):
         def draw(prompt_ids, first_index):
             return sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index), args.save_logps)
 
+    fingerprint = tokenizer_fingerprint(tok.tokenizer)  # of every record: the tokenizer its ids belong to
+
     def process(batch_prompts, first_index):
         prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
         ids, stops, texts, logps = draw(prompt_ids, first_index)
         out = [{"prompt": p,
                 "completions": [{"role": "assistant", "content": c} for c in t] if is_conversation(p) else t,
                 "completion_ids": i, "stop_token": s,
-                "tokenizer_fingerprint": tok.tokenizer_fingerprint, "source_model": args.model_name_or_path}
+                "tokenizer_fingerprint": fingerprint, "source_model": args.model_name_or_path}
                for p, t, i, s in zip(batch_prompts, texts, ids, stops)]
         for record, prompt, values in zip(out, prompt_ids, logps or ()):
             # what calc_logprobs writes for the same tokens, so eval_kl can take either file
@@ -273,7 +277,7 @@ def main(argv=None):
         return out
 
     settings = {"stage": "sample", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.fingerprint(),
+                "tokenisation": tok.settings_fingerprint(),
                 **{name: getattr(args, name) for name in ("return_num", "temp", "top_k", "top_p", "max_new_tokens",
                                                           "max_length", "seed", "dtype", "save_logps",
                                                           "backend")}}
@@ -289,4 +293,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

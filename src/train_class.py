@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from utils.data.collators import ClassCollator
-from utils.data.data_utils import ClassEncoder
+from utils.data.encoders import ClassEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, run_stage
+from utils.training_setup import TrainingSetup
+from utils.process_exit import run_and_exit
 from utils.training import train
 
 
@@ -62,14 +63,14 @@ def classification_loss(model, batch):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    stage = Stage(args)
-    splits = stage.datasets({"stage": "class"}, ClassEncoder)
+    setup = TrainingSetup(args)
+    splits = setup.datasets({"stage": "class"}, ClassEncoder)
 
-    model = trainable_reward_model(args, stage.tokenizer)
+    model = trainable_reward_model(args, setup.tokenizer)
 
-    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0],
-          ClassCollator(stage.tokenizer.pad_token_id), classification_loss, stage.device)
+    train(args, model, setup.tokenizer, splits["train"][0], splits["test"][0],
+          ClassCollator(setup.tokenizer.pad_token_id), classification_loss, setup.device)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

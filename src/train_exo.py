@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from utils.data.collators import AlignmentCollator
-from utils.data.data_utils import AlignmentEncoder, is_cache_writer
+from utils.data.encoders import AlignmentEncoder
+from utils.data.cache import is_cache_writer
 from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
 from utils.fileio import InputError, atomic_file, cli_main
@@ -30,8 +31,12 @@ from utils.loss import (DEFAULT_SIMPO_MARGIN, LOSS_TYPES, LOSSES, alignment_loss
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
+from utils.sharing_cost import sharing_summary
 from utils.args import add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, distributed_loader, is_rank0, run_stage, sum_across_ranks, to_device
+from utils.training_setup import TrainingSetup
+from utils.data.loaders import distributed_loader
+from utils.distributed import is_rank0, sum_across_ranks, to_device
+from utils.process_exit import run_and_exit
 from utils.tracking import progress_bar
 from utils.training import train
 
@@ -211,8 +216,8 @@ def _read_cached_logps(path, shape):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    stage = Stage(args)
-    tokenizer, device = stage.tokenizer, stage.device
+    setup = TrainingSetup(args)
+    tokenizer, device = setup.tokenizer, setup.device
     loss = LOSSES[args.loss_type]
     pref_labels = loss.labels == "pref"
     encoding = {"stage": "align", "num_contrastive": args.num_contrastive, "pref_labels": pref_labels}
@@ -224,7 +229,7 @@ def main(argv=None):
     def make_encoder(tok, source, kind):
         return AlignmentEncoder(tok, source, kind, args.num_contrastive, pref_labels, group_check)
 
-    splits = stage.datasets(encoding, make_encoder)
+    splits = setup.datasets(encoding, make_encoder)
     collator = AlignmentCollator(tokenizer.pad_token_id)
 
     ref_engine, ref_sharing = None, False
@@ -235,7 +240,7 @@ def main(argv=None):
             ref = load_causal_lm(args.ref_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                                  disable_dropout=True)
             ref_sharing = resolve_prefix_sharing(args.prefix_sharing, ref, "the reference")
-            ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, stage.world_size))
+            ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, setup.world_size))
             ref_engine.eval()
         return ref_engine, ref_sharing
 
@@ -260,8 +265,10 @@ def main(argv=None):
     def compute_loss(model, batch):
         return alignment_step_loss(model, batch, args, ref_engine, sharing)
 
-    train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device)
+    # closing: which batches --prefix_sharing auto packed (rank 0's, the reference pass included)
+    train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device,
+          closing_note=sharing_summary)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

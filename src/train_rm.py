@@ -28,12 +28,15 @@ saved model ignores.
 import torch.nn.functional as F
 
 from utils.data.collators import PairCollator
-from utils.data.data_utils import PairEncoder
+from utils.data.encoders import PairEncoder
 from utils.fileio import cli_main
 from utils.model_utils import trainable_reward_model
-from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing, reward_scores
+from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
+from utils.reward_scoring import reward_scores
+from utils.sharing_cost import sharing_summary
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, run_stage
+from utils.training_setup import TrainingSetup
+from utils.process_exit import run_and_exit
 from utils.training import train
 
 
@@ -65,18 +68,19 @@ def pairwise_loss(model, batch, prefix_sharing=False):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    stage = Stage(args)
-    splits = stage.datasets({"stage": "rm"}, PairEncoder)
+    setup = TrainingSetup(args)
+    splits = setup.datasets({"stage": "rm"}, PairEncoder)
 
-    model = trainable_reward_model(args, stage.tokenizer)
+    model = trainable_reward_model(args, setup.tokenizer)
     prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model, "the reward model")
 
     def compute_loss(model, batch):
         return pairwise_loss(model, batch, prefix_sharing)
 
-    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0],
-          PairCollator(stage.tokenizer.pad_token_id), compute_loss, stage.device)
+    train(args, model, setup.tokenizer, splits["train"][0], splits["test"][0],
+          PairCollator(setup.tokenizer.pad_token_id), compute_loss, setup.device,
+          closing_note=sharing_summary)  # which batches --prefix_sharing auto packed
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

@@ -16,12 +16,13 @@ the whole eval set. Dropout stays as the model's config has it unless --disable_
 import torch
 
 from utils.data.collators import SFTCollator
-from utils.data.data_utils import SFTEncoder
+from utils.data.encoders import SFTEncoder
 from utils.fileio import InputError, cli_main
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
 from utils.model_utils import apply_lora, load_causal_lm
 from utils.args import add_disable_dropout_arg, add_training_args, base_parser, check_training_args
-from utils.distributed import Stage, run_stage
+from utils.training_setup import TrainingSetup
+from utils.process_exit import run_and_exit
 from utils.training import train
 
 SFT_KINDS = ("sft", "pref")
@@ -62,25 +63,25 @@ def perplexity(metrics):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    stage = Stage(args)
-    for dataset in stage.raw:
+    setup = TrainingSetup(args)
+    for dataset in setup.raw:
         if dataset.kind not in SFT_KINDS:
             raise InputError(f"dataset {dataset.name}/{dataset.kind}: SFT trains on sft data "
                              f"(or pref: prompt + chosen), got kind {dataset.kind!r}")
-    splits = stage.datasets({"stage": "sft"}, SFTEncoder)
+    splits = setup.datasets({"stage": "sft"}, SFTEncoder)
 
-    model = load_causal_lm(args.model_name_or_path, stage.tokenizer, args.dtype, args.trust_remote_code,
+    model = load_causal_lm(args.model_name_or_path, setup.tokenizer, args.dtype, args.trust_remote_code,
                            disable_dropout=args.disable_dropout)
     if args.lora_dim > 0:
         model = apply_lora(model, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
 
-    collator = SFTCollator(stage.tokenizer.pad_token_id, args.train_on_prompt)
+    collator = SFTCollator(setup.tokenizer.pad_token_id, args.train_on_prompt)
     def compute_loss(model, batch):
         return sft_loss(model, batch, args.fused_logprobs)
 
-    train(args, model, stage.tokenizer, splits["train"][0], splits["test"][0], collator, compute_loss, stage.device,
+    train(args, model, setup.tokenizer, splits["train"][0], splits["test"][0], collator, compute_loss, setup.device,
           summarize_metrics=perplexity)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

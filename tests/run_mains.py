@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from utils.distributed import run_stage  # noqa: E402
+from utils.process_exit import run_and_exit  # noqa: E402
 
 
 def run_all():
@@ -24,4 +24,4 @@ def run_all():
 
 
 if __name__ == "__main__":
-    run_stage(run_all)
+    run_and_exit(run_all)

@@ -74,7 +74,7 @@ def no_tokenizer_model(case, model):
 def logprobs_of_ids(mutate):
     """calc_logprobs on gen data whose records carry the tiny tokenizer's token-exact fields, mutated."""
     def make(case, tiny):
-        from utils.data.data_utils import tokenizer_fingerprint
+        from utils.data.tokenisation import tokenizer_fingerprint
         from utils.model_utils import load_tokenizer
 
         tokenizer = load_tokenizer(tiny)

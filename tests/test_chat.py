@@ -16,7 +16,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from make_tiny_model import make_tiny_model
 from utils.data.collators import AlignmentCollator, SFTCollator
-from utils.data.data_utils import AlignmentEncoder, SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
+from utils.data.encoders import AlignmentEncoder, SFTEncoder
+from utils.data.tokenisation import Tokenisation
+from utils.data.tokenised_datasets import build_dataset
+from utils.data.dataset_names import load_raw_datasets
 from utils.fileio import InputError
 from utils.model_utils import load_tokenizer
 
@@ -155,10 +158,11 @@ def test_a_template_that_reads_the_date_renders_the_same_on_every_day(chat_model
     monkeypatch.setattr(chat_utils, "datetime", Tomorrow)  # what transformers' own strftime_now reads
     chat_utils._compile_jinja_template.cache_clear()
     again = Tokenisation(tokenizer, 256, 64, str(template))
-    assert again.prompts([prompt]) == default.prompts([prompt]) and again.fingerprint() == default.fingerprint()
+    assert again.prompts([prompt]) == default.prompts([prompt])
+    assert again.settings_fingerprint() == default.settings_fingerprint()
     other = Tokenisation(tokenizer, 256, 64, str(template), "2025-03-01")
     assert tokenizer.decode(other.prompts([prompt])[0]).startswith("Today Date: 01 Mar 2025")
-    assert other.fingerprint() != default.fingerprint()
+    assert other.settings_fingerprint() != default.settings_fingerprint()
     with pytest.raises(InputError, match="--chat_template_date 'tomorrow': expected a date YYYY-MM-DD"):
         Tokenisation(tokenizer, 256, 64, str(template), "tomorrow")
 
@@ -218,15 +222,15 @@ def test_pref_to_rw_keeps_conversations(chat_pref, tmp_path):
 
 
 def test_get_raw_dataset_takes_an_entry_added_by_hand(tmp_path):
-    """The seed's way: two lines added to get_raw_dataset in data_utils.py name a new dataset."""
-    source = (REPO_ROOT / "src" / "utils" / "data" / "data_utils.py").read_text()
+    """The seed's way: two lines added to get_raw_dataset in dataset_names.py name a new dataset."""
+    source = (REPO_ROOT / "src" / "utils" / "data" / "dataset_names.py").read_text()
     marker = "    # -- datasets added by hand go here --\n"
     assert marker in source
     edited = source.replace(marker, marker + "    if name == 'my_tsv':\n"
                                              "        dataset = MyTsv(name, path, kind or None)\n")
     # run as a module of the utils.data package, so its relative imports resolve as the original's do
-    module = {"__name__": "utils.data.edited_data_utils", "__package__": "utils.data"}
-    exec(compile(edited, "data_utils.py", "exec"), module)
+    module = {"__name__": "utils.data.edited_dataset_names", "__package__": "utils.data"}
+    exec(compile(edited, "dataset_names.py", "exec"), module)
 
     from utils.data.raw_datasets import PromptRawDataset
 

@@ -20,15 +20,10 @@ from tokenizers.processors import TemplateProcessing
 import utils.data.raw_datasets as raw_mod
 from make_tiny_model import EOS, builtin_corpus, make_tiny_model
 from utils.data.collators import AlignmentCollator, SFTCollator
-from utils.data.data_utils import (
-    Tokenisation,
-    AlignmentEncoder,
-    build_dataset,
-    load_raw_datasets,
-    parse_data_name_path,
-    SFTEncoder,
-)
-from utils.data.data_utils import get_raw_dataset
+from utils.data.tokenisation import Tokenisation
+from utils.data.encoders import AlignmentEncoder, SFTEncoder
+from utils.data.tokenised_datasets import build_dataset
+from utils.data.dataset_names import get_raw_dataset, load_raw_datasets, parse_data_name_path
 from utils.data.raw_datasets import JsonDataset, PromptRawDataset
 from utils.fileio import InputError
 from utils.model_utils import load_tokenizer

@@ -1,10 +1,10 @@
-"""How an entry script's process ends (`utils.distributed.run_stage`).
+"""How an entry script's process ends (`utils.process_exit.run_and_exit`).
 
 A run that succeeded must exit 0. Left to interpreter teardown it may not: DeepSpeed holds its
 gloo groups from every parameter, so their worker threads outlive the exit handlers, and one
 that needs the interpreter lock after teardown has begun aborts the process ("terminate called
 without an active exception", exit -6). The probe below provokes that every time; the same
-probe ended by `run_stage` exits 0. `run_stage` otherwise ends a process as the interpreter
+probe ended by `run_and_exit` exits 0. `run_and_exit` otherwise ends a process as the interpreter
 would: the same exit status, exit handlers run, thread pools ended, non-daemon threads waited for.
 """
 import sys
@@ -19,7 +19,8 @@ from conftest import run
 TEARDOWN_PROBE = textwrap.dedent('''
     import argparse, sys, time
     import torch
-    from utils.distributed import init_distributed, run_stage
+    from utils.distributed import init_distributed
+    from utils.process_exit import run_and_exit
 
     class SlowToDelete:
         def __del__(self, sleep=time.sleep):
@@ -39,7 +40,7 @@ TEARDOWN_PROBE = textwrap.dedent('''
         work.get_future().then(needs_the_interpreter_later)
 
     if __name__ == "__main__":
-        run_stage(main) if sys.argv[1] == "run_stage" else main()
+        run_and_exit(main) if sys.argv[1] == "run_and_exit" else main()
 ''')
 
 
@@ -50,21 +51,21 @@ def teardown_probe(tmp_path, ending):
 
 
 def test_a_collective_ending_during_teardown_aborts_a_plain_exit(tmp_path):
-    """The hazard is real on this torch: if this stops failing, run_stage's reason is gone."""
+    """The hazard is real on this torch: if this stops failing, run_and_exit's reason is gone."""
     result = teardown_probe(tmp_path, "plain")
     assert result.returncode != 0 and "terminate called without an active exception" in result.stderr, \
         result.stderr[-3000:]
 
 
-def test_run_stage_exits_0_where_teardown_would_abort(tmp_path):
-    result = teardown_probe(tmp_path, "run_stage")
+def test_run_and_exit_exits_0_where_teardown_would_abort(tmp_path):
+    result = teardown_probe(tmp_path, "run_and_exit")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr
 
 
 ENDINGS = textwrap.dedent('''
     import atexit, concurrent.futures, sys, threading, time
-    from utils.distributed import run_stage
+    from utils.process_exit import run_and_exit
     from utils.fileio import InputError, cli_main
 
     @cli_main
@@ -85,7 +86,7 @@ ENDINGS = textwrap.dedent('''
         if ending == "exception":
             raise RuntimeError("boom")
 
-    run_stage(main)
+    run_and_exit(main)
 ''')
 
 
@@ -96,7 +97,7 @@ ENDINGS = textwrap.dedent('''
     ("input error", 2, 'error: data.json record 2 field "prompt": missing'),
     ("exception", 1, "RuntimeError: boom"),
 ])
-def test_run_stage_ends_as_the_interpreter_would(tmp_path, ending, status, stderr_has):
+def test_run_and_exit_ends_as_the_interpreter_would(tmp_path, ending, status, stderr_has):
     script = tmp_path / "endings.py"
     script.write_text(ENDINGS)
     result = run([sys.executable, str(script), ending, str(tmp_path / "left_open.txt")], timeout=120)
@@ -115,13 +116,13 @@ FAILING_EXPORT = textwrap.dedent('''
     import sys
     import train_sft
     from utils import training
-    from utils.distributed import run_stage
+    from utils.process_exit import run_and_exit
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     training.save_hf_model = full_disk
-    run_stage(lambda: train_sft.main(sys.argv[1:]))
+    run_and_exit(lambda: train_sft.main(sys.argv[1:]))
 ''')
 
 

@@ -13,7 +13,7 @@ from conftest import NEGATIVE, POSITIVE, WORDS, launcher, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from utils.data.collators import pad_sequences
-from utils.data.data_utils import Tokenisation
+from utils.data.tokenisation import Tokenisation
 from utils.sharding import read_shard, shard_path, shard_range, sharded_map
 from utils.logprobs import model_sequence_logprobs
 from utils.model_utils import load_causal_lm, load_tokenizer

@@ -11,8 +11,8 @@ from conftest import launcher, run
 from utils.loss import alignment_loss, sequence_logprobs
 from utils.data.collators import AlignmentCollator, pad_sequences
 from utils.heads import HeadInput
-from utils.prefix_sharing import (pack_groups, resolve_prefix_sharing, shared_prefix_hidden_states,
-                                  shared_prefix_scores, sharing_support)
+from utils.prefix_sharing import pack_groups, resolve_prefix_sharing, shared_prefix_hidden_states, sharing_support
+from utils.reward_scoring import shared_prefix_scores
 
 ATOL = 1e-5
 

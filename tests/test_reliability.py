@@ -216,7 +216,10 @@ def test_a_prompt_longer_than_max_seq_len_is_cut_counted_and_reported(tiny_model
     """Not an error and not dropped: the tokenisation rule cuts the prompt on the left, so every record
     still trains; how many were cut is reported once, when the split is tokenised."""
     from conftest import write_split
-    from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
+    from utils.data.encoders import SFTEncoder
+    from utils.data.tokenisation import Tokenisation
+    from utils.data.tokenised_datasets import build_dataset
+    from utils.data.dataset_names import load_raw_datasets
     from utils.model_utils import load_tokenizer
 
     records = [{"prompt": "the movie was " * 40, "chosen": "good fun"}, {"prompt": "a film", "chosen": "bad"},
@@ -307,7 +310,10 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tiny_mo
 
 def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tiny_model, tmp_path, capsys):
     from conftest import write_split
-    from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
+    from utils.data.encoders import SFTEncoder
+    from utils.data.tokenisation import Tokenisation
+    from utils.data.tokenised_datasets import build_dataset
+    from utils.data.dataset_names import load_raw_datasets
     from utils.model_utils import load_tokenizer
 
     write_split(tmp_path / "d", "train", [{"prompt": "a film", "chosen": f"good fun {i}"} for i in range(20)])

@@ -89,7 +89,7 @@ def test_auto_takes_the_cheaper_path_and_on_always_shares(llama, decoder_calls, 
 
 def test_reward_scores_under_auto_score_a_short_prompt_group_unshared(llama, decoder_calls):
     from utils.model_utils import load_reward_model, load_tokenizer
-    from utils.prefix_sharing import reward_scores
+    from utils.reward_scoring import reward_scores
 
     model = load_reward_model(llama, load_tokenizer(llama)).eval()
     batches = {name: one_group(*shape, k=2, vocab=model.config.vocab_size) for name, shape in SHAPES.items()}

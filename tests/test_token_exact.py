@@ -18,7 +18,8 @@ from conftest import REPO_ROOT, run, write_split
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from utils.data.data_utils import AlignmentEncoder, Tokenisation, tokenizer_fingerprint
+from utils.data.encoders import AlignmentEncoder
+from utils.data.tokenisation import Tokenisation, tokenizer_fingerprint
 from utils.inference import completion_batch
 from utils.model_utils import load_tokenizer
 
@@ -241,7 +242,7 @@ def test_alignment_and_scoring_use_the_ids_and_append_no_eos(sft_model):
 def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
     """Through the cached tokenisation: a record with ids (after one without: the columns come
     from all records, not the first) trains on its ids, the other on its text + EOS."""
-    from utils.data.data_utils import tokenised_split
+    from utils.data.tokenised_datasets import tokenised_split
     from utils.data.raw_datasets import JsonDataset
 
     tokenizer = load_tokenizer(sft_model)
@@ -258,7 +259,7 @@ def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
 def test_ids_and_text_agree_or_the_record_is_refused(sft_model, pipeline):
     """A completion whose text was edited after sampling (the obvious way to trim a sample) is
     one error line naming the record and field, not silently scored from its old ids."""
-    from utils.data.data_utils import Encoder
+    from utils.data.encoders import Encoder
     from utils.fileio import InputError
 
     tok = Tokenisation(load_tokenizer(sft_model), 10, 5)

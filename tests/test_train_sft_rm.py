@@ -97,7 +97,10 @@ def test_sft_loss_is_the_mean_nll_of_the_trained_tokens(tiny_model):
 def test_pair_encoder_tokenises_chosen_and_rejected_by_the_shared_rule(tiny_model, easy_pref_data, tmp_path):
     """PairEncoder: each pref record -> [prompt + chosen + EOS, prompt + rejected + EOS] as
     Tokenisation.join_group makes them (one prompt cut for both); PairCollator lays the pairs out c0, r0, c1, r1, ..."""
-    from utils.data.data_utils import PairEncoder, Tokenisation, build_dataset, load_raw_datasets
+    from utils.data.encoders import PairEncoder
+    from utils.data.tokenisation import Tokenisation
+    from utils.data.tokenised_datasets import build_dataset
+    from utils.data.dataset_names import load_raw_datasets
 
     tokenizer = load_tokenizer(tiny_model)
     tok = Tokenisation(tokenizer, 8, 4)  # short enough that completions and prompts get cut

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from test_fused_logprobs import random_batch
-from utils.distributed import run_stage
+from utils.process_exit import run_and_exit
 from utils.logprobs import model_sequence_logprobs
 
 VOCAB = 300
@@ -54,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_stage(main)  # a plain exit can abort in gloo teardown (utils.distributed.run_stage)
+    run_and_exit(main)  # a plain exit can abort in gloo teardown (utils.process_exit.run_and_exit)

@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "src"))
 
 import torch  # noqa: E402
-from utils.distributed import run_stage  # noqa: E402
+from utils.process_exit import run_and_exit  # noqa: E402
 
 
 def peak_rss_mib():
@@ -156,14 +156,14 @@ def _engine_and_batches(cfg):
     from utils.data.collators import AlignmentCollator
     from utils.ds_utils import make_optimizer, train_ds_config
     from utils.model_utils import load_causal_lm
-    from utils.distributed import Stage
+    from utils.training_setup import TrainingSetup
 
     args = train_exo.parse_args(cfg["argv"])
-    stage = Stage(args)
-    model = load_causal_lm(args.model_name_or_path, stage.tokenizer, args.dtype, disable_dropout=True)
+    setup = TrainingSetup(args)
+    model = load_causal_lm(args.model_name_or_path, setup.tokenizer, args.dtype, disable_dropout=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, args),
                                       config=train_ds_config(args, 1))
-    return args, stage, engine, AlignmentCollator(stage.tokenizer.pad_token_id)
+    return args, setup, engine, AlignmentCollator(setup.tokenizer.pad_token_id)
 
 
 def _timed_step(engine, loss_fn, batch):
@@ -184,11 +184,11 @@ def _with_ref_logps(engine, batch, num_contrastive):
     return batch
 
 
-def _train_split(stage):
+def _train_split(setup):
     """The bench's training pairs encoded as train_exo encodes them (K = 2)."""
     import train_exo
 
-    dataset, _ = stage.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
+    dataset, _ = setup.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
                                 lambda tok, source, kind: train_exo.AlignmentEncoder(tok, source, kind, 2, True))["train"]
     return dataset
 
@@ -199,8 +199,8 @@ def step_ratio(cfg):
     import train_exo
     import train_sft
 
-    args, stage, engine, collator = _engine_and_batches(cfg)
-    dataset = _train_split(stage)
+    args, setup, engine, collator = _engine_and_batches(cfg)
+    dataset = _train_split(setup)
     batch_size = args.per_device_train_batch_size
     batches = [collator([dataset[j] for j in range(i, i + batch_size)])
                for i in range(0, cfg["num_batches"] * batch_size, batch_size)]
@@ -233,19 +233,20 @@ def reference_cost(cfg):
     batch and for the reference pass, the best of cfg["repeats"] passes after an untimed one."""
     import deepspeed
     import train_exo
-    from utils.distributed import distributed_loader, to_device
+    from utils.data.loaders import distributed_loader
+    from utils.distributed import to_device
     from utils.ds_utils import eval_ds_config
     from utils.model_utils import load_causal_lm
 
-    args, stage, engine, collator = _engine_and_batches(cfg)
-    dataset = _train_split(stage)
-    ref = load_causal_lm(args.ref_name_or_path, stage.tokenizer, args.dtype, disable_dropout=True)
+    args, setup, engine, collator = _engine_and_batches(cfg)
+    dataset = _train_split(setup)
+    ref = load_causal_lm(args.ref_name_or_path, setup.tokenizer, args.dtype, disable_dropout=True)
     ref_engine, *_ = deepspeed.initialize(model=ref, config=eval_ds_config(args, 1))
     ref_engine.eval()
     loader = distributed_loader(dataset, args.per_device_train_batch_size, collator, True, args.seed,
                                 group_by_length=args.group_by_length)
     loader.sampler.set_epoch(0)
-    plain = [to_device(batch, stage.device) for batch in loader]
+    plain = [to_device(batch, setup.device) for batch in loader]
     cached = [_with_ref_logps(ref_engine, dict(batch), args.num_contrastive) for batch in plain]
 
     def loss_of(loss_type, ref_model=None):
@@ -263,7 +264,7 @@ def reference_cost(cfg):
     def reference_pass(rep):
         nonlocal best_reference
         started = time.perf_counter()
-        train_exo.reference_logps(ref_engine, dataset, collator, args, stage.device)
+        train_exo.reference_logps(ref_engine, dataset, collator, args, setup.device)
         if rep:
             best_reference = min(best_reference, time.perf_counter() - started)
 
@@ -296,8 +297,8 @@ def scaling(cfg):
     length (fixed rows): unpadded random token batches, so only the shape varies."""
     import train_exo
 
-    args, stage, engine, collator = _engine_and_batches(cfg)
-    vocab = len(stage.tokenizer)
+    args, setup, engine, collator = _engine_and_batches(cfg)
+    vocab = len(setup.tokenizer)
     gen = torch.Generator().manual_seed(0)
     results = {"k": [], "length": []}
 
@@ -379,7 +380,7 @@ def _sampling_setup(cfg):
 
     import inference_sft
     from inference_sft import fit_prompt, sampling_config
-    from utils.data.data_utils import Tokenisation
+    from utils.data.tokenisation import Tokenisation
     from utils.model_utils import load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
@@ -484,11 +485,11 @@ def prefix_scoring(cfg):
     cfg["num_records"]), batch by batch as calc_logprobs / inference_rm / the cached reference
     pass batch them, sharing on (or cfg["sharing"], e.g. "auto") and off; the best of
     cfg["repeats"] passes, alternating, after one untimed warm-up batch."""
-    from utils.data.data_utils import Tokenisation
+    from utils.data.tokenisation import Tokenisation
     from utils.inference import completion_batch
     from utils.logprobs import model_sequence_logprobs
     from utils.model_utils import load_causal_lm, load_reward_model, load_tokenizer
-    from utils.prefix_sharing import reward_scores
+    from utils.reward_scoring import reward_scores
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg["model"])
@@ -548,4 +549,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_and_exit(main)

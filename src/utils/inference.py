@@ -2,7 +2,7 @@
 and `gen` data scored by the training rule.
 
 Scoring `gen` data (reward model, log-probs) tokenises every (prompt, completion) pair by the
-training rule (utils/data/data_utils.py), so a score here is the score training computes: a
+training rule (utils/data/tokenisation.py), so a score here is the score training computes: a
 completion with its sampled ids (and the tokenizer that made them) is scored on those ids.
 """
 import copy
@@ -14,7 +14,8 @@ import os
 import torch
 
 from .data.collators import pad_sequences
-from .data.data_utils import Encoder, Tokenisation
+from .data.encoders import Encoder
+from .data.tokenisation import Tokenisation
 from .data.chat import add_chat_template_arg
 from .data.raw_datasets import JsonDataset, MissingSplit
 from .fileio import InputError

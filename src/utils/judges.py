@@ -198,7 +198,7 @@ class ScoreJudge:
 class RewardModelJudge(ScoreJudge):
     def __init__(self, path, args):
         import torch
-        from .data.data_utils import Tokenisation
+        from .data.tokenisation import Tokenisation
         from .model_utils import check_position_limit, load_reward_model, load_tokenizer, model_fingerprint
 
         check_position_limit(path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
@@ -213,7 +213,7 @@ class RewardModelJudge(ScoreJudge):
 
     def scores(self, answers):
         from .inference import completion_batch
-        from .prefix_sharing import reward_scores
+        from .reward_scoring import reward_scores
 
         # text answers, each scored as reward-model training scores it (the template's tokens for a message)
         records = [{"prompt": p, "completions": [a]} for p, a in answers]

@@ -15,7 +15,7 @@ first loss position. The tokenisation rule cuts a long prompt once per group, so
 still shares its whole prompt; rows that differ before their completions anyway (data
 tokenised elsewhere) share only their common part, and sharing stays exact. The hidden states are then
 gathered back into one row per candidate for the LM head (log-probs) or the score head
-(reward models).
+(reward models: utils/reward_scoring.py).
 
 Why packing and not "encode the prompt once, run the K completions on its KV cache expanded
 K times": the cache route needs `use_cache` in the training forward, which transformers turns
@@ -47,25 +47,26 @@ from .sharing_cost import decide_sharing
 PREFIX_SHARING_CHOICES = ("auto", "on", "off")
 _MASKED_ATTENTION = ("eager", "sdpa")  # the implementations that apply a custom 4D mask as given
 
-
-def add_prefix_sharing_arg(parser):
-    parser.add_argument("--prefix_sharing", default="auto", choices=PREFIX_SHARING_CHOICES,
-                        help="encode the prompt once per group of candidates instead of once per candidate "
-                             "(exact; saves the prompt's compute and memory K-1 times over): auto = on for the "
-                             "architectures it is tested exact on (GPT-2, GPT-NeoX, Llama, Mistral, Mixtral, "
-                             "Qwen2/3, Gemma, Phi-3, OPT, GPT-Neo, Falcon; no sliding/local window, SSM layers "
-                             "or ALiBi; eager or sdpa attention), else off with a note, and only for the batches "
-                             "that packing makes cheaper (short prompts with long completions are scored "
-                             "unshared); on = every batch, and stop if the model does not qualify")
-    return parser
-
-
-# -- which models ---------------------------------------------------------------------------
 # The architectures (config.model_type) on which the packed forward is tested exact against the
 # unshared one (tests/test_arch_matrix.py): tokens mix only through attention, placed by
 # position ids, under the mask given. `auto` shares on these only; `on` also only on these.
 SHARING_ARCHITECTURES = ("falcon", "gemma", "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "mixtral", "opt",
                          "phi3", "qwen2", "qwen3")
+
+
+def add_prefix_sharing_arg(parser):
+    parser.add_argument("--prefix_sharing", default="auto", choices=PREFIX_SHARING_CHOICES,
+                        help="encode the prompt once per group of candidates instead of once per candidate "
+                             "(exact; saves the prompt's compute and memory K-1 times over): auto = on for the "
+                             f"architectures it is tested exact on (model types {', '.join(SHARING_ARCHITECTURES)}; "
+                             "no sliding/local window, SSM layers or ALiBi; eager or sdpa attention), else off "
+                             "with a note, and only for the batches that packing makes cheaper (short prompts "
+                             "with long completions are scored unshared); on = every batch, and stop if the "
+                             "model does not qualify")
+    return parser
+
+
+# -- which models ---------------------------------------------------------------------------
 _STATE_SPACE_FIELDS = ("mamba", "ssm", "conv_", "linear_", "attn_layer_period", "layers_block_type")
 
 
@@ -288,28 +289,10 @@ def shared_prefix_hidden_states(backbone, batch, packed=None):
     return hidden[packed.flat_index(positions)], labels, loss_mask
 
 
-def last_token_positions(input_ids, pad_token_id):
-    """Where a transformers sequence classifier reads its score: the rightmost token that is
-    not the pad id (position 0 if there is none)."""
-    index = torch.arange(input_ids.shape[1], device=input_ids.device)
-    return (index * (input_ids != pad_token_id)).argmax(-1)
-
-
-def shared_prefix_scores(model, batch, packed=None):
-    """A one-label sequence classifier's score of every row, [N], as its own forward reads it
-    (at the last non-pad token), with each group's prompt encoded once."""
-    hf = unwrap(model)
+def shared_prefix_hidden_at(model, batch, positions, packed=None):
+    """The head's input [N, L, H] at original `positions` [N, L] (each < its row's length) of
+    every row of a collated batch, with each group's prompt encoded once; `packed` is the
+    batch's pack_groups layout when the caller has it already."""
     packed = pack_groups(batch) if packed is None else packed
     hidden = _packed_hidden_states(HeadInput(model), packed)
-    last = last_token_positions(batch["input_ids"], hf.config.pad_token_id)[:, None]
-    return hf.score(hidden[packed.flat_index(last)[:, 0]])[:, 0]
-
-
-def reward_scores(model, batch, prefix_sharing=False):
-    """A one-label sequence classifier's score of every row of a collated batch, [N], read at
-    the last non-pad token; with `prefix_sharing` (auto: where it saves work, see
-    packed_layout), each group's prompt is encoded once."""
-    packed = packed_layout(model, batch, prefix_sharing)
-    if packed is not None:
-        return shared_prefix_scores(model, batch, packed)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    return hidden[packed.flat_index(positions)]

@@ -4,8 +4,8 @@ A stage contributes a model, datasets, a collator and `compute_loss(model, batch
 (loss, metrics)`; everything else — DeepSpeed, accumulation, scheduling, evaluation, logging,
 checkpoint exports, exact resume, preemption and non-finite steps — happens in `train()`,
 which reads top to bottom. The pieces it calls live in their own modules: flags in `args`,
-ranks in `distributed`, resumable checkpoints in `checkpointing`, signal and non-finite guards
-in `guards`, logging in `tracking`.
+ranks in `distributed`, each rank's batches in `data.loaders`, resumable checkpoints in
+`checkpointing`, signal and non-finite guards in `guards`, logging in `tracking`.
 """
 import os
 import time
@@ -17,13 +17,13 @@ from transformers import get_scheduler
 from .checkpointing import (RunState, checkpoint_location, find_resume_checkpoint, load_resumable_checkpoint,
                             read_continued_state, read_run_state, run_layout, save_resumable_checkpoint,
                             set_rng_states)
-from .distributed import distributed_loader, is_rank0, print_rank0, sum_across_ranks, to_device
+from .data.loaders import distributed_loader
+from .distributed import is_rank0, print_rank0, sum_across_ranks, to_device
 from .ds_utils import make_optimizer, train_ds_config
 from .fileio import InputError
 from .guards import NonFiniteGuard, SkipAwareScheduler, StopRequest, end_early
 from .model_card import model_card
 from .model_utils import save_hf_model
-from .sharing_cost import sharing_summary
 from .tracking import Logger, progress_bar
 
 
@@ -91,7 +91,7 @@ def evaluate(engine, loader, compute_loss, device, summarize_metrics=None):
 
 
 def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute_loss, device,
-          summarize_metrics=None):
+          summarize_metrics=None, closing_note=None):
     """Train `model` with `compute_loss` under DeepSpeed; export HF checkpoints; return the
     final eval metrics. `compute_loss(model, batch)` returns (scalar loss, {name: scalar}).
 
@@ -99,7 +99,9 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
     `summarize_metrics`, optional, maps such a dict to the one that is logged, for train steps
     and evaluations alike: metrics that are ratios of totals, like SFT's perplexity, are
     returned by `compute_loss` as per-batch numerator and denominator (their means share one
-    divisor, so their ratio is total / total) and combined there.
+    divisor, so their ratio is total / total) and combined there. `closing_note`, optional,
+    returns a last line for rank 0 to print once the final model is saved, or None for none
+    (what a stage has to say of the whole run).
 
     With `--resume` the run continues from a DeepSpeed checkpoint exactly where it was
     written. On SIGTERM or SIGINT it checkpoints after the current step and exits with code 0
@@ -221,6 +223,7 @@ def train(args, model, tokenizer, train_dataset, eval_dataset, collator, compute
         save_hf_model(engine, tokenizer, args.output_dir, args.zero_stage, replace_dir=False,
                       model_card=model_card(args, model, args.output_dir, state.step, total_steps, world_size))
         print_rank0(f"saved the final model to {args.output_dir}")
-        if sharing_summary():  # which batches --prefix_sharing auto packed (rank 0's, reference pass included)
-            print_rank0(sharing_summary())
+        note = closing_note() if closing_note else None
+        if note:
+            print_rank0(note)
     return final_metrics

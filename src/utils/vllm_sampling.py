@@ -86,7 +86,7 @@ class VllmSampler:
         """Shut the engine down (its workers, its process groups, its renderer's thread pools);
         idempotent. Call it before the stage returns: the engine's own finalizers would run
         after the exit handler that leaves the launcher's process group (utils/distributed.py)
-        and fail on its groups, and run_stage waits for every non-daemon thread, the pools'
+        and fail on its groups, and run_and_exit waits for every non-daemon thread, the pools'
         idle workers too, which only a shutdown ends."""
         engine = self.llm.llm_engine
         engine.engine_core.shutdown()

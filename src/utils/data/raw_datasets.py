@@ -279,7 +279,7 @@ def _is_int(value):
 def validate_token_fields(record, source, index):
     """The optional TOKEN_FIELDS of a gen/rw record: one entry per completion, ids non-negative
     integers, a stop token that is the last id. (That the ids are in the vocabulary is checked
-    where the tokenizer is known, utils.data.data_utils.Encoder.)"""
+    where the tokenizer is known, utils.data.encoders.Encoder.)"""
     num = len(record["completions"])
     for field in ("tokenizer_fingerprint", "source_model"):
         if field in record and not isinstance(record[field], str):
@@ -420,7 +420,7 @@ def _read_parquet(path):
 
 def resolve_dataset(name_kind, path):
     """The dataset for `NAME[/KIND]` at `path`: a registered class or the standard one
-    (data_utils.get_raw_dataset is the place to add one by hand)."""
+    (dataset_names.get_raw_dataset is the place to add one by hand)."""
     name, _, kind = name_kind.partition("/")
     if name in _REGISTRY:
         return _REGISTRY[name](name, path, kind or None)
