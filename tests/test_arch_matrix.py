@@ -15,9 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils.data.collators import pad_sequences
 from utils.heads import HeadInput, lm_head
-from utils.logprobs import model_sequence_logprobs
+from utils.logprobs import model_sequence_logprobs, sequence_logprobs
 from utils.prefix_sharing import resolve_prefix_sharing, shared_prefix_hidden_states, sharing_support
-from utils.loss import sequence_logprobs
 
 ATOL = 1e-5
 VOCAB = 96

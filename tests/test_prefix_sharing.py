@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import launcher, run
 
-from utils.loss import alignment_loss, sequence_logprobs
+from utils.logprobs import sequence_logprobs
+from utils.loss import alignment_loss
 from utils.data.collators import AlignmentCollator, pad_sequences
 from utils.heads import HeadInput
 from utils.prefix_sharing import (pack_groups, resolve_prefix_sharing, shared_prefix_hidden_states,

@@ -321,7 +321,7 @@ def logprobs(cfg):
     """One variant in one mode: forward only (as the reference pass runs it) or forward and
     backward (as training runs it). Peak memory is the RSS high-water mark above the live logits,
     so each (variant, mode) needs a process of its own: the high-water mark never comes down."""
-    from utils.loss import sequence_logprobs
+    from utils.logprobs import sequence_logprobs
 
     def naive(logits, labels, mask):
         token_logps = logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
