@@ -229,11 +229,13 @@ def reference_cost(cfg):
     train_exo's flags) with the reference-free loss (simpo), with dpo-rw on cached reference
     log-probs, and with dpo-rw running the reference each step (--ref_logps online), the three
     rotating batch by batch; and the cached mode's reference pass over the training split
-    (train_exo.reference_logps), before the steps in one pass and after them in the next. Per
-    batch and for the reference pass, the best of cfg["repeats"] passes after an untimed one."""
+    (utils.reference_logps.reference_logps), before the steps in one pass and after them in the
+    next. Per batch and for the reference pass, the best of cfg["repeats"] passes after an
+    untimed one."""
     import deepspeed
     import train_exo
     from utils.distributed import distributed_loader, to_device
+    from utils.reference_logps import reference_logps
     from utils.ds_utils import eval_ds_config
     from utils.model_utils import load_causal_lm
 
@@ -263,7 +265,7 @@ def reference_cost(cfg):
     def reference_pass(rep):
         nonlocal best_reference
         started = time.perf_counter()
-        train_exo.reference_logps(ref_engine, dataset, collator, args, stage.device)
+        reference_logps(ref_engine, dataset, collator, args, stage.device)
         if rep:
             best_reference = min(best_reference, time.perf_counter() - started)
 
