@@ -12,7 +12,7 @@ from conftest import REPO_ROOT, launcher, run
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from make_tiny_model import build_config
+from utils.tiny_model import build_config
 from utils import logprobs
 from utils.heads import HeadInput
 from utils.data.collators import AlignmentCollator

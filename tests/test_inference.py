@@ -215,7 +215,7 @@ def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
     shared prefix is all padding)."""
     from conftest import plain_and_once_draws
     from utils.sampling import sampling_config
-    from make_tiny_model import builtin_corpus, make_tiny_model
+    from utils.tiny_model import builtin_corpus, make_tiny_model
 
     path = make_tiny_model(str(tmp_path / arch), builtin_corpus(), arch=arch)
     tokenizer = load_tokenizer(path)

@@ -220,7 +220,7 @@ def test_readme_documents_the_test_command():
 def test_alignment_models_run_without_dropout(tmp_path, arch):
     """Policy and reference load with every dropout off, so h = log pi - log pi_ref is noise-free
     in train mode (GPT-2 names its rates *_pdrop, Llama attention_dropout)."""
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
     from transformers import AutoConfig
     from utils.model_utils import load_causal_lm, load_tokenizer
 

@@ -52,7 +52,7 @@ def main():
     import transformers
     import vllm
     from utils.sampling import batch_seed, sample, sampling_config
-    from make_tiny_model import builtin_corpus, count_saved_parameters, make_tiny_model
+    from utils.tiny_model import builtin_corpus, count_saved_parameters, make_tiny_model
     from utils.distributed import init_distributed
     from utils.model_utils import load_causal_lm, load_tokenizer
     from utils.vllm_sampling import VllmSampler
