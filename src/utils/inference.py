@@ -7,6 +7,7 @@ completion with its sampled ids (and the tokenizer that made them) is scored on 
 """
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -195,3 +196,12 @@ def score_completions(records, tok, score, device, output_file, settings, args, 
 
     return sharded_map(records, process, output_file, settings, args.batch_size, write=write, desc=desc,
                        save_interval=args.save_interval)
+
+
+def reward_summary(rewards):
+    """{mean, std, n, num_prompts} of per-record lists of scores: over all completions (std
+    of the completions, not of the mean), what the scoring stages' eval mode writes."""
+    flat = [r for per_record in rewards for r in per_record]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / len(flat))
+    return {"mean": mean, "std": std, "n": len(flat), "num_prompts": len(rewards)}
