@@ -186,10 +186,10 @@ def _with_ref_logps(engine, batch, num_contrastive):
 
 def _train_split(stage):
     """The bench's training pairs encoded as train_exo encodes them (K = 2)."""
-    import train_exo
+    from utils.data.data_utils import AlignmentEncoder
 
     dataset, _ = stage.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
-                                lambda tok, source, kind: train_exo.AlignmentEncoder(tok, source, kind, 2, True))["train"]
+                                lambda tok, source, kind: AlignmentEncoder(tok, source, kind, 2, True))["train"]
     return dataset
 
 
