@@ -22,9 +22,8 @@ For `rw` data with oracle rewards, score with inference_rm.py: the oracle is a r
 """
 import os
 
-from inference_rm import reward_summary
 from utils.fileio import InputError, atomic_write_json, cli_main, where
-from utils.inference import parse_scoring_args, score_completions, start_scoring
+from utils.inference import parse_scoring_args, reward_summary, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
 from utils.process_exit import run_and_exit
 

@@ -19,12 +19,11 @@ way reward-model training scores it. Batched, sharded across ranks and resumable
 
 Both modes print the mean and std.
 """
-import math
 import os
 
 from utils.data.raw_datasets import token_fields
 from utils.fileio import atomic_write_json, cli_main
-from utils.inference import parse_scoring_args, score_completions, start_scoring
+from utils.inference import parse_scoring_args, reward_summary, score_completions, start_scoring
 from utils.model_utils import load_reward_model, model_fingerprint
 from utils.prefix_sharing import resolve_prefix_sharing
 from utils.reward_scoring import reward_scores
@@ -34,13 +33,6 @@ from utils.process_exit import run_and_exit
 def parse_args(argv=None):
     return parse_scoring_args(__doc__, "reward model directory (AutoModelForSequenceClassification with one label)",
                               "label", "rw", argv, prefix_sharing=True)
-
-
-def reward_summary(rewards):
-    flat = [r for per_record in rewards for r in per_record]
-    mean = sum(flat) / len(flat)
-    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / len(flat))
-    return {"mean": mean, "std": std, "n": len(flat), "num_prompts": len(rewards)}
 
 
 @cli_main

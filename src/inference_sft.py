@@ -9,8 +9,8 @@ is tokenised as training tokenises it (a conversation rendered with the chat tem
 generation prompt) and cut on the left (keeping a BOS) to
 max_length - max_new_tokens tokens, so every prompt fits and none is dropped; the record keeps
 the full prompt text. Generation is batched with left padding and the KV cache, each prompt's
-cache computed once and shared by its --return_num samples (utils/inference.py:
-generate_once_per_prompt), sharded across ranks and resumable (utils/sharding.py). The checkpoint's generation_config is ignored: what
+cache computed once and shared by its --return_num samples (the sampler: utils/sampling.py),
+sharded across ranks and resumable (utils/sharding.py). The checkpoint's generation_config is ignored: what
 is sampled is exactly what the flags say.
 
 A completion ends at the first stop token: EOS, and for conversational prompts the chat
@@ -43,19 +43,18 @@ position and its number, so its file depends on neither --batch_size nor the num
 import argparse
 import os
 
-import numpy as np
-import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, SuppressTokensLogitsProcessor
+# transformers loads before utils, as it always has in this stage: utils/quiet.py's switch of the
+# other ranks' progress bars, read when transformers loads, has never applied here
+import transformers  # noqa: F401
 
 from utils.data.chat import add_chat_template_arg, is_conversation
 from utils.data.tokenisation import Tokenisation, tokenizer_fingerprint
 from utils.data.dataset_names import load_raw_datasets
 from utils.data.raw_datasets import add_source_args
 from utils.fileio import InputError, cli_main
-from utils.inference import (add_inference_args, check_inference_args, check_output_dir, check_prompts,
-                             generate_once_per_prompt, scored_tokens)
-from utils.heads import token_vocab_size
+from utils.inference import add_inference_args, check_inference_args, check_output_dir, check_prompts, scored_tokens
 from utils.model_utils import check_position_limit, load_causal_lm, load_tokenizer, model_fingerprint
+from utils.sampling import batch_seed, fit_prompt, sample, sampling_config, stop_tokens
 from utils.sharding import sharded_map
 from utils.args import base_parser
 from utils.distributed import init_distributed
@@ -126,106 +125,6 @@ def parse_args(argv=None):
     check_output_dir(args.output_path)
     check_position_limit(args.model_name_or_path, args.max_length, "--max_length", args.trust_remote_code)
     return args
-
-
-def batch_seed(seed, first_index):
-    """The seed of the batch whose first prompt is prompt `first_index`."""
-    return int(np.random.SeedSequence([seed, first_index]).generate_state(1)[0])
-
-
-def sampling_config(args, tokenizer, stop_ids=None):
-    """The whole generation config, from the flags alone; `stop_ids` end a completion (default EOS),
-    as the list `sample` reads."""
-    sampling = dict(do_sample=True, temperature=args.temp, top_k=args.top_k, top_p=args.top_p) if args.temp > 0 \
-        else dict(do_sample=False)
-    return GenerationConfig(**sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=args.return_num,
-                            eos_token_id=list(stop_ids or [tokenizer.eos_token_id]),
-                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
-
-
-def stop_tokens(tok, prompts):
-    """The ids a completion stops at: EOS for text prompts; for conversations also the chat
-    template's end-of-turn token, which ends them (a chat model ends its turn with it, as it is
-    served)."""
-    if any(is_conversation(p) for p in prompts):
-        return tok.chat.end_of_turn_ids
-    return [tok.tokenizer.eos_token_id]
-
-
-def fit_prompt(tok, prompt_ids):
-    """The prompt as generation sees it: cut on the left by the training rule, as if a completion
-    of all max_gen_len (= max_new_tokens) tokens followed it, so prompt + completion always fits."""
-    ids, prompt_len = tok.join(prompt_ids, [tok.tokenizer.eos_token_id] * tok.max_gen_len)
-    return ids[:prompt_len]
-
-
-class CompletionLogprobs(LogitsProcessor):
-    """Records log softmax(logits / temp) of every drawn token, without keeping the logits.
-
-    `generate` calls a processor once per step with the ids so far, before the temperature
-    warper; the distribution of step t is kept until step t + 1 shows which token was drawn
-    from it, and `finish` reads the last step's token. Nothing else changes the logits (no
-    filtering, no bar on EOS; only the padded-vocabulary mask, before it), so this is the
-    distribution each token was drawn from.
-    """
-
-    def __init__(self, temperature):
-        self.temperature = temperature
-        self.last = None
-        self.steps = []
-
-    def __call__(self, input_ids, scores):
-        if self.last is not None:
-            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, sequences):
-        """[N, new tokens] log-prob of each drawn token."""
-        return torch.stack(self.steps + [self.last.gather(-1, sequences[:, -1:]).squeeze(-1)], dim=1)
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompt_ids, config, seed, save_logps=False):
-    """Draw config.num_return_sequences completions of each prompt (token ids, already fitted).
-
-    Returns per prompt, a list per completion of: `ids`, the drawn token ids up to and with
-    the first stop token (config.eos_token_id, a list; all max_new_tokens of them when none was
-    drawn; never an id past the tokenizer of a padded vocabulary, utils.heads.token_vocab_size); `stops`, that stop token or None; `texts`, the decoded ids before it; and `logps`
-    (with `save_logps`, else None), log p^temp(ids | prompt) summed over exactly those ids.
-    """
-    device = next(model.parameters()).device
-    batch = tokenizer.pad({"input_ids": prompt_ids}, padding_side="left", return_tensors="pt").to(device)
-    prompt_len = batch["input_ids"].shape[1]
-    recorder = CompletionLogprobs(config.temperature) if save_logps else None
-    processors = [recorder] if recorder else []
-    tokens = token_vocab_size(model)
-    if tokens is not None:  # the padded-vocabulary rule: ids past the tokenizer are never drawn
-        vocab = model.config.get_text_config().vocab_size
-        processors.insert(0, SuppressTokensLogitsProcessor(range(tokens, vocab), device=device))
-    torch.manual_seed(seed)
-    sequences = generate_once_per_prompt(model, batch, config, logits_processor=LogitsProcessorList(processors))
-    drawn = sequences[:, prompt_len:]
-
-    is_stop = torch.isin(drawn, torch.tensor(config.eos_token_id, device=drawn.device))
-    ended = is_stop.any(-1)
-    length = torch.where(ended, is_stop.int().argmax(-1) + 1, drawn.shape[1])  # the stop token counts when drawn
-    ids = [row[:n] for row, n in zip(drawn.tolist(), length.tolist())]
-    stops = [row[-1] if e else None for row, e in zip(ids, ended.tolist())]
-    texts = tokenizer.batch_decode([row[:-1] if stop is not None else row for row, stop in zip(ids, stops)],
-                                   skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    logps = None
-    if save_logps:
-        counted = torch.arange(drawn.shape[1], device=device)[None] < length[:, None]
-        logps = (recorder.finish(sequences) * counted).sum(-1).tolist()
-
-    k = config.num_return_sequences
-    return tuple(_per_prompt(rows, k) for rows in (ids, stops, texts, logps))
-
-
-def _per_prompt(rows, k):
-    """generate's rows (k per prompt, prompt-major) -> one list of k per prompt."""
-    return None if rows is None else [rows[i:i + k] for i in range(0, len(rows), k)]
 
 
 @cli_main

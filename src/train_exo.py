@@ -7,37 +7,30 @@
 One training example is a group of K candidates of one prompt, so a micro batch of B holds
 B * K sequences, scored in one policy forward. The frozen reference's log-probs are a
 function of the data: by default they are computed once before training and cached beside
-the tokenised data, and the reference is dropped from memory (`--ref_logps online` keeps it
-and recomputes them every step instead). A reference-free loss (simpo) never loads it.
+the tokenised data (utils/reference_logps.py), and the reference is dropped from memory
+(`--ref_logps online` keeps it and recomputes them every step instead). A reference-free loss (simpo) never loads it.
 """
 import gc
-import hashlib
-import os
 from functools import partial
 
 import utils  # noqa: F401  before deepspeed, which logs on import what utils/quiet.py silences
 import deepspeed
-import numpy as np
 import torch
 
 from utils.data.collators import AlignmentCollator
 from utils.data.encoders import AlignmentEncoder
-from utils.data.cache import is_cache_writer
-from utils.data.samplers import sequence_lengths
 from utils.ds_utils import eval_ds_config
-from utils.fileio import InputError, atomic_file, cli_main
+from utils.fileio import InputError, cli_main
 from utils.loss import (DEFAULT_SIMPO_MARGIN, LOSS_TYPES, LOSSES, alignment_loss, label_error, resolve_pref_epsilon,
                         win_rate_labels)
 from utils.logprobs import add_fused_logprobs_arg, model_sequence_logprobs
-from utils.model_utils import apply_lora, check_position_limit, load_causal_lm, model_fingerprint
+from utils.model_utils import apply_lora, check_position_limit, load_causal_lm
 from utils.prefix_sharing import add_prefix_sharing_arg, resolve_prefix_sharing
 from utils.sharing_cost import sharing_summary
 from utils.args import add_training_args, base_parser, check_training_args
 from utils.training_setup import TrainingSetup
-from utils.data.loaders import distributed_loader
-from utils.distributed import is_rank0, sum_across_ranks, to_device
 from utils.process_exit import run_and_exit
-from utils.tracking import progress_bar
+from utils.reference_logps import cached_reference_logps
 from utils.training import train
 
 
@@ -120,13 +113,13 @@ def alignment_metrics(policy_logps, ref_logps, rewards, beta_pi, lengths=None):
     return metrics
 
 
-def alignment_step_loss(model, batch, args, ref_model=None, sharing=(False, False)):
+def alignment_step_loss(model, batch, args, ref_model=None, policy_shares_prompt=False, ref_shares_prompt=False):
     """(loss, metrics) of one collated batch of groups: one policy forward over all B * K
     candidates; the reference's log-probs come from the batch (cached), from `ref_model`, or
-    nowhere (a reference-free loss). `sharing`: whether the policy and the reference encode
-    each prompt once."""
+    nowhere (a reference-free loss). `policy_shares_prompt`, `ref_shares_prompt`: whether the
+    policy and the reference encode each prompt once (utils.prefix_sharing)."""
     groups = batch["rewards"].shape[0]
-    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, sharing[0])
+    policy_logps = model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, policy_shares_prompt)
     policy_logps = policy_logps.view(groups, args.num_contrastive)
     lengths = batch["loss_mask"].sum(-1).view(groups, args.num_contrastive).to(policy_logps.dtype)
     if not LOSSES[args.loss_type].reference:
@@ -135,7 +128,7 @@ def alignment_step_loss(model, batch, args, ref_model=None, sharing=(False, Fals
         ref_logps = batch["ref_logps"]
     else:
         with torch.no_grad():
-            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs, sharing[1])
+            ref_logps = model_sequence_logprobs(ref_model, batch, args.temp, args.fused_logprobs, ref_shares_prompt)
             ref_logps = ref_logps.view(groups, args.num_contrastive)
     labels = batch["rewards"]
     if args.loss_type == "lipo" and args.lipo_labels == "win_rates":
@@ -143,74 +136,6 @@ def alignment_step_loss(model, batch, args, ref_model=None, sharing=(False, Fals
     loss = alignment_loss(policy_logps, ref_logps, labels, args.loss_type, args.beta_pi,
                           args.beta_r, args.pref_epsilon, lengths=lengths, margin=args.simpo_margin)
     return loss, alignment_metrics(policy_logps.detach(), ref_logps, batch["rewards"], args.beta_pi, lengths)
-
-
-@torch.no_grad()
-def reference_logps(ref_engine, dataset, collator, args, device, prefix_sharing=False):
-    """Reference log-probs of every candidate, [len(dataset), K]; each rank scores its shard
-    and the shards are exchanged, so every rank ends with the whole array. The pass runs over
-    the examples sorted by length, so its batches are barely padded; rows go back in place."""
-    by_length = np.argsort(sequence_lengths(dataset), kind="stable")
-    loader = distributed_loader(dataset.select(by_length), args.per_device_eval_batch_size, collator, False, args.seed)
-    local = []
-    for batch in progress_bar(loader, desc="reference log-probs", disable=not is_rank0(), dynamic_ncols=True):
-        logps = model_sequence_logprobs(ref_engine, to_device(batch, device), args.temp, args.fused_logprobs,
-                                        prefix_sharing)
-        local.append(logps.view(-1, args.num_contrastive).cpu())
-    local = torch.cat(local).numpy()
-    shards = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(shards, local)
-    # DistributedSampler deals example i to rank i % world_size (padding by wrapping around)
-    in_sorted_order = np.stack([s for s in shards], axis=1).reshape(-1, args.num_contrastive)[:len(dataset)]
-    values = np.empty_like(in_sorted_order)
-    values[by_length] = in_sorted_order
-    return values
-
-
-def reference_cache_path(args, data_key):
-    """Where the reference log-probs of the data `data_key` are cached, keyed on everything
-    that changes their values: the data, the reference model, tau, the dtype, the head
-    reduction and --prefix_sharing as given."""
-    # The fused and unfused reductions agree to ~1e-6, not bit for bit, and so do the shared and
-    # unshared forwards (auto and on pack different batches, off none); a model that auto would
-    # share inexactly must not hand its values to an off run: a run reads its own kind.
-    key = hashlib.sha256(f"{data_key}|{model_fingerprint(args.ref_name_or_path)}|{args.temp}|{args.dtype}|"
-                         f"{'fused' if args.fused_logprobs else 'logits'}|sharing={args.prefix_sharing}".encode())
-    return os.path.join(args.data_output_path, f"ref_logps_{key.hexdigest()[:16]}.npy")
-
-
-def cached_reference_logps(reference, dataset, data_key, collator, args, device):
-    """reference_logps, cached as .npy beside the tokenised data (reference_cache_path).
-    `reference()` gives the reference engine and whether it shares prompts; it is only loaded
-    on a cache miss. The pass is collective, so the ranks agree: the cache is used only when
-    every rank has it (a new node's own disk may not), and it is written by the writers of that
-    directory (`is_cache_writer`)."""
-    path = reference_cache_path(args, data_key)
-    cached = _read_cached_logps(path, (len(dataset), args.num_contrastive))
-    if sum_across_ranks({"missing": cached is None})["missing"] == 0:
-        return cached
-    engine, prefix_sharing = reference()
-    values = reference_logps(engine, dataset, collator, args, device, prefix_sharing)
-    if is_cache_writer(args.data_output_path) and cached is None:
-        with atomic_file(path, suffix=".tmp.npy") as tmp:  # np.save appends .npy to other names
-            np.save(tmp, values, allow_pickle=False)
-    return values
-
-
-def _read_cached_logps(path, shape):
-    """The cached array at `path`, or None when there is none or it is damaged (then said in one
-    line: it is computed again and replaced)."""
-    try:
-        values = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, EOFError) as err:
-        print(f"{path}: unreadable ({err}); computing the reference log-probs again", flush=True)
-        return None
-    if values.shape != shape:
-        print(f"{path}: holds {values.shape}, expected {shape}; computing the reference log-probs again", flush=True)
-        return None
-    return values
 
 
 @cli_main
@@ -260,10 +185,10 @@ def main(argv=None):
     policy = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True)
     if args.lora_dim > 0:
         policy = apply_lora(policy, args.lora_dim, args.lora_alpha, args.lora_module_name, args.only_optimize_lora)
-    sharing = (resolve_prefix_sharing(args.prefix_sharing, policy, "the policy"), ref_sharing)
+    policy_sharing = resolve_prefix_sharing(args.prefix_sharing, policy, "the policy")
 
     def compute_loss(model, batch):
-        return alignment_step_loss(model, batch, args, ref_engine, sharing)
+        return alignment_step_loss(model, batch, args, ref_engine, policy_sharing, ref_sharing)
 
     # closing: which batches --prefix_sharing auto packed (rank 0's, the reference pass included)
     train(args, policy, tokenizer, datasets_["train"], datasets_["test"], collator, compute_loss, device,

@@ -78,7 +78,7 @@ def _align_texts(align_data):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, align_data):
     """A tiny GPT-2 and tokenizer trained on the synthetic data's text (no pad token)."""
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "gpt2"), _align_texts(align_data), arch="gpt2",
                            seed=0)
@@ -87,7 +87,7 @@ def tiny_model(tmp_path_factory, align_data):
 @pytest.fixture(scope="session")
 def tiny_model_of(tmp_path_factory, align_data, tiny_model):
     """arch -> a tiny model of make_tiny_model's `arch` (gpt2: tiny_model), tokenizer as tiny_model's."""
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     made = {"gpt2": tiny_model}
 
@@ -101,13 +101,12 @@ def tiny_model_of(tmp_path_factory, align_data, tiny_model):
 
 def plain_and_once_draws(model, batch, config, temperature, seed=7, after_each=None):
     """{"plain": (ids, per-token log-probs), "once": ...}: what plain generate and
-    utils.inference.generate_once_per_prompt draw from `batch` after the same seed, each
+    utils.sampling.generate_once_per_prompt draw from `batch` after the same seed, each
     completion's log-probs recorded as the sampling stage records them; `after_each(mode)` runs
     after each."""
     import torch
-    from inference_sft import CompletionLogprobs
     from transformers import LogitsProcessorList
-    from utils.inference import generate_once_per_prompt
+    from utils.sampling import CompletionLogprobs, generate_once_per_prompt
 
     drawn = {}
     for mode, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),

@@ -15,9 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils.data.collators import pad_sequences
 from utils.heads import HeadInput, lm_head
-from utils.logprobs import model_sequence_logprobs
+from utils.logprobs import model_sequence_logprobs, sequence_logprobs
 from utils.prefix_sharing import resolve_prefix_sharing, shared_prefix_hidden_states, sharing_support
-from utils.loss import sequence_logprobs
 
 ATOL = 1e-5
 VOCAB = 96
@@ -72,7 +71,7 @@ FAMILIES = {
     "mpt": ("mpt", dict(d_model=32, n_heads=2, n_layers=1), "ALiBi", None),
 }
 # name -> how sampling hands each prompt's cache to its K samples where it is not "static"
-# (utils/inference.py: prompt_cache_kind): "dynamic" repeats it in place, None feeds each prompt K times
+# (utils/sampling.py: prompt_cache_kind): "dynamic" repeats it in place, None feeds each prompt K times
 SAMPLING_CACHE = {"qwen2 sliding": "dynamic", "mistral sliding": "dynamic", "gemma2": "dynamic",
                   "gpt_neo global": "dynamic", "gpt_neo local": "dynamic", "falcon": "dynamic",
                   "falcon alibi": "dynamic", "bloom": "dynamic", "gemma3": "dynamic", "llama4": "dynamic",
@@ -171,7 +170,7 @@ def test_sampling_prefills_each_prompt_once_and_draws_what_generate_draws(name):
     1-token one shares only padding), on the cache kind the family is meant to take."""
     from conftest import plain_and_once_draws
     from transformers import GenerationConfig
-    from utils.inference import prompt_cache_kind
+    from utils.sampling import prompt_cache_kind
 
     model = build(name)
     assert prompt_cache_kind(model) == SAMPLING_CACHE.get(name, "static")

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO_ROOT, run
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from make_tiny_model import make_tiny_model
+from utils.tiny_model import make_tiny_model
 from utils.data.collators import AlignmentCollator, SFTCollator
 from utils.data.encoders import AlignmentEncoder, SFTEncoder
 from utils.data.tokenisation import Tokenisation

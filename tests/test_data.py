@@ -18,7 +18,7 @@ import torch
 from tokenizers.processors import TemplateProcessing
 
 import utils.data.raw_datasets as raw_mod
-from make_tiny_model import EOS, builtin_corpus, make_tiny_model
+from utils.tiny_model import EOS, builtin_corpus, make_tiny_model
 from utils.data.collators import AlignmentCollator, SFTCollator
 from utils.data.tokenisation import Tokenisation
 from utils.data.encoders import AlignmentEncoder, SFTEncoder

@@ -1,5 +1,5 @@
 """The fused LM head (utils/logprobs.py): log-probs, losses and gradients equal the unfused
-path (the model's own logits into utils.loss.sequence_logprobs) through real tiny HF models,
+path (the model's own logits into utils.logprobs.sequence_logprobs) through real tiny HF models,
 tied (GPT-2) and untied (Llama), with LoRA, gradient checkpointing and 2-rank ZeRO-3; a
 float64 gradcheck of the autograd Function; the fallback of heads that are more than a matmul."""
 import json
@@ -12,11 +12,12 @@ from conftest import REPO_ROOT, launcher, run
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from make_tiny_model import build_config
+from utils.tiny_model import build_config
 from utils import logprobs
 from utils.heads import HeadInput
 from utils.data.collators import AlignmentCollator
-from utils.loss import alignment_loss, sequence_logprobs
+from utils.logprobs import sequence_logprobs
+from utils.loss import alignment_loss
 
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
 TEMPERATURE = 0.7
@@ -26,7 +27,7 @@ GROUPS, K = 3, 2
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 positions at the tiny models' vocabularies, so every case spans several."""
-    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 3 * 512)
+    monkeypatch.setattr(logprobs, "_ROW_CHUNK_ELEMENTS", 3 * 512)
 
 
 def random_batch(vocab, seed=0):
@@ -99,7 +100,7 @@ def head_case(dtype, seed=0, n=3, t=7, h=5, v=11):
 def test_function_gradcheck_float64(monkeypatch):
     """torch.autograd.gradcheck in hidden, weight and bias, over several row chunks."""
     hidden, weight, bias, labels, mask = head_case(torch.float64)
-    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", 2 * weight.shape[0])
+    monkeypatch.setattr(logprobs, "_ROW_CHUNK_ELEMENTS", 2 * weight.shape[0])
     fn = lambda x, w, b: logprobs.fused_sequence_logprobs(x, w, labels, mask, TEMPERATURE, b)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
@@ -109,7 +110,7 @@ def test_function_gradcheck_float64(monkeypatch):
 def test_function_matches_logits_path(monkeypatch, dtype, tol, chunk_rows):
     """Log-probs and the gradients of hidden, weight and bias equal sequence_logprobs on the logits."""
     hidden, weight, bias, labels, mask = head_case(dtype, seed=1)
-    monkeypatch.setattr(logprobs, "_CHUNK_ELEMENTS", chunk_rows * weight.shape[0])
+    monkeypatch.setattr(logprobs, "_ROW_CHUNK_ELEMENTS", chunk_rows * weight.shape[0])
     fused = logprobs.fused_sequence_logprobs(hidden, weight, labels, mask, TEMPERATURE, bias)
     reference = sequence_logprobs(hidden @ weight.T + bias, labels, mask, TEMPERATURE)
     assert fused.dtype == reference.dtype == dtype

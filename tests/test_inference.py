@@ -172,7 +172,7 @@ def test_save_logps_equal_model_logprobs_of_the_drawn_tokens(tiny_model):
     """--save_logps values are log pi^temp(ids | prompt) of exactly the drawn ids (the EOS
     included where one was drawn, nothing appended where --max_new_tokens cut), as training
     computes them; the ids decode to the stored text."""
-    from inference_sft import fit_prompt, sample, sampling_config
+    from utils.sampling import fit_prompt, sample, sampling_config
 
     tokenizer = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model, tokenizer, disable_dropout=True).eval()
@@ -214,8 +214,8 @@ def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
     distributions: left-padded prompts of several lengths, a 1-token one among them (its
     shared prefix is all padding)."""
     from conftest import plain_and_once_draws
-    from inference_sft import sampling_config
-    from make_tiny_model import builtin_corpus, make_tiny_model
+    from utils.sampling import sampling_config
+    from utils.tiny_model import builtin_corpus, make_tiny_model
 
     path = make_tiny_model(str(tmp_path / arch), builtin_corpus(), arch=arch)
     tokenizer = load_tokenizer(path)

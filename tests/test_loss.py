@@ -1,4 +1,4 @@
-"""Tests for utils.loss: EXO / DPO alignment losses and chunked sequence log-probabilities.
+"""Tests for utils.loss (EXO / DPO alignment losses) and utils.logprobs' chunked sequence log-probabilities.
 
 Every reference below is written from the mathematical contract only (plain python floats /
 explicit per-element formulas), not from the implementation's code.
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import utils.loss as loss_mod
+import utils.logprobs as logprobs_mod
+from utils.logprobs import sequence_logprobs
 from utils.loss import (
     LOSS_TYPES,
     alignment_loss,
     resolve_pref_epsilon,
-    sequence_logprobs,
     target_distribution,
 )
 
@@ -340,7 +340,7 @@ def test_sequence_logprobs_matches_naive(monkeypatch, temperature, chunk_steps):
     n, t, v = 3, 9, 11
     logits, labels, mask = _seq_inputs(int(temperature * 10) + (chunk_steps or 0), n, t, v)
     if chunk_steps is not None:
-        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", v * n * chunk_steps)
+        monkeypatch.setattr(logprobs_mod, "_TIME_CHUNK_ELEMENTS", v * n * chunk_steps)
         mask[:, 3:5] = 0.0  # with 2 steps per chunk, the chunk predicting labels 3..4 is empty
     out = sequence_logprobs(logits, labels, mask, temperature=temperature)
     assert out.shape == (n,) and out.dtype == torch.float64
@@ -352,7 +352,7 @@ def test_sequence_logprobs_ignores_masked_positions(monkeypatch, chunk_steps):
     """Labels and logits at masked-out positions (and at position 0's label) do not matter."""
     n, t, v = 3, 9, 11
     if chunk_steps is not None:
-        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", v * n * chunk_steps)
+        monkeypatch.setattr(logprobs_mod, "_TIME_CHUNK_ELEMENTS", v * n * chunk_steps)
     logits, labels, mask = _seq_inputs(3, n, t, v)
     base = sequence_logprobs(logits, labels, mask)
     gen = torch.Generator().manual_seed(4)
@@ -388,7 +388,7 @@ def test_sequence_logprobs_grad_matches_naive(monkeypatch, temperature, chunk_st
     n, t, v = 3, 9, 11
     logits, labels, mask = _seq_inputs(40 + (chunk_steps or 0), n, t, v)
     if chunk_steps is not None:
-        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", v * n * chunk_steps)
+        monkeypatch.setattr(logprobs_mod, "_TIME_CHUNK_ELEMENTS", v * n * chunk_steps)
         mask[:, 3:5] = 0.0
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
 
@@ -410,7 +410,7 @@ def test_sequence_logprobs_gradcheck(monkeypatch, temperature, chunk_steps):
     """torch.autograd.gradcheck passes on a tiny float64 sequence_logprobs case."""
     n, t, v = 2, 6, 5
     if chunk_steps is not None:
-        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", v * n * chunk_steps)
+        monkeypatch.setattr(logprobs_mod, "_TIME_CHUNK_ELEMENTS", v * n * chunk_steps)
     logits, labels, mask = _seq_inputs(60, n, t, v)
     mask[:, 2:4] = 0.0
     logits.requires_grad_(True)
@@ -440,7 +440,7 @@ def test_sequence_logprobs_bf16(monkeypatch, chunk_steps):
     """bf16 logits give a float32 result (and a bf16 gradient) close to the float32 naive one."""
     n, t, v = 3, 9, 11
     if chunk_steps is not None:
-        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", v * n * chunk_steps)
+        monkeypatch.setattr(logprobs_mod, "_TIME_CHUNK_ELEMENTS", v * n * chunk_steps)
     logits64, labels, mask = _seq_inputs(80, n, t, v)
     logits32 = logits64.float()
     logits_bf16 = logits32.bfloat16().requires_grad_(True)

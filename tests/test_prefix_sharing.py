@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import launcher, run
 
-from utils.loss import alignment_loss, sequence_logprobs
+from utils.logprobs import sequence_logprobs
+from utils.loss import alignment_loss
 from utils.data.collators import AlignmentCollator, pad_sequences
 from utils.heads import HeadInput
 from utils.prefix_sharing import pack_groups, resolve_prefix_sharing, shared_prefix_hidden_states, sharing_support
@@ -19,7 +20,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def arch_model(request, tmp_path_factory):
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     texts = [f"the quick brown fox number {i} jumps over the lazy dog" for i in range(20)]
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / request.param), texts, arch=request.param,

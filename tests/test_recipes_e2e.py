@@ -79,7 +79,7 @@ def test_imdb_readme(tmp_path, tiny_model):
 @pytest.fixture(scope="module")
 def tiny_pythia(tmp_path_factory):
     """A tiny GPT-NeoX (Pythia's architecture) with a tokenizer trained on the fixtures' words."""
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     texts = [" ".join(recipe_fixtures.NEUTRAL + recipe_fixtures.POSITIVE + recipe_fixtures.NEGATIVE)] * 4
     texts += ["SUBREDDIT: r/tifu\nTITLE: x\nPOST: y\nTL;DR:", "\n\nHuman: hi\n\nAssistant: hello"] * 4

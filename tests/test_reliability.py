@@ -334,14 +334,14 @@ def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tiny_model, tmp_path, ca
 
 def test_damaged_cached_reference_logps_are_computed_again(tmp_path, capsys):
     import numpy as np
-    from train_exo import _read_cached_logps
+    from utils.reference_logps import read_cached_logps
 
     path = tmp_path / "ref_logps.npy"
     np.save(path, np.zeros((5, 2)))
-    assert _read_cached_logps(str(path), (5, 2)).shape == (5, 2)
-    assert _read_cached_logps(str(path), (6, 2)) is None and "holds (5, 2), expected (6, 2)" in capsys.readouterr().out
+    assert read_cached_logps(str(path), (5, 2)).shape == (5, 2)
+    assert read_cached_logps(str(path), (6, 2)) is None and "holds (5, 2), expected (6, 2)" in capsys.readouterr().out
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 8)
-    assert _read_cached_logps(str(path), (5, 2)) is None
+    assert read_cached_logps(str(path), (5, 2)) is None
     assert "unreadable" in capsys.readouterr().out
-    assert _read_cached_logps(str(tmp_path / "none.npy"), (5, 2)) is None
+    assert read_cached_logps(str(tmp_path / "none.npy"), (5, 2)) is None

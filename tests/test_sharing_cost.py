@@ -31,7 +31,7 @@ def test_cost_rule_packs_long_prompts_and_leaves_short_prompts_with_long_complet
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     texts = [f"the quick brown fox number {i} jumps over the lazy dog" for i in range(20)]
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "llama"), texts, arch="llama", vocab_size=300,

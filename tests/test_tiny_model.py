@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from make_tiny_model import ARCHS, EOS, builtin_corpus, make_tiny_model
+from utils.tiny_model import ARCHS, EOS, builtin_corpus, make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

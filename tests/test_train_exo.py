@@ -220,7 +220,7 @@ def test_readme_documents_the_test_command():
 def test_alignment_models_run_without_dropout(tmp_path, arch):
     """Policy and reference load with every dropout off, so h = log pi - log pi_ref is noise-free
     in train mode (GPT-2 names its rates *_pdrop, Llama attention_dropout)."""
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
     from transformers import AutoConfig
     from utils.model_utils import load_causal_lm, load_tokenizer
 
@@ -259,7 +259,8 @@ def test_reference_cache_is_keyed_on_the_sharing_mode(tiny_model, align_data, tm
     """A change of --prefix_sharing recomputes the cached reference log-probs (shared and
     unshared values agree only to float precision, and not at all where auto would share
     inexactly)."""
-    from train_exo import parse_args, reference_cache_path
+    from train_exo import parse_args
+    from utils.reference_logps import reference_cache_path
 
     base = ["--model_name_or_path", tiny_model, "--data_name_path", f"toy/rw:{align_data['rw']}",
             "--output_dir", str(tmp_path / "out"), "--data_output_path", str(tmp_path / "cache"), *TINY_FLAGS]

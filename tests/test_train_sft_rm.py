@@ -180,7 +180,7 @@ def test_reward_model_with_lora_exports_the_trained_score_head(tiny_model, easy_
 def test_reward_model_trains_its_score_head_on_other_backbones(tmp_path, arch):
     """GPT-NeoX and Llama load as one-label classifiers; the pairwise loss reaches the score
     head, which LoRA (peft SEQ_CLS) trains in full while its unused original copy stays frozen."""
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
     from train_rm import pairwise_loss
     from utils.model_utils import apply_lora
 

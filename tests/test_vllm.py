@@ -45,7 +45,7 @@ def ok(result):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     texts = [" ".join(WORDS + POSITIVE + NEGATIVE)] * 4
     return make_tiny_model(str(tmp_path_factory.mktemp("vllm_llama") / "llama"), texts, arch="llama",

@@ -193,7 +193,7 @@ def test_oracle_judge_matches_vader(samples, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_reward_model_judge_is_sigmoid_of_reward_difference(samples, tmp_path, arch):
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm_dir = make_tiny_model(str(tmp_path / arch), ["review the movie good great fun bad awful dull plot was"] * 4,
@@ -227,7 +227,7 @@ def test_reward_model_judge_is_sigmoid_of_reward_difference(samples, tmp_path, a
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # absolute and rotary positions: left padding must not matter
 def test_local_lm_judge_reads_label_probabilities(samples, tmp_path, arch):
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     judge = make_tiny_model(str(tmp_path / "judge"), ["Which is better? A B review the movie good bad"] * 4,
@@ -625,7 +625,7 @@ def test_openai_judge_on_a_real_vllm_server_killed_and_resumed(samples, tmp_path
         if os.environ.get("EXO_ALIGN_REQUIRE_VLLM") == "1":
             pytest.fail(f"EXO_ALIGN_REQUIRE_VLLM=1, but {why}")
         pytest.skip(why)
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
 
     # head_dim 32: vLLM's CPU attention needs at least that
     judge = make_tiny_model(str(tmp_path / "judge"), ["Which is better? A B review the movie good bad"] * 4,

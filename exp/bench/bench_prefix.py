@@ -47,7 +47,7 @@ def build(work_dir, model_size, scale, names):
     train_exo and the scorers, and pref pairs of the same prompts (the first two completions)
     for TRL."""
     from setup_data import text_of_tokens, word_pool
-    from make_tiny_model import make_tiny_model
+    from utils.tiny_model import make_tiny_model
     from transformers import AutoTokenizer
 
     rng = random.Random(0)

@@ -1,4 +1,4 @@
-"""Scoring at a sampling temperature: `utils.loss.sequence_logprobs` (no grad, the reference
+"""Scoring at a sampling temperature: `utils.logprobs.sequence_logprobs` (no grad, the reference
 pass and calc_logprobs) against `log_softmax(logits / T)` + gather, at T = 1 and T = 0.8 (the
 recipes' value), side by side in one process (best of `--reps`, the two alternating).
 
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "src"))
 
 import torch  # noqa: E402
 
-from utils.loss import sequence_logprobs  # noqa: E402
+from utils.logprobs import sequence_logprobs  # noqa: E402
 
 
 def naive(logits, labels, mask, temperature):

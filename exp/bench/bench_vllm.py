@@ -6,7 +6,7 @@
 TL;DR-shaped: prompts of ~400 tokens, K = 4 completions of 48 new tokens each (a random model
 rarely draws EOS, so nearly all run to the end), on a small local Llama. Both backends run in
 this one process, one after the other, through the functions the sampling stage calls per
-batch (inference_sft.sample for hf, VllmSampler.sample for vllm), each timed after a warm-up
+batch (utils.sampling.sample for hf, VllmSampler.sample for vllm), each timed after a warm-up
 batch, so that start-up (loading, the engine's set-up) is not counted. Reported: new tokens
 per second of each and their ratio (no target on CPU: there vLLM is for correctness; its speed
 is a GPU figure).
@@ -51,8 +51,8 @@ def main():
     import torch
     import transformers
     import vllm
-    from inference_sft import batch_seed, sample, sampling_config
-    from make_tiny_model import builtin_corpus, count_saved_parameters, make_tiny_model
+    from utils.sampling import batch_seed, sample, sampling_config
+    from utils.tiny_model import builtin_corpus, count_saved_parameters, make_tiny_model
     from utils.distributed import init_distributed
     from utils.model_utils import load_causal_lm, load_tokenizer
     from utils.vllm_sampling import VllmSampler

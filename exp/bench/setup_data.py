@@ -9,7 +9,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from make_tiny_model import make_tiny_model
+from utils.tiny_model import make_tiny_model
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vel", "or", "pi", "nex", "da", "qui", "bo", "ler", "fa", "zi",
              "mon", "te", "gra", "us", "hel", "ri", "cam", "po", "ster", "in", "wy", "eth", "ju", "sol"]

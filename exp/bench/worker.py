@@ -11,7 +11,7 @@ Tasks (bench.py runs them; each writes a JSON result):
                 the cached mode's reference pass
   scaling       exo step time against K and against sequence length
   logprobs      sequence_logprobs or log_softmax + gather: time and peak memory
-  sampling      inference_sft.sample (prompts prefilled once) against plain generate, at TL;DR
+  sampling      utils.sampling.sample (prompts prefilled once) against plain generate, at TL;DR
                 shape, as model FLOP/s over the cores' matmul FLOP/s measured around each run
   sampling_profile  torch.profiler's top ops of one sample call in each of sampling's modes
   prefix_scoring  the reference pass (model_sequence_logprobs) and inference_rm's scoring
@@ -186,10 +186,10 @@ def _with_ref_logps(engine, batch, num_contrastive):
 
 def _train_split(setup):
     """The bench's training pairs encoded as train_exo encodes them (K = 2)."""
-    import train_exo
+    from utils.data.encoders import AlignmentEncoder
 
     dataset, _ = setup.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
-                                lambda tok, source, kind: train_exo.AlignmentEncoder(tok, source, kind, 2, True))["train"]
+                                lambda tok, source, kind: AlignmentEncoder(tok, source, kind, 2, True))["train"]
     return dataset
 
 
@@ -229,12 +229,14 @@ def reference_cost(cfg):
     train_exo's flags) with the reference-free loss (simpo), with dpo-rw on cached reference
     log-probs, and with dpo-rw running the reference each step (--ref_logps online), the three
     rotating batch by batch; and the cached mode's reference pass over the training split
-    (train_exo.reference_logps), before the steps in one pass and after them in the next. Per
-    batch and for the reference pass, the best of cfg["repeats"] passes after an untimed one."""
+    (utils.reference_logps.reference_logps), before the steps in one pass and after them in the
+    next. Per batch and for the reference pass, the best of cfg["repeats"] passes after an
+    untimed one."""
     import deepspeed
     import train_exo
     from utils.data.loaders import distributed_loader
     from utils.distributed import to_device
+    from utils.reference_logps import reference_logps
     from utils.ds_utils import eval_ds_config
     from utils.model_utils import load_causal_lm
 
@@ -264,7 +266,7 @@ def reference_cost(cfg):
     def reference_pass(rep):
         nonlocal best_reference
         started = time.perf_counter()
-        train_exo.reference_logps(ref_engine, dataset, collator, args, setup.device)
+        reference_logps(ref_engine, dataset, collator, args, setup.device)
         if rep:
             best_reference = min(best_reference, time.perf_counter() - started)
 
@@ -322,7 +324,7 @@ def logprobs(cfg):
     """One variant in one mode: forward only (as the reference pass runs it) or forward and
     backward (as training runs it). Peak memory is the RSS high-water mark above the live logits,
     so each (variant, mode) needs a process of its own: the high-water mark never comes down."""
-    from utils.loss import sequence_logprobs
+    from utils.logprobs import sequence_logprobs
 
     def naive(logits, labels, mask):
         token_logps = logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:, None]).squeeze(-1)
@@ -375,11 +377,11 @@ def matmul_flops(repeats=10):
 
 def _sampling_setup(cfg):
     """The sampling tasks' model, tokenizer, cut prompts, generation config and modes (name ->
-    a function called as inference_sft.generate_once_per_prompt is)."""
+    a function called as utils.sampling.generate_once_per_prompt is)."""
     import argparse
 
-    import inference_sft
-    from inference_sft import fit_prompt, sampling_config
+    from utils import sampling as hf_sampling
+    from utils.sampling import fit_prompt, sampling_config
     from utils.data.tokenisation import Tokenisation
     from utils.model_utils import load_causal_lm, load_tokenizer
 
@@ -392,7 +394,7 @@ def _sampling_setup(cfg):
     config = sampling_config(argparse.Namespace(temp=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
                                                 return_num=cfg["return_num"]), tokenizer)
     model.generation_config = config
-    once = inference_sft.generate_once_per_prompt
+    once = hf_sampling.generate_once_per_prompt
     modes = {"prefilled_once": once,
              "prefilled_once_growing": lambda m, batch, c, **kw: once(m, batch, c, preallocate=False, **kw),
              "plain_generate": lambda m, batch, c, **kw: m.generate(**batch, generation_config=c, **kw)}
@@ -400,16 +402,16 @@ def _sampling_setup(cfg):
 
 
 def sampling_profile(cfg):
-    """torch.profiler's self-CPU time by op of one inference_sft.sample call on the first batch
+    """torch.profiler's self-CPU time by op of one utils.sampling.sample call on the first batch
     of prompts, in each mode of `sampling` (after one untimed call per mode)."""
-    import inference_sft
-    from inference_sft import sample
+    from utils import sampling as hf_sampling
+    from utils.sampling import sample
     from torch.profiler import ProfilerActivity, profile
 
     model, tokenizer, prompt_ids, config, modes = _sampling_setup(cfg)
-    once, batch, modes_profiled = inference_sft.generate_once_per_prompt, prompt_ids[:cfg["batch_size"]], {}
+    once, batch, modes_profiled = hf_sampling.generate_once_per_prompt, prompt_ids[:cfg["batch_size"]], {}
     for mode, generate in modes.items():
-        inference_sft.generate_once_per_prompt = generate
+        hf_sampling.generate_once_per_prompt = generate
         sample(model, tokenizer, batch, config, 0)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             started = time.perf_counter()
@@ -418,12 +420,12 @@ def sampling_profile(cfg):
         ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         modes_profiled[mode] = {"s": total, "ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6,
                                                     "calls": e.count} for e in ops[:cfg.get("top_ops", 8)]]}
-    inference_sft.generate_once_per_prompt = once
+    hf_sampling.generate_once_per_prompt = once
     return {"modes": modes_profiled}
 
 
 def sampling(cfg):
-    """inference_sft.sample (each prompt prefilled once, its cache repeated K times into a
+    """utils.sampling.sample (each prompt prefilled once, its cache repeated K times into a
     preallocated cache) against the same with the cache grown by concatenation and against
     plain generate(num_return_sequences=K) (what sample ran first), batch by batch as the
     sampling stage's sharded loop calls it, rounds alternating which goes first, each timed
@@ -432,11 +434,11 @@ def sampling(cfg):
     token but the last. Forward hooks split the time into prefill (forwards of more than one
     token a row), decode steps, and everything outside the model (generate's Python, the
     sampling, the cache's repeat)."""
-    import inference_sft
-    from inference_sft import sample
+    from utils import sampling as hf_sampling
+    from utils.sampling import sample
 
     model, tokenizer, prompt_ids, config, modes = _sampling_setup(cfg)
-    params, k, once = sum(p.numel() for p in model.parameters()), cfg["return_num"], inference_sft.generate_once_per_prompt
+    params, k, once = sum(p.numel() for p in model.parameters()), cfg["return_num"], hf_sampling.generate_once_per_prompt
 
     forward_s, started_at = {"prefill": 0.0, "decode": 0.0}, []
     model.register_forward_pre_hook(lambda module, args, kwargs: started_at.append(time.perf_counter()),
@@ -448,7 +450,7 @@ def sampling(cfg):
     model.register_forward_hook(forward_end, with_kwargs=True)
 
     def run(mode):
-        inference_sft.generate_once_per_prompt = modes[mode]
+        hf_sampling.generate_once_per_prompt = modes[mode]
         forward_s.update(prefill=0.0, decode=0.0)
         fed = drawn = 0
         started = time.perf_counter()
@@ -474,7 +476,7 @@ def sampling(cfg):
             result[mode]["matmul_flops"] = (flops[-2] + flops[-1]) / 2  # the two that bracket the run
             result[mode]["ratio"] = result[mode]["model_flops"] / result[mode]["matmul_flops"]
         rounds.append(result)
-    inference_sft.generate_once_per_prompt = once
+    hf_sampling.generate_once_per_prompt = once
     summary = {mode: {key: statistics.mean(r[mode][key] for r in rounds) for key in rounds[0][mode]}
                for mode in modes}
     return {"params": params, "rounds": rounds, **summary}

@@ -44,6 +44,7 @@ import inference_rm  # noqa: E402
 import inference_sft  # noqa: E402
 from utils import provenance  # noqa: E402
 from utils.fileio import InputError, atomic_write_json, cli_main, read_json_records  # noqa: E402
+from utils.inference import reward_summary  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -150,7 +151,7 @@ def evaluate(name, model_path, args):
              lambda: inference_rm.main(["--model_name_or_path", args.reward_model, "--data_path", out, "--split",
                                         "test", "--mode", "label", "--batch_size", str(args.batch_size), *lengths,
                                         "--output_path", rw_dir]))
-        rm_summary = inference_rm.reward_summary([r["rewards"] for r in read_json_records(os.path.join(rw_dir,
+        rm_summary = reward_summary([r["rewards"] for r in read_json_records(os.path.join(rw_dir,
                                                                                                          "test.json"))])
         atomic_write_json(os.path.join(out, "rm_reward.json"), {**rm_summary, "model": args.reward_model})
         print(f"{name}: reward-model reward {rm_summary['mean']:.4f} (std {rm_summary['std']:.4f})", flush=True)
@@ -173,7 +174,7 @@ def evaluate(name, model_path, args):
                                             "--mode", "label", "--batch_size", str(args.batch_size), *lengths,
                                             "--output_path", oracle_dir]))
         rewards = [r["rewards"] for r in read_json_records(os.path.join(oracle_dir, "test.json"))]
-        summary = {k: v for k, v in inference_rm.reward_summary(rewards).items() if k != "num_prompts"}
+        summary = {k: v for k, v in reward_summary(rewards).items() if k != "num_prompts"}
         atomic_write_json(os.path.join(out, "reward.json"), summary)
         print(f"{name}: oracle reward {summary['mean']:.4f} (std {summary['std']:.4f}, n {summary['n']})", flush=True)
 

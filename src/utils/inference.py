@@ -5,10 +5,9 @@ Scoring `gen` data (reward model, log-probs) tokenises every (prompt, completion
 training rule (utils/data/tokenisation.py), so a score here is the score training computes: a
 completion with its sampled ids (and the tokenizer that made them) is scored on those ids.
 """
-import copy
 import hashlib
-import inspect
 import json
+import math
 import os
 
 import torch
@@ -200,104 +199,10 @@ def score_completions(records, tok, score, device, output_file, settings, args, 
                        save_interval=args.save_interval)
 
 
-# -- sampling -----------------------------------------------------------------------------
-def cache_argument(model):
-    """The name under which `model`'s forward takes and returns its KV cache (`cache` in recent
-    transformers, `past_key_values` before), or None for a model that takes neither."""
-    params = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
-# How sampling hands each prompt's cache to its K samples, by model_type: "static" repeats it
-# into a cache preallocated for the whole completion (written in place each step), "dynamic"
-# repeats it in place and lets it grow by concatenation. Only families that
-# tests/test_arch_matrix.py shows drawing plain `generate`'s tokens are listed; any other model
-# is sampled by plain `generate` (each prompt fed K times: slower, never wrong). Not static:
-# GPT-Neo (local attention the static cache does not know of drew other tokens), Falcon (ALiBi
-# failed), the sliding-window and chunked families. MPT is left out: its repeated cache fails in
-# transformers 4.56.
-PROMPT_CACHE_ARCHITECTURES = {
-    **dict.fromkeys(("gemma", "gpt2", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2", "qwen3"),
-                    "static"),
-    **dict.fromkeys(("bloom", "falcon", "gemma2", "gemma3_text", "gpt_neo", "llama4_text"), "dynamic"),
-}
-
-
-def prompt_cache_kind(model):
-    """How `generate_once_per_prompt` hands each prompt's cache to its K samples: "static",
-    "dynamic" (see PROMPT_CACHE_ARCHITECTURES) or None (plain `generate`). A static cache also
-    needs every layer to be full attention (a sliding-window config of a listed family repeats
-    in place); repeating at all needs a cache of keys and values only: an SSM, convolution or
-    linear-attention state (Mamba hybrids, LFM2, Qwen3-Next) is a layer kind whose repeat
-    transformers does not define, or defines for its attention half only."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
-    kind = PROMPT_CACHE_ARCHITECTURES.get(model.config.model_type)
-    if kind is None or cache_argument(model) is None or not model._supports_default_dynamic_cache():
-        return None
-    layers = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
-    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
-        return None
-    return "static" if kind == "static" and all(type(layer) is DynamicLayer for layer in layers) else "dynamic"
-
-
-def _static_repeat(model, cache, repeats, max_cache_len):
-    """`cache` repeated `repeats` times along the batch into a StaticCache of `max_cache_len`.
-
-    A DynamicCache grows by concatenation: every decode step copies every layer's whole cache
-    (at TL;DR shape ~250 MB a step, a third of the time; exp/bench/README.md). A StaticCache
-    writes each step's keys and values in place; attention then spans all `max_cache_len`
-    positions, the unwritten ones masked out."""
-    from transformers.cache_utils import StaticCache
-
-    static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
-    for layer, filled in zip(static.layers, cache.layers, strict=True):
-        layer.update(filled.keys.repeat_interleave(repeats, 0), filled.values.repeat_interleave(repeats, 0))
-    return static
-
-
-def generate_once_per_prompt(model, batch, config, preallocate=True, **generate_kwargs):
-    """`model.generate(**batch, generation_config=config)`, each prompt's KV cache computed once.
-
-    With num_return_sequences = K, `generate` repeats every prompt K times and runs the K copies
-    through the model, so K - 1 of every K prompt tokens fed are redundant (at TL;DR shapes,
-    ~400-token prompts and ~50-token completions, prefill is most of the arithmetic). Here all
-    but each prompt's last token go through the model once, the resulting cache is repeated K
-    times (rows prompt-major as `generate` orders them), and `generate` continues from it with
-    one row per sample, feeding each row's last prompt token. The repeat goes into a cache
-    preallocated for the whole completion where `prompt_cache_kind` says "static" and
-    `preallocate` (False keeps the concatenating cache, for the benchmark's side-by-side).
-    Its random draws are the ones plain `generate` makes (one multinomial over the same
-    [B*K, vocab] rows a step, after the same seed), so the samples follow the same
-    distribution and, up to float rounding of a differently split prefill, are the same
-    samples (tests/test_arch_matrix.py holds this for every family there). Where there is
-    nothing to share (K = 1, 1-token prompts) or the family is not one tested, plain `generate`.
-    """
-    k = config.num_return_sequences or 1
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    kind = prompt_cache_kind(model) if k > 1 and input_ids.shape[1] >= 2 else None
-    if kind is None:
-        return model.generate(**batch, generation_config=config, **generate_kwargs)
-    from transformers.cache_utils import DynamicCache
-
-    name = cache_argument(model)
-    params = inspect.signature(model.forward).parameters
-    prefix = {"input_ids": input_ids[:, :-1], "attention_mask": mask[:, :-1], "use_cache": True,
-              name: DynamicCache(config=model.config.get_text_config(decoder=True))}
-    if "position_ids" in params:  # left padding: positions count real tokens, as generate counts them
-        prefix["position_ids"] = (mask[:, :-1].long().cumsum(-1) - 1).clamp(min=0)
-    if "logits_to_keep" in params:
-        prefix["logits_to_keep"] = 1  # the prefix's logits are never read
-    cache = getattr(model(**prefix), name)
-    per_sample = copy.deepcopy(config)
-    per_sample.num_return_sequences = 1
-    if kind == "static" and preallocate:
-        new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
-        cache = _static_repeat(model, cache, k, input_ids.shape[1] + new_tokens)
-        # generate would torch.compile the decode step for a static cache on a GPU, once per
-        # batch width; sampling stays eager, as it is with the concatenating cache
-        per_sample.disable_compile = True
-    else:
-        cache.batch_repeat_interleave(k)
-    return model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
-                          generation_config=per_sample, **{name: cache}, **generate_kwargs)
+def reward_summary(rewards):
+    """{mean, std, n, num_prompts} of per-record lists of scores: over all completions (std
+    of the completions, not of the mean), what the scoring stages' eval mode writes."""
+    flat = [r for per_record in rewards for r in per_record]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / len(flat))
+    return {"mean": mean, "std": std, "n": len(flat), "num_prompts": len(rewards)}

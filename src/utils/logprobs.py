@@ -1,4 +1,5 @@
-"""Per-sequence log-probs of a causal LM, with a fused LM head that never builds the logits.
+"""Every per-sequence log-prob: of given logits (chunked over time), and of a causal LM through
+its LM head, fused so that it never builds the logits, or after a shared prompt prefix.
 
     log p(y | x) = sum_t loss_mask[t] * log softmax((h[t-1] W^T + b) / tau)[labels[t]]
 
@@ -13,7 +14,8 @@ shared prompt prefix, say) can replace the first and keep the second:
    every row shares cut before the head (`logits_to_keep`, where the model's forward takes it);
    utils.prefix_sharing.shared_prefix_hidden_states packs each group's prompt once.
 2. the head reduction: `fused_sequence_logprobs` (default) or the model's own head followed by
-   `utils.loss.sequence_logprobs` (the unfused path, which builds [N, L, V] logits).
+   `sequence_logprobs` (the unfused path, which builds [N, L, V] logits and reduces them in
+   time chunks, never as a full-vocabulary log_softmax).
 
 The fused reduction works on the positions in the loss only, in chunks of rows: each chunk's
 logits are made, reduced (logsumexp, the label's logit, the temperature) and dropped; the
@@ -34,14 +36,19 @@ import logging
 import torch
 
 from .heads import HeadInput, lm_head, token_vocab_size, unwrap
-from .loss import sequence_logprobs
 from .prefix_sharing import packed_layout, shared_prefix_hidden_states
 
 logger = logging.getLogger(__name__)
 
-# Elements of one [rows, vocab] chunk of logits: 32 MiB in fp32, 64 rows at a 128k vocabulary
+# The two reductions chunk differently, so each has its own bound:
+# sequence_logprobs (logits given) reduces them a chunk of time steps at a time; one
+# [rows, time chunk, vocab] float32 slice holds at most this many elements (~64 MiB) however
+# long the batch is.
+_TIME_CHUNK_ELEMENTS = 1 << 24
+# fused_sequence_logprobs (logits made from the head) makes them a chunk of rows at a time; one
+# [rows, vocab] chunk holds at most this many: 32 MiB in fp32, 64 rows at a 128k vocabulary
 # (enough for the matmul to run at speed; the chunk is all the memory the reduction adds).
-_CHUNK_ELEMENTS = 1 << 23
+_ROW_CHUNK_ELEMENTS = 1 << 23
 
 _fallback_logged = set()
 
@@ -53,6 +60,116 @@ def add_fused_logprobs_arg(parser):
                              "never building the [rows, tokens, vocab] logits (exact; models whose head is more "
                              "than a linear map fall back by themselves); --no-fused_logprobs builds the logits")
     return parser
+
+
+# -- logits given: the reduction over time chunks -------------------------------------------
+class _SequenceLogprobs(torch.autograd.Function):
+    """sum_t mask_t * log softmax(logits_{t-1} / tau)[labels_t], chunked over time.
+
+    Forward keeps no [N, T, V] intermediate: each time chunk is reduced with logsumexp and
+    gathered, then dropped; only the per-position logsumexp ([N, T]) is kept for backward.
+    Backward writes d/d logits = mask * g * (onehot(label) - softmax(logits / tau)) / tau
+    straight into the gradient buffer, built in place from exp(logits / tau - logsumexp), so
+    it needs no memory beyond the gradient it returns (one chunk for half-precision logits,
+    whose softmax is taken in float32 first). With `overwrite_logits` the gradient buffer is
+    the logits tensor itself, so backward needs no logits-sized memory at all.
+    """
+
+    @staticmethod
+    def _chunks(logits, loss_mask):
+        """(start, stop, mask) for every time chunk; mask is None where no position in the
+        chunk predicts a loss token (nothing to compute there, its gradient is 0)."""
+        n, t, v = logits.shape
+        step = max(1, _TIME_CHUNK_ELEMENTS // max(1, n * v))
+        for start in range(0, t - 1, step):
+            stop = min(start + step, t - 1)
+            # logits at positions start..stop-1 predict tokens start+1..stop
+            mask = loss_mask[:, start + 1:stop + 1]
+            yield start, stop, (mask if mask.any() else None)
+
+    @staticmethod
+    def _scaled(logits, compute_dtype, temperature):
+        scaled = logits.to(compute_dtype)
+        return scaled if temperature == 1.0 else scaled / temperature  # no copy at tau = 1 in fp32
+
+    @staticmethod
+    def forward(ctx, logits, labels, loss_mask, temperature, overwrite_logits):
+        # half-precision logits are reduced in float32; float64 stays float64
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
+        lse = torch.zeros(logits.shape[:2], dtype=compute_dtype, device=logits.device)
+        scratch = None  # one chunk, reused: a fresh allocation per chunk costs more than the arithmetic
+        for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
+            if mask is None:
+                continue
+            chunk = logits[:, start:stop]
+            if scratch is None:
+                scratch = torch.empty(chunk.shape, dtype=compute_dtype, device=logits.device)
+            work = scratch[:, :stop - start]
+            # logsumexp(x / tau) = max / tau + log sum exp((x - max) / tau), built in the scratch
+            top = chunk.amax(-1, keepdim=True).to(compute_dtype)
+            if chunk.dtype == compute_dtype:
+                torch.sub(chunk, top, out=work)
+            else:
+                work.copy_(chunk).sub_(top)
+            if temperature != 1.0:
+                work.div_(temperature)
+                top = top / temperature
+            lse[:, start:stop] = work.exp_().sum(-1).log_().add_(top.squeeze(-1))
+            target = labels[:, start + 1:stop + 1].unsqueeze(-1)
+            label_logits = _SequenceLogprobs._scaled(chunk.gather(-1, target).squeeze(-1), compute_dtype, temperature)
+            out += ((label_logits - lse[:, start:stop]) * mask).sum(-1)
+        ctx.save_for_backward(logits, labels, loss_mask, lse)
+        ctx.temperature = temperature
+        ctx.overwrite_logits = overwrite_logits
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, loss_mask, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        grad = logits if ctx.overwrite_logits else torch.zeros_like(logits)
+        in_place = logits.dtype == lse.dtype  # fp32/fp64: softmax can be built inside the gradient
+        if ctx.overwrite_logits:
+            grad[:, -1] = 0  # the last position predicts nothing
+        for start, stop, mask in _SequenceLogprobs._chunks(logits, loss_mask):
+            if mask is None:
+                if ctx.overwrite_logits:
+                    grad[:, start:stop] = 0
+                continue
+            if in_place:
+                chunk_grad = grad[:, start:stop]
+                torch.div(logits[:, start:stop], tau, out=chunk_grad)
+            else:
+                chunk_grad = logits[:, start:stop].to(lse.dtype) / tau
+            chunk_grad.sub_(lse[:, start:stop, None]).exp_().neg_()  # -softmax(logits / tau)
+            target = labels[:, start + 1:stop + 1].unsqueeze(-1)
+            chunk_grad.scatter_add_(-1, target, torch.ones_like(target, dtype=chunk_grad.dtype))
+            chunk_grad.mul_((grad_out[:, None] * mask / tau).unsqueeze(-1))
+            if not in_place:
+                grad[:, start:stop] = chunk_grad
+        return grad, None, None, None, None
+
+
+def sequence_logprobs(logits, labels, loss_mask, temperature=1.0, overwrite_logits=False):
+    """Per-sequence log-probability of the labelled tokens at a sampling temperature.
+
+        logp(y | x) = sum_t loss_mask[t] * log softmax(logits[t-1] / temperature)[labels[t]]
+
+    `logits` is [N, T, V]; `labels` and `loss_mask` are [N, T] and aligned with the input ids
+    (the Hugging Face convention: position t-1 predicts token t, the shift happens here).
+    `loss_mask` is 1 on completion tokens. Returns [N] in float32 (float64 for float64
+    logits). Computed as the gathered
+    label logit minus logsumexp, in time chunks, never as a full-vocabulary log_softmax.
+
+    overwrite_logits: let the backward pass turn `logits` into their own gradient instead of
+    allocating one as large, for a caller that uses the logits for nothing else (a model's
+    fresh output, as in model_sequence_logprobs). Using them afterwards is an error: autograd
+    raises if anything saved them for its own backward.
+    """
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return _SequenceLogprobs.apply(logits, labels, loss_mask.to(compute_dtype), float(temperature),
+                                   bool(overwrite_logits))
 
 
 # -- the fused head reduction ---------------------------------------------------------------
@@ -84,7 +201,7 @@ class _FusedSequenceLogprobs(torch.autograd.Function):
         weights = mask[seq, pos]
         out = torch.zeros(n, dtype=compute_dtype, device=hidden.device)
         lse = torch.empty(len(seq), dtype=compute_dtype, device=hidden.device)
-        step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        step = max(1, _ROW_CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, len(seq), step):
             chunk = slice(start, start + step)
             logits = _FusedSequenceLogprobs._logits(rows[chunk], weight, bias, compute_dtype, temperature)
@@ -112,7 +229,7 @@ class _FusedSequenceLogprobs(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
         if need_bias and bias is not None:
             grad_bias = torch.zeros(bias.shape, dtype=compute_dtype, device=bias.device)
-        step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        step = max(1, _ROW_CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, len(seq), step):
             chunk = slice(start, start + step)
             grad_logits = _FusedSequenceLogprobs._logits(rows[chunk], weight, bias, compute_dtype, tau)
@@ -144,7 +261,7 @@ def fused_sequence_logprobs(hidden, weight, labels, loss_mask, temperature=1.0, 
         logp(y | x) = sum_t loss_mask[t] * log softmax((hidden[t-1] @ weight.T + bias) / temperature)[labels[t]]
 
     hidden: [N, L, H]; weight: [V, H] (bias: [V]); labels, loss_mask: [N, L], aligned as in
-    `utils.loss.sequence_logprobs` (the Hugging Face convention, the shift happens here).
+    `sequence_logprobs` (the Hugging Face convention, the shift happens here).
     Returns [N] in float32 (float64 for a float64 weight). Differentiable in hidden, weight and
     bias. `weight` and `bias` must be whole tensors: for a model's head, partitioned under
     ZeRO-3, call `head_logprobs`, which runs this as the head module's forward.
@@ -183,7 +300,7 @@ def prompt_cut_hidden_states(backbone, batch):
 
 
 def _unfused_model_logprobs(model, batch, temperature, vocab=None):
-    """The model's own logits, then utils.loss.sequence_logprobs: the unfused path."""
+    """The model's own logits, then sequence_logprobs: the unfused path."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     start, kwargs = _prompt_cut(model, batch)
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs).logits

@@ -54,7 +54,7 @@ def configure_cpu_engine(on_cpu):
 
 
 class VllmSampler:
-    """A vLLM engine on one checkpoint that samples as inference_sft.sample does."""
+    """A vLLM engine on one checkpoint that samples as utils.sampling.sample does."""
 
     def __init__(self, args, tokenizer, stop_ids, device):
         vllm = import_vllm()
@@ -101,7 +101,7 @@ class VllmSampler:
             allowed_token_ids=self.allowed, **sampling)
 
     def sample(self, prompt_ids, first_index):
-        """What inference_sft.sample returns: per prompt, a list per completion of the ids (up to
+        """What utils.sampling.sample returns: per prompt, a list per completion of the ids (up to
         and with the first stop token), the stop token or None, the text before it, and the
         log-prob at --temp (with --save_logps, else None)."""
         k = self.args.return_num
