@@ -57,21 +57,22 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, tok, records, _, device = start_scoring(args, load_causal_lm)
+    model, tokenizer, tokenisation, records, _, device = start_scoring(args, load_causal_lm)
     prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)
 
     def write(logps):
         atomic_write_json(args.output_path, [{"prompt": r["prompt"], "completions": r["completions"], **token_fields(r),
                                               "logps": v, "temp": args.temp, "scored_tokens": t}
-                                             for r, v, t in zip(records, logps, record_scored_tokens(tok, records))])
+                                             for r, v, t in zip(records, logps,
+                                                                 record_scored_tokens(tokenisation, records))])
 
     settings = {"stage": "logprobs", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.settings_fingerprint(), "temp": args.temp, "dtype": args.dtype}
+                "tokenisation": tokenisation.settings_fingerprint(), "temp": args.temp, "dtype": args.dtype}
 
     def logps_of(batch):
         return model_sequence_logprobs(model, batch, args.temp, args.fused_logprobs, prefix_sharing)
 
-    logps = score_completions(records, tok, logps_of, device, args.output_path, settings, args, write,
+    logps = score_completions(records, tokenisation, logps_of, device, args.output_path, settings, args, write,
                               desc="log-probs")
     if logps is not None:
         print(f"wrote log-probs of {sum(map(len, logps))} completions of {len(logps)} prompts to {args.output_path}")

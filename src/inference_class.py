@@ -59,7 +59,7 @@ def check_pairable(records, data_file):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, tok, records, data_file, device = start_scoring(
+    model, tokenizer, tokenisation, records, data_file, device = start_scoring(
         args, load_reward_model, check_pairable if args.mode == "label_pref" else None)
 
     def score(batch):
@@ -87,8 +87,8 @@ def main(argv=None):
             summary_line = f"wrote {output_file}"
 
     settings = {"stage": "oracle", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.settings_fingerprint(), "dtype": args.dtype}
-    scores = score_completions(records, tok, score, device, output_file, settings, args, write, desc="oracle")
+                "tokenisation": tokenisation.settings_fingerprint(), "dtype": args.dtype}
+    scores = score_completions(records, tokenisation, score, device, output_file, settings, args, write, desc="oracle")
     if scores is not None:
         summary = reward_summary(scores)
         print(f"oracle log-odds of {summary['n']} completions of {summary['num_prompts']} prompts: "

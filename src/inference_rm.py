@@ -38,7 +38,7 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, tok, records, data_file, device = start_scoring(args, load_reward_model)
+    model, tokenizer, tokenisation, records, data_file, device = start_scoring(args, load_reward_model)
 
     prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model, "the reward model")
 
@@ -59,8 +59,9 @@ def main(argv=None):
                                             "data": data_file})
 
     settings = {"stage": "reward", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.settings_fingerprint(), "dtype": args.dtype}
-    rewards = score_completions(records, tok, score, device, output_file, settings, args, write, desc="scoring")
+                "tokenisation": tokenisation.settings_fingerprint(), "dtype": args.dtype}
+    rewards = score_completions(records, tokenisation, score, device, output_file, settings, args, write,
+                                desc="scoring")
     if rewards is not None:
         summary = reward_summary(rewards)
         print(f"reward of {summary['n']} completions of {summary['num_prompts']} prompts: mean {summary['mean']:.4f} "

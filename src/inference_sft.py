@@ -135,15 +135,17 @@ def main(argv=None):
         import_vllm()
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template, args.chat_template_date)
+    tokenisation = Tokenisation(tokenizer, args.max_length, args.max_new_tokens, args.chat_template,
+                                args.chat_template_date)
     raw = load_raw_datasets([args.data_name_path], args.dataset_module, args.data_split_names, args.columns)[0]
     records = raw.records(args.split)
     if args.prompt_num > 0:
         records = records[:args.prompt_num]
-    check_prompts([{"prompt": r["prompt"]} for r in records], tok, raw.source(args.split))  # only prompts are used
+    # only prompts are used
+    check_prompts([{"prompt": r["prompt"]} for r in records], tokenisation, raw.source(args.split))
     prompts = [r["prompt"] for r in records]
 
-    stop_ids = stop_tokens(tok, prompts)
+    stop_ids = stop_tokens(tokenisation, prompts)
     if args.backend == "vllm":
         from utils.vllm_sampling import VllmSampler
 
@@ -159,10 +161,10 @@ def main(argv=None):
         def draw(prompt_ids, first_index):
             return sample(model, tokenizer, prompt_ids, config, batch_seed(args.seed, first_index), args.save_logps)
 
-    fingerprint = tokenizer_fingerprint(tok.tokenizer)  # of every record: the tokenizer its ids belong to
+    fingerprint = tokenizer_fingerprint(tokenisation.tokenizer)  # of every record: the tokenizer its ids belong to
 
     def process(batch_prompts, first_index):
-        prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(batch_prompts)]
+        prompt_ids = [fit_prompt(tokenisation, ids) for ids in tokenisation.prompts(batch_prompts)]
         ids, stops, texts, logps = draw(prompt_ids, first_index)
         out = [{"prompt": p,
                 "completions": [{"role": "assistant", "content": c} for c in t] if is_conversation(p) else t,
@@ -176,7 +178,7 @@ def main(argv=None):
         return out
 
     settings = {"stage": "sample", "model": model_fingerprint(args.model_name_or_path),
-                "tokenisation": tok.settings_fingerprint(),
+                "tokenisation": tokenisation.settings_fingerprint(),
                 **{name: getattr(args, name) for name in ("return_num", "temp", "top_k", "top_p", "max_new_tokens",
                                                           "max_length", "seed", "dtype", "save_logps",
                                                           "backend")}}

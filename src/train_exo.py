@@ -151,8 +151,8 @@ def main(argv=None):
         encoding["labels_checked_for"] = args.loss_type
         group_check = partial(label_error, args.loss_type)
 
-    def make_encoder(tok, source, kind):
-        return AlignmentEncoder(tok, source, kind, args.num_contrastive, pref_labels, group_check)
+    def make_encoder(tokenisation, source, kind):
+        return AlignmentEncoder(tokenisation, source, kind, args.num_contrastive, pref_labels, group_check)
 
     splits = setup.datasets(encoding, make_encoder)
     collator = AlignmentCollator(tokenizer.pad_token_id)

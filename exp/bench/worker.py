@@ -189,7 +189,8 @@ def _train_split(setup):
     from utils.data.encoders import AlignmentEncoder
 
     dataset, _ = setup.datasets({"stage": "align", "num_contrastive": 2, "pref_labels": True},
-                                lambda tok, source, kind: AlignmentEncoder(tok, source, kind, 2, True))["train"]
+                                lambda tokenisation, source, kind:
+                                AlignmentEncoder(tokenisation, source, kind, 2, True))["train"]
     return dataset
 
 
@@ -388,9 +389,9 @@ def _sampling_setup(cfg):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg["model"])
     model = load_causal_lm(cfg["model"], tokenizer, disable_dropout=True).eval()
-    tok = Tokenisation(tokenizer, cfg["max_length"], cfg["max_new_tokens"])
+    tokenisation = Tokenisation(tokenizer, cfg["max_length"], cfg["max_new_tokens"])
     with open(cfg["prompts"]) as f:
-        prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(json.load(f))]
+        prompt_ids = [fit_prompt(tokenisation, ids) for ids in tokenisation.prompts(json.load(f))]
     config = sampling_config(argparse.Namespace(temp=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg["max_new_tokens"],
                                                 return_num=cfg["return_num"]), tokenizer)
     model.generation_config = config
@@ -495,11 +496,12 @@ def prefix_scoring(cfg):
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg["model"])
-    tok = Tokenisation(tokenizer, cfg["max_seq_len"], cfg["max_gen_len"])
+    tokenisation = Tokenisation(tokenizer, cfg["max_seq_len"], cfg["max_gen_len"])
     with open(os.path.join(cfg["data"], "train.json")) as f:
         records = json.load(f)[:cfg.get("num_records")]
     on = cfg.get("sharing", True)
-    batches = [completion_batch(tok, records[i:i + cfg["batch_size"]]) for i in range(0, len(records), cfg["batch_size"])]
+    size = cfg["batch_size"]
+    batches = [completion_batch(tokenisation, records[i:i + size]) for i in range(0, len(records), size)]
     scorers = {"reference": (load_causal_lm(cfg["model"], tokenizer).eval(),
                              lambda m, b, share: model_sequence_logprobs(m, b, prefix_sharing=share)),
                "inference_rm": (load_reward_model(cfg["model"], tokenizer).eval(), reward_scores)}

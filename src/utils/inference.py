@@ -109,21 +109,22 @@ def start_scoring(args, load_model, check_records=None):
     """What calc_logprobs, inference_rm and inference_class do first: join the ranks, load the
     tokenizer, the `gen` records (under the training tokenisation rule) and the frozen model, on
     its device. `check_records(records, data_file)` is a stage's own validation, run before the
-    model loads so that bad data fails fast. Returns (model, tokenizer, tok, records, data_file,
+    model loads so that bad data fails fast. Returns (model, tokenizer, tokenisation, records, data_file,
     device)."""
     check_position_limit(args.model_name_or_path, args.max_seq_len, "--max_seq_len", args.trust_remote_code)
     device = init_distributed(args)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template, args.chat_template_date)
-    records, data_file = load_gen_records(args.data_path, args.split, tok)
+    tokenisation = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template,
+                                args.chat_template_date)
+    records, data_file = load_gen_records(args.data_path, args.split, tokenisation)
     if check_records is not None:
         check_records(records, data_file)
     model = load_model(args.model_name_or_path, tokenizer, args.dtype, args.trust_remote_code,
                        disable_dropout=True).to(device).eval()
-    return model, tokenizer, tok, records, data_file, device
+    return model, tokenizer, tokenisation, records, data_file, device
 
 
-def load_gen_records(data_path, split, tok):
+def load_gen_records(data_path, split, tokenisation):
     """Validated {prompt, completions} records of DATA_PATH/SPLIT.{json,jsonl,parquet} (other fields, such as
     rewards, are ignored), each prompt checked as training checks it."""
     if not os.path.isdir(data_path):
@@ -134,34 +135,34 @@ def load_gen_records(data_path, split, tok):
     except MissingSplit:
         raise InputError(f"--data_path {data_path}: no {split}.json, {split}.jsonl or {split}.parquet") from None
     records = source.records(split)
-    check_prompts(records, tok, path)
+    check_prompts(records, tokenisation, path)
     return records, path
 
 
-def check_prompts(records, tok, source):
+def check_prompts(records, tokenisation, source):
     """Every prompt must give the model something to condition on, as training requires."""
-    encoder = Encoder(tok, source, "gen")
+    encoder = Encoder(tokenisation, source, "gen")
     for index, record in enumerate(records):
         encoder.check(record, index)
 
 
-def completion_sequences(tok, records):
+def completion_sequences(tokenisation, records):
     """(token ids, prompt length) of every (prompt, completion) pair of `records`, record-major,
     cut by the training rule (a record's completions are one group: its prompt is cut once):
     the sampled ids where a record carries them, else text + EOS."""
     sequences, prompt_lens = [], []
-    for prompt_ids, record in zip(tok.prompts(r["prompt"] for r in records), records):
-        for ids, prompt_len in tok.join_group(prompt_ids, tok.record_completions(record)):
+    for prompt_ids, record in zip(tokenisation.prompts(r["prompt"] for r in records), records):
+        for ids, prompt_len in tokenisation.join_group(prompt_ids, tokenisation.record_completions(record)):
             sequences.append(ids)
             prompt_lens.append(prompt_len)
     return sequences, prompt_lens
 
 
-def completion_batch(tok, records):
+def completion_batch(tokenisation, records):
     """completion_sequences as one right-padded batch (input_ids, attention_mask, loss_mask on
     the completion's tokens); `group_sizes` counts each record's completions, the rows that
     continue one prompt."""
-    batch = pad_sequences(*completion_sequences(tok, records), tok.tokenizer.pad_token_id)
+    batch = pad_sequences(*completion_sequences(tokenisation, records), tokenisation.tokenizer.pad_token_id)
     batch["group_sizes"] = [len(record["completions"]) for record in records]
     return batch
 
@@ -172,9 +173,9 @@ def scored_tokens(ids, prompt_len):
     return hashlib.sha256(json.dumps([prompt_len, ids]).encode()).hexdigest()[:16]
 
 
-def record_scored_tokens(tok, records):
+def record_scored_tokens(tokenisation, records):
     """scored_tokens of every completion of `records`, one list per record."""
-    return per_record([scored_tokens(ids, n) for ids, n in zip(*completion_sequences(tok, records))], records)
+    return per_record([scored_tokens(ids, n) for ids, n in zip(*completion_sequences(tokenisation, records))], records)
 
 
 def per_record(values, records):
@@ -186,13 +187,13 @@ def per_record(values, records):
     return out
 
 
-def score_completions(records, tok, score, device, output_file, settings, args, write, desc):
+def score_completions(records, tokenisation, score, device, output_file, settings, args, write, desc):
     """sharded_map over gen records, one number per completion: `score(batch)` maps a
     completion_batch on `device` to a [N] tensor. Returns per-record lists on rank 0."""
 
     @torch.no_grad()
     def process(batch_records, first_index):
-        batch = to_device(completion_batch(tok, batch_records), device)
+        batch = to_device(completion_batch(tokenisation, batch_records), device)
         return per_record(score(batch).float().cpu().tolist(), batch_records)
 
     return sharded_map(records, process, output_file, settings, args.batch_size, write=write, desc=desc,

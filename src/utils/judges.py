@@ -205,7 +205,7 @@ class RewardModelJudge(ScoreJudge):
         self.torch = torch
         self.batch_size = args.batch_size
         tokenizer = load_tokenizer(path, args.trust_remote_code)
-        self.tok = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
+        self.tokenisation = Tokenisation(tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template)
         self.model = load_reward_model(path, tokenizer, args.dtype, args.trust_remote_code, disable_dropout=True).eval()
         # the weights' fingerprint: a model retrained in place is another judge
         self.id = {"judge": f"rm:{model_fingerprint(path)}", "max_seq_len": args.max_seq_len,
@@ -218,7 +218,7 @@ class RewardModelJudge(ScoreJudge):
         # text answers, each scored as reward-model training scores it (the template's tokens for a message)
         records = [{"prompt": p, "completions": [a]} for p, a in answers]
         with self.torch.no_grad():
-            return reward_scores(self.model, completion_batch(self.tok, records)).float().tolist()
+            return reward_scores(self.model, completion_batch(self.tokenisation, records)).float().tolist()
 
     @staticmethod
     def compare(first, second):

@@ -34,19 +34,19 @@ def sampling_config(args, tokenizer, stop_ids=None):
                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
-def stop_tokens(tok, prompts):
+def stop_tokens(tokenisation, prompts):
     """The ids a completion stops at: EOS for text prompts; for conversations also the chat
     template's end-of-turn token, which ends them (a chat model ends its turn with it, as it is
     served)."""
     if any(is_conversation(p) for p in prompts):
-        return tok.chat.end_of_turn_ids
-    return [tok.tokenizer.eos_token_id]
+        return tokenisation.chat.end_of_turn_ids
+    return [tokenisation.tokenizer.eos_token_id]
 
 
-def fit_prompt(tok, prompt_ids):
+def fit_prompt(tokenisation, prompt_ids):
     """The prompt as generation sees it: cut on the left by the training rule, as if a completion
     of all max_gen_len (= max_new_tokens) tokens followed it, so prompt + completion always fits."""
-    ids, prompt_len = tok.join(prompt_ids, [tok.tokenizer.eos_token_id] * tok.max_gen_len)
+    ids, prompt_len = tokenisation.join(prompt_ids, [tokenisation.tokenizer.eos_token_id] * tokenisation.max_gen_len)
     return ids[:prompt_len]
 
 

@@ -64,18 +64,18 @@ def builtin_corpus():
 
 def train_tokenizer(texts, vocab_size=512, max_positions=256, pad_token=None, chat_template=None):
     """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`."""
-    tok = Tokenizer(models.BPE(unk_token=EOS))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    bpe = Tokenizer(models.BPE(unk_token=EOS))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=bpe,
         bos_token=EOS,
         eos_token=EOS,
         unk_token=EOS,

@@ -23,11 +23,12 @@ class TrainingSetup:
         args.data_output_path = args.data_output_path or DEFAULT_CACHE_DIR
         self.hf_ds_config = HfDeepSpeedConfig(train_ds_config(args, self.world_size)) if args.zero_stage == 3 else None
         self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-        self.tok = Tokenisation(self.tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template, args.chat_template_date)
+        self.tokenisation = Tokenisation(self.tokenizer, args.max_seq_len, args.max_gen_len, args.chat_template,
+                                         args.chat_template_date)
         self.raw = load_raw_datasets(args.data_name_path, args.dataset_module, args.data_split_names, args.columns)
         self.cache_dir = args.data_output_path
 
     def datasets(self, encoding, make_encoder):
         """{"train": (dataset, cache key), "test": (...)} tokenised by `make_encoder`."""
-        return {split: build_dataset(self.raw, split, self.tok, self.cache_dir, encoding, make_encoder)
+        return {split: build_dataset(self.raw, split, self.tokenisation, self.cache_dir, encoding, make_encoder)
                 for split in ("train", "test")}

@@ -68,11 +68,11 @@ def cache_writer_first(cache_dir):
         torch.distributed.barrier()
 
 
-def cache_key(raw, split, tok, encoding):
+def cache_key(raw, split, tokenisation, encoding):
     """Hash of what the tokenised split depends on: data content, tokenizer, lengths, encoding."""
     digest = hashlib.sha256()
     meta = [CACHE_VERSION, type(raw).__module__, type(raw).__qualname__, raw.name, raw.kind, split,
-            tok.settings_fingerprint(), encoding]
+            tokenisation.settings_fingerprint(), encoding]
     digest.update(json.dumps(meta, sort_keys=True).encode())
     files = raw.data_files(split)
     for path in files:

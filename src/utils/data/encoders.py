@@ -17,27 +17,27 @@ class Encoder:
     stops the run before any tokenisation starts and nothing half-done is left behind.
     """
 
-    def __init__(self, tok, source, kind):
-        self.tok, self.source, self.kind = tok, source, kind
+    def __init__(self, tokenisation, source, kind):
+        self.tokenisation, self.source, self.kind = tokenisation, source, kind
         self.warned = False
 
     def check(self, record, index):
         if is_conversation(record["prompt"]):
-            self.tok.check_conversation(record, self.kind, self.source, index)
-        elif not record["prompt"].strip() and self.tok.num_prefix == 0:
+            self.tokenisation.check_conversation(record, self.kind, self.source, index)
+        elif not record["prompt"].strip() and self.tokenisation.num_prefix == 0:
             raise InputError(f"{where(self.source, index, 'prompt')}: empty prompt and the tokenizer adds no BOS; "
                              "give every record a prompt")
         if record.get("completion_ids") is None:
             return
-        if not self.tok.uses_ids(record):
+        if not self.tokenisation.uses_ids(record):
             if not self.warned:  # once per file: every record of it usually shares the reason
                 self.warned = True
                 print(f"warning: {where(self.source, index, 'tokenizer_fingerprint')}: the completion ids come from "
                       f"tokenizer {record['tokenizer_fingerprint']} (of {record.get('source_model', '?')}), not "
-                      f"this one ({tokenizer_fingerprint(self.tok.tokenizer)}); its records are scored from their "
-                      "text + EOS, which is not the sequence that was sampled", file=sys.stderr, flush=True)
+                      f"this one ({tokenizer_fingerprint(self.tokenisation.tokenizer)}); its records are scored from "
+                      "their text + EOS, which is not the sequence that was sampled", file=sys.stderr, flush=True)
             return
-        vocab = len(self.tok.tokenizer)
+        vocab = len(self.tokenisation.tokenizer)
         texts = record.get("completions") or []
         if len(texts) != len(record["completion_ids"]):
             raise InputError(f"{where(self.source, index, 'completion_ids')}: {len(record['completion_ids'])} lists of "
@@ -48,7 +48,7 @@ class Encoder:
                                  f"the tokenizer's vocabulary of {vocab}")
         for j, ids in enumerate(record["completion_ids"]):
             text = texts[j]["content"] if isinstance(texts[j], dict) else texts[j]
-            if not self.tok.ids_spell(ids, text):
+            if not self.tokenisation.ids_spell(ids, text):
                 raise InputError(f"{where(self.source, index, f'completions[{j}]')}: the text is not what its "
                                  f"completion_ids decode to (edited after sampling?); the ids are what is scored, "
                                  "so fix both, or drop completion_ids and tokenizer_fingerprint to score the text")
@@ -58,9 +58,9 @@ class SFTEncoder(Encoder):
     """record -> {input_ids, prompt_len}: one prompt + chosen sequence."""
 
     def __call__(self, batch, indices):
-        prompts = self.tok.prompts(batch["prompt"])
-        completions = self.tok.completions(batch["chosen"], batch["prompt"])
-        joined = [self.tok.join(p, c) for p, c in zip(prompts, completions)]
+        prompts = self.tokenisation.prompts(batch["prompt"])
+        completions = self.tokenisation.completions(batch["chosen"], batch["prompt"])
+        joined = [self.tokenisation.join(p, c) for p, c in zip(prompts, completions)]
         return {"input_ids": [ids for ids, _ in joined], "prompt_len": [n for _, n in joined]}
 
 
@@ -72,10 +72,10 @@ class AlignmentEncoder(Encoder):
     given, says why a group's rewards cannot train the loss (a string), or None where they can.
     """
 
-    def __init__(self, tok, source, kind, num_contrastive, pref_labels, group_check=None):
+    def __init__(self, tokenisation, source, kind, num_contrastive, pref_labels, group_check=None):
         if kind not in ("pref", "rw"):
             raise InputError(f"{source}: alignment needs pref or rw data, got kind {kind!r}")
-        super().__init__(tok, source, kind)
+        super().__init__(tokenisation, source, kind)
         self.num_contrastive, self.pref_labels, self.group_check = num_contrastive, pref_labels, group_check
 
     def candidates(self, record):
@@ -108,12 +108,12 @@ class AlignmentEncoder(Encoder):
     def __call__(self, batch, indices):
         out = {"input_ids": [], "prompt_lens": [], "rewards": []}
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        for prompt_ids, record in zip(self.tok.prompts(batch["prompt"]), records):
+        for prompt_ids, record in zip(self.tokenisation.prompts(batch["prompt"]), records):
             texts, rewards = self.candidates(record)
-            completions = self.tok.record_completions(record, texts)
+            completions = self.tokenisation.record_completions(record, texts)
             for start in range(0, len(texts), self.num_contrastive):
                 group = slice(start, start + self.num_contrastive)
-                joined = self.tok.join_group(prompt_ids, completions[group])
+                joined = self.tokenisation.join_group(prompt_ids, completions[group])
                 out["input_ids"].append([ids for ids, _ in joined])
                 out["prompt_lens"].append([n for _, n in joined])
                 out["rewards"].append(rewards[group])
@@ -125,17 +125,17 @@ class PairEncoder(Encoder):
     by the Tokenisation rule (one group: the prompt is cut once, for the longer of the two),
     for the pairwise reward-model loss."""
 
-    def __init__(self, tok, source, kind):
+    def __init__(self, tokenisation, source, kind):
         if kind != "pref":
             raise InputError(f"{source}: a reward model trains on pref data (prompt, chosen, rejected), "
                              f"got kind {kind!r}")
-        super().__init__(tok, source, kind)
+        super().__init__(tokenisation, source, kind)
 
     def __call__(self, batch, indices):
-        prompts = self.tok.prompts(batch["prompt"])
-        chosen = self.tok.completions(batch["chosen"], batch["prompt"])
-        rejected = self.tok.completions(batch["rejected"], batch["prompt"])
-        pairs = [self.tok.join_group(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)]
+        prompts = self.tokenisation.prompts(batch["prompt"])
+        chosen = self.tokenisation.completions(batch["chosen"], batch["prompt"])
+        rejected = self.tokenisation.completions(batch["rejected"], batch["prompt"])
+        pairs = [self.tokenisation.join_group(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)]
         return {"input_ids": [[ids for ids, _ in pair] for pair in pairs],
                 "prompt_lens": [[n for _, n in pair] for pair in pairs]}
 
@@ -148,16 +148,16 @@ class ClassEncoder(Encoder):
     with EOS unless --max_new_tokens cut it), so the classifier sees texts much the way it will
     be asked about them. Labels are 0 or 1 (1 = positive)."""
 
-    def __init__(self, tok, source, kind):
+    def __init__(self, tokenisation, source, kind):
         if kind != "class":
             raise InputError(f"{source}: a classifier trains on class data (text, label), got kind {kind!r}")
-        super().__init__(tok, source, kind)
+        super().__init__(tokenisation, source, kind)
 
     def check(self, record, index):
         if record["label"] not in (0, 1):
             raise InputError(f"{where(self.source, index, 'label')}: expected 0 or 1, got {record['label']}")
 
     def __call__(self, batch, indices):
-        eos, limit = self.tok.tokenizer.eos_token_id, self.tok.max_seq_len
-        texts = self.tok.tokenizer(list(batch["text"]))["input_ids"]
+        eos, limit = self.tokenisation.tokenizer.eos_token_id, self.tokenisation.max_seq_len
+        texts = self.tokenisation.tokenizer(list(batch["text"]))["input_ids"]
         return {"input_ids": [(ids + [eos])[:limit] for ids in texts], "label": list(batch["label"])}

@@ -18,9 +18,9 @@ from .. import provenance
 from ..fileio import atomic_dir, commit_new_dir
 
 
-def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
+def tokenised_split(raw, split, tokenisation, cache_dir, encoding, make_encoder):
     """(dataset, cache key) of the tokenised `split` of `raw`; built and validated on a miss."""
-    key = cache_key(raw, split, tok, encoding)
+    key = cache_key(raw, split, tokenisation, encoding)
     path = os.path.join(cache_dir, f"{raw.name}_{raw.kind}_{split}_{key[:16]}")
     with cache_writer_first(cache_dir) as writer:
         problem = provenance.verify_dir(path) if writer and os.path.isdir(path) else None
@@ -29,19 +29,20 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
             shutil.rmtree(path, ignore_errors=True)
         if writer and not os.path.isdir(path):
             records = raw.records(split)
-            encoder = make_encoder(tok, raw.source(split), raw.kind)
+            encoder = make_encoder(tokenisation, raw.source(split), raw.kind)
             for index, record in enumerate(records):
                 encoder.check(record, index)
             # from_list takes its columns from the first record; optional fields may start later
             fields = list(dict.fromkeys(field for record in records for field in record))
             records = datasets.Dataset.from_list([{field: r.get(field) for field in fields} for r in records])
-            cut_before = tok.prompts_cut
+            cut_before = tokenisation.prompts_cut
             encoded = records.map(encoder, batched=True, with_indices=True,
                                   remove_columns=records.column_names, desc=f"tokenising {raw.name}/{raw.kind} {split}")
-            if tok.prompts_cut > cut_before:
+            if tokenisation.prompts_cut > cut_before:
                 # Never dropped: a prompt cut on the left still conditions the completion.
-                print(f"{raw.source(split)}: {tok.prompts_cut - cut_before} sequences of {len(records)} records had "
-                      f"their prompt cut on the left to fit --max_seq_len {tok.max_seq_len}", flush=True)
+                print(f"{raw.source(split)}: {tokenisation.prompts_cut - cut_before} sequences of {len(records)} "
+                      f"records had their prompt cut on the left to fit --max_seq_len {tokenisation.max_seq_len}",
+                      flush=True)
             tmp = atomic_dir(path)
             encoded.save_to_disk(tmp)
             provenance.record_dir(tmp, {"cache_key": key})
@@ -49,12 +50,13 @@ def tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder):
     return datasets.load_from_disk(path), key
 
 
-def build_dataset(raw_datasets, split, tok, cache_dir, encoding, make_encoder):
+def build_dataset(raw_datasets, split, tokenisation, cache_dir, encoding, make_encoder):
     """Tokenise every dataset of `--data_name_path` and concatenate them.
 
     Returns (dataset, key); the key identifies the data for caches derived from it, such as
     the reference log-probs.
     """
-    parts, keys = zip(*(tokenised_split(raw, split, tok, cache_dir, encoding, make_encoder) for raw in raw_datasets))
+    parts, keys = zip(*(tokenised_split(raw, split, tokenisation, cache_dir, encoding, make_encoder)
+                        for raw in raw_datasets))
     dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
     return dataset, hashlib.sha256("".join(keys).encode()).hexdigest()
