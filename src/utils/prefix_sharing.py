@@ -268,7 +268,7 @@ def _packed_hidden_states(backbone, packed):
 def shared_prefix_hidden_states(backbone, batch, packed=None):
     """(hidden [N, L, H], labels [N, L], loss_mask [N, L]) of a collated batch, one row per
     candidate, in the Hugging Face convention (hidden[:, t-1] predicts labels[:, t]; the label
-    at 0 is unused), so that an LM head and utils.loss.sequence_logprobs give exactly the
+    at 0 is unused), so that an LM head and utils.logprobs.sequence_logprobs give exactly the
     per-sequence log-probs of the unshared forward. Row n's window starts one position before
     its first loss token and is as long as the longest completion of the batch (+1).
 
