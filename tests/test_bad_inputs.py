@@ -11,7 +11,7 @@ import re
 import shutil
 
 import pytest
-from conftest import REPO_ROOT, run, write_split
+from helpers import REPO_ROOT, run, write_split
 
 RW = [{"prompt": "the movie", "completions": ["good fun", "bad", "great", "dull"], "rewards": [2.0, -1.0, 1.0, -0.5]}
       for _ in range(4)]

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import run
+from helpers import run
 
 # A gloo collective on a held subgroup finishes on its worker thread, which then runs Python
 # (a future's callback) while interpreter teardown is under way (an object that is slow to
@@ -147,7 +147,7 @@ def test_a_rank_whose_peer_stopped_on_bad_input_prints_nothing_of_its_own(tiny_m
     barrier in cache_writer_first fails as rank 0 leaves, prints no traceback of its own."""
     import json
 
-    from conftest import launcher
+    from helpers import launcher
 
     data = tmp_path / "bad"
     data.mkdir()

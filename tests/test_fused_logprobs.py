@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher, run
+from helpers import REPO_ROOT, launcher, run
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, WORDS, launcher, run, write_split
+from helpers import NEGATIVE, POSITIVE, WORDS, launcher, ok, read, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from utils.data.collators import pad_sequences
@@ -21,11 +21,6 @@ from utils.model_utils import load_causal_lm, load_tokenizer
 SAMPLE_FLAGS = ["--split", "test", "--return_num", "3", "--temp", "1.0", "--max_new_tokens", "8",
                 "--max_length", "24", "--batch_size", "2", "--seed", "11"]
 NUM_PROMPTS = 11  # odd, so the two ranks' slices differ in size
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +40,6 @@ def prompts_dir(tmp_path_factory):
 def sample_cli(model, data_dir, out, *flags, ranks=1, script="src/inference_sft.py"):
     return run([*launcher(ranks), script, "--model_name_or_path", model, "--data_name_path", f"toy/sft:{data_dir}",
                 "--output_path", str(out), *SAMPLE_FLAGS, *flags], timeout=600)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +203,7 @@ def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
     the same seed, the ids plain generate(num_return_sequences=K) draws, from the same
     distributions: left-padded prompts of several lengths, a 1-token one among them (its
     shared prefix is all padding)."""
-    from conftest import plain_and_once_draws
+    from helpers import plain_and_once_draws
     from inference_sft import sampling_config
     from make_tiny_model import builtin_corpus, make_tiny_model
 

@@ -6,7 +6,7 @@ import re
 import signal
 
 import pytest
-from conftest import finish, launcher, run, start, write_split
+from helpers import finish, launcher, run, start, write_split
 from safetensors.torch import load_file
 
 TINY = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import POSITIVE, NEGATIVE, REPO_ROOT, SRC, WORDS, run, write_split
+from helpers import POSITIVE, NEGATIVE, REPO_ROOT, SRC, WORDS, run, write_split
 
 ENV = {"DEVICE_IDS": "0,1"}
 

@@ -12,7 +12,7 @@ import sys
 import textwrap
 import zipfile
 
-from conftest import REPO_ROOT, SRC
+from helpers import REPO_ROOT, SRC
 
 
 def test_no_absolute_utils_import_inside_the_package():

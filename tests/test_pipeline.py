@@ -3,7 +3,7 @@
 import json
 import os
 
-from conftest import run
+from helpers import run
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 SMALL = ["--max_seq_len", "48", "--max_gen_len", "16"]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import launcher, run
+from helpers import launcher, ok, run
 
 from utils.loss import alignment_loss, sequence_logprobs
 from utils.data.collators import AlignmentCollator, pad_sequences
@@ -194,17 +194,24 @@ def test_unsupported_models_are_explained_and_on_refuses_them(arch_model, capsys
 
 # -- the stages' --prefix_sharing ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def stage_runs(tiny_model, easy_pref_data, tmp_path_factory):
+def stages_root(tmp_path_factory):
+    """The directory `stage_runs` writes its inputs and outputs in."""
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tiny_model, easy_pref_data, stages_root):
     """Every stage that scores groups, with sharing on and off (and auto/on with a model that
     cannot share), forked from one process that paid the imports once (tests/forked_cli.py):
-    {name: (exit code, stdout, stderr, run directory)}."""
+    {name: CompletedProcess (exit code, stdout, stderr)}; they write in `stages_root`."""
     import json
+    import subprocess
 
-    from conftest import REPO_ROOT, WORDS, write_split
+    from helpers import REPO_ROOT, WORDS, write_split
     from transformers import BloomConfig, BloomForCausalLM
     from utils.model_utils import load_reward_model, load_tokenizer
 
-    root = tmp_path_factory.mktemp("stages")
+    root = stages_root
     rng = random.Random(5)
     gen = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))),
             "completions": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
@@ -241,24 +248,20 @@ def stage_runs(tiny_model, easy_pref_data, tmp_path_factory):
                  timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     codes = json.loads((root / "results" / "results.json").read_text())
-    return {name: (codes[i], (root / "results" / f"{i}.out").read_text(), (root / "results" / f"{i}.err").read_text(),
-                   root) for i, name in enumerate(cases)}
+    return {name: subprocess.CompletedProcess(argv, codes[i], (root / "results" / f"{i}.out").read_text(),
+                                              (root / "results" / f"{i}.err").read_text())
+            for i, (name, argv) in enumerate(cases.items())}
 
 
-def _ok(stage_runs, name):
-    code, out, err, root = stage_runs[name]
-    assert code == 0, err[-3000:]
-    return out, root
-
-
-def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stage_runs):
+def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stage_runs, stages_root):
     import json
 
-    _, root = _ok(stage_runs, "logps_on"), _ok(stage_runs, "logps_off")[1]
+    ok(stage_runs["logps_on"]), ok(stage_runs["logps_off"])
+    root = stages_root
     for on, off, field in (("logps_on.json", "logps_off.json", "logps"),
                            ("rw_on/test.json", "rw_off/test.json", "rewards")):
         if field == "rewards":
-            _ok(stage_runs, "rm_on"), _ok(stage_runs, "rm_off")
+            ok(stage_runs["rm_on"]), ok(stage_runs["rm_off"])
         shared, unshared = (json.loads((root / name).read_text()) for name in (on, off))
         assert [len(r[field]) for r in shared] == [len(r["completions"]) for r in unshared]
         for a, b in zip(shared, unshared):
@@ -269,18 +272,18 @@ def test_train_rm_trains_the_same_with_sharing_lora_and_checkpointing(stage_runs
     def losses(out):
         return [float(v) for v in re.findall(r"\[(?:train|eval) step \d+\] loss=([-\d.e]+)", out)]
 
-    on, off = losses(_ok(stage_runs, "train_rm_on")[0]), losses(_ok(stage_runs, "train_rm_off")[0])
+    on, off = losses(ok(stage_runs["train_rm_on"]).stdout), losses(ok(stage_runs["train_rm_off"]).stdout)
     assert len(on) == len(off) >= 4  # eval 0, train 1, 2, eval 2
     assert on == pytest.approx(off, rel=1e-4)
 
 
-def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stage_runs):
-    code, out, err, _ = stage_runs["bloom_on"]
+def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stage_runs, stages_root):
+    code, out, err = stage_runs["bloom_on"].returncode, stage_runs["bloom_on"].stdout, stage_runs["bloom_on"].stderr
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert len(errors) == 1 and errors[0].startswith("error: --prefix_sharing on") and err.strip().endswith(errors[0])
-    assert not (stage_runs["bloom_on"][3] / "bloom_on.json").exists()
-    out, _ = _ok(stage_runs, "bloom_auto")
+    assert not (stages_root / "bloom_on.json").exists()
+    out = ok(stage_runs["bloom_auto"]).stdout
     assert len(re.findall(r"prefix sharing off for the model: .*ALiBi", out)) == 1, out
 
 

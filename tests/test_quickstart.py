@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import run
+from helpers import run
 
 SMALL = ["--num_reviews", "200", "--num_train_prompts", "64", "--num_test_prompts", "16", "--sft_epochs", "1",
          "--rm_epochs", "1", "--align_steps", "3", "--num_checkpoints", "2", "--eval_samples", "2",
@@ -153,7 +153,7 @@ def test_evaluate_keeps_an_output_only_when_made_from_the_same_inputs(tiny_model
     import importlib.util
     import shutil
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("quickstart_evaluate", REPO_ROOT / "exp" / "quickstart" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import REPO_ROOT, run
+from helpers import REPO_ROOT, run
 
 import recipe_fixtures
 

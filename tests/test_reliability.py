@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, SRC, finish, launcher, run, start
+from helpers import REPO_ROOT, SRC, finish, launcher, run, start, train_losses
 from safetensors.torch import load_file
 
 COMMON = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
@@ -49,11 +49,6 @@ def run_until(process, seen, act, timeout=300):
     else:
         pytest.fail("the run ended before the awaited line:\n" + "".join(lines)[-3000:])
     return "".join(lines)
-
-
-def train_losses(output):
-    """{step: the logged loss text} of --print_loss lines (the text: equal means bit-equal to 6 digits)."""
-    return {int(s): v for s, v in re.findall(r"\[train step (\d+)\] loss=(\S+)", output)}
 
 
 def max_weight_diff(dir_a, dir_b):
@@ -215,7 +210,7 @@ def test_atomic_writes_leave_the_old_or_the_new_file_when_killed(tmp_path):
 def test_a_prompt_longer_than_max_seq_len_is_cut_counted_and_reported(tiny_model, tmp_path, capsys):
     """Not an error and not dropped: the tokenisation rule cuts the prompt on the left, so every record
     still trains; how many were cut is reported once, when the split is tokenised."""
-    from conftest import write_split
+    from helpers import write_split
     from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
     from utils.model_utils import load_tokenizer
 
@@ -306,7 +301,7 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tiny_mo
 
 
 def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tiny_model, tmp_path, capsys):
-    from conftest import write_split
+    from helpers import write_split
     from utils.data.data_utils import SFTEncoder, Tokenisation, build_dataset, load_raw_datasets
     from utils.model_utils import load_tokenizer
 

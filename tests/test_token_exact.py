@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run, write_split
+from helpers import REPO_ROOT, read, run, write_split
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -27,11 +27,6 @@ EOS = 0
 TEMP, MAX_NEW = 0.8, 4
 PROMPTS = ["a b", "c"]
 RETURN_NUM = 1500
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def tiny_vocab_model(path, seed, noise_from=None, padding=0, n_embd=16, n_head=2, scale=0.1):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from huggingface_hub import metadata_load
 
-from conftest import launcher, run
+from helpers import launcher, run
 from utils.fileio import InputError
 from utils.tracking import check_trackers
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher, run, write_split
+from helpers import REPO_ROOT, launcher, run, train_losses, write_split
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -59,11 +59,6 @@ def test_two_rank_training_lowers_the_loss_and_exports_loadable_checkpoints(
         assert max_diff(saved, initial) > 0
     assert max_diff(weights(out / "ckpt2"), weights(out)) == 0  # the last export is the final step
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-
-
-def train_losses(stdout):
-    """{step: train loss} from the --print_loss `[train step N] ... loss=...` lines."""
-    return {int(s): float(v) for s, v in re.findall(r"\[train step (\d+)\].*? loss=([-\d.e]+)", stdout)}
 
 
 def test_cached_reference_logps_match_the_online_reference(tiny_model, align_data, tmp_path):

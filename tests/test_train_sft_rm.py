@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import launcher, run, write_split
+from helpers import launcher, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.data.collators import PairCollator, SFTCollator

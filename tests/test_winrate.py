@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, finish, free_port, start, write_split
+from helpers import REPO_ROOT, finish, free_port, read, start, write_split
 
 import eval_winrate
 import eval_winrate_joint
@@ -25,11 +25,6 @@ from utils.judges import Failed, JudgmentCache, OpenAIJudge, RewardModelJudge, S
 ORACLE = f"fn:{REPO_ROOT / 'exp' / 'quickstart' / 'oracle.py'}:oracle_rewards"
 SHORT_PROMPT = "Which is better?\n{prompt}\nA: {first}\nB: {second}\nAnswer A or B:"
 HAS_OPENAI = importlib.util.find_spec("openai") is not None
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
