@@ -1,4 +1,9 @@
-"""Path and environment setup, markers and fixtures (plain helpers live in helpers.py)."""
+"""Path and environment setup, markers and fixtures (plain helpers live in helpers.py).
+
+Tiers: a test that starts a process (the entry scripts through `helpers.run`/`start`, deepspeed
+launches, several ranks) is marked `slow`; `python -m pytest -m "not slow" tests` runs the rest
+in minutes. The tier is enforced: while a test not marked slow is set up, runs and is torn down
+(its fixtures included), subprocess.Popen fails it and names the mark it lacks."""
 import os
 import sys
 
@@ -14,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -21,6 +27,45 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "vllm: needs vllm (inference_sft --backend vllm); run in the vLLM venv "
                                        "that .ci/run makes, as python -m pytest -m vllm tests (README: Tests)")
+    config.addinivalue_line("markers", "slow: starts a process (an entry script, a deepspeed launch, several ranks); "
+                                       "the fast tier is python -m pytest -m \"not slow\" tests")
+
+
+class _NoProcessesHere(subprocess.Popen):
+    """subprocess.Popen while a test not marked slow runs: refuses to start anything."""
+    item = None
+
+    def __init__(self, args, *rest, **kwargs):
+        pytest.fail(f"{self.item.nodeid} started a process ({args!r}) but is not marked slow: mark it "
+                    "@pytest.mark.slow (or its module pytestmark = pytest.mark.slow), or run the code in-process; "
+                    "a session fixture that starts processes must be used by slow tests only", pytrace=False)
+
+
+def _guard_processes(item):
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    real, _NoProcessesHere.item = subprocess.Popen, item
+    subprocess.Popen = _NoProcessesHere
+    try:
+        yield
+    finally:
+        subprocess.Popen = real
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _guard_processes(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _guard_processes(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield from _guard_processes(item)
 
 
 def _sentence(rng, n):

@@ -203,6 +203,7 @@ def test_columns_map_fields_and_a_bad_mapping_is_one_line(tmp_path):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=q,completions=typo")
 
 
+@pytest.mark.slow
 def test_pref_to_rw_keeps_conversations(chat_pref, tmp_path):
     os.makedirs(tmp_path / "pref")
     for ours, theirs in (("train", "train_prefs"), ("test", "test_prefs")):
@@ -246,6 +247,7 @@ def test_get_raw_dataset_takes_an_entry_added_by_hand(tmp_path):
     assert isinstance(dataset, MyTsv) and dataset.records("train") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
 
 
+@pytest.mark.slow
 def test_recipe_launchers_give_exo_pref_the_original_target(tmp_path):
     """exo-pref in the paper recipes: eps = sigmoid(-10) at K = 2 (the original code's log eps -10)."""
     fake = tmp_path / "bin"
@@ -265,6 +267,7 @@ def test_recipe_launchers_give_exo_pref_the_original_target(tmp_path):
 
 
 # -- end to end through the launchers --------------------------------------------------------
+@pytest.mark.slow
 def test_conversational_pipeline_end_to_end(chat_models, chat_pref, tmp_path):
     """SFT and RM (launchers, one CPU rank) on conversational pref parquet; sampling stops at
     <|im_end|> (not EOS) and writes assistant messages; calc_logprobs re-scores them as the

@@ -49,6 +49,7 @@ def teardown_probe(tmp_path, ending):
     return run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), ending], timeout=180)
 
 
+@pytest.mark.slow
 def test_a_collective_ending_during_teardown_aborts_a_plain_exit(tmp_path):
     """The hazard is real on this torch: if this stops failing, run_stage's reason is gone."""
     result = teardown_probe(tmp_path, "plain")
@@ -56,6 +57,7 @@ def test_a_collective_ending_during_teardown_aborts_a_plain_exit(tmp_path):
         result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_run_stage_exits_0_where_teardown_would_abort(tmp_path):
     result = teardown_probe(tmp_path, "run_stage")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,6 +98,7 @@ ENDINGS = textwrap.dedent('''
     ("input error", 2, 'error: data.json record 2 field "prompt": missing'),
     ("exception", 1, "RuntimeError: boom"),
 ])
+@pytest.mark.slow
 def test_run_stage_ends_as_the_interpreter_would(tmp_path, ending, status, stderr_has):
     script = tmp_path / "endings.py"
     script.write_text(ENDINGS)
@@ -125,6 +128,7 @@ FAILING_EXPORT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_an_exception_in_train_loses_no_logged_scalar(tiny_model, align_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,6 +146,7 @@ def test_an_exception_in_train_loses_no_logged_scalar(tiny_model, align_data, tm
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 51))
 
 
+@pytest.mark.slow
 def test_a_rank_whose_peer_stopped_on_bad_input_prints_nothing_of_its_own(tiny_model, tmp_path):
     """2 ranks, a train.json holding one object: rank 0 prints the one error line; rank 1, whose
     barrier in cache_writer_first fails as rank 0 leaves, prints no traceback of its own."""

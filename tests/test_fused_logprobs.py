@@ -239,6 +239,7 @@ def test_calc_logprobs_flag():
 
 @pytest.mark.parametrize("arch,head_key", [("gpt2", "transformer.wte.weight"), ("gpt_neox", "embed_out.weight"),
                                            ("llama", "lm_head.weight")])
+@pytest.mark.slow
 def test_zero3_two_ranks_fused_equals_unfused(arch, head_key, tiny_model_of, align_data, tmp_path):
     """train_exo under ZeRO-3 on 2 CPU ranks (the head weight partitioned, the reference online
     and partitioned too), fused and unfused from the same start: the same losses of both steps
@@ -269,6 +270,7 @@ def test_zero3_two_ranks_fused_equals_unfused(arch, head_key, tiny_model_of, ali
     torch.testing.assert_close(fused[head_key], unfused[head_key], **F32_TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["tied", "untied", "bias"])
 def test_zero3_two_ranks_every_head(head, tmp_path):
     """Under 2-rank ZeRO-3, a tied head, an untied one and an untied one with a bias: the fused

@@ -78,6 +78,7 @@ def reward_model(tiny_model, tmp_path_factory):
 
 
 # -- sampling -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sampling_schema_order_and_seed(tiny_model, prompts_dir, sampled, tmp_path):
     """return_num completions with their exact ids for every prompt, in input order; the same
     command gives the same file; a batch draws the same whichever prompts follow it (--prompt_num)."""
@@ -130,6 +131,7 @@ inference_sft.main()
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_order_and_a_crashed_run_resumes_to_the_same_file(tiny_model, prompts_dir, tmp_path):
     """2 CPU ranks: input order kept. A run whose rank 1 dies in its third batch leaves rank 0's
     complete shard and rank 1's first two batches; the rerun reuses both and writes the file an
@@ -240,6 +242,7 @@ GEN_RECORDS = [{"prompt": "the movie was", "completions": ["good fun", "bad", "a
                {"prompt": "a story", "completions": ["fun", "great acting", "dull scene"]}]
 
 
+@pytest.mark.slow
 def test_reward_labels_and_eval(reward_model, tmp_path):
     """label writes rw data beside the gen data (_sft -> _rw), one reward per completion, equal to
     the reward model read directly; eval writes their mean and std."""
@@ -284,6 +287,7 @@ def direct_logps(model_path, records, max_seq_len, max_gen_len):
     return out
 
 
+@pytest.mark.slow
 def test_calc_logprobs_and_eval_kl(tiny_model, other_model, sampled, tmp_path):
     """A model against itself (scored on 1 and on 2 ranks) gives KL 0; against another model a
     positive KL equal to the mean log-prob difference computed here directly."""
@@ -321,6 +325,7 @@ def test_calc_logprobs_and_eval_kl(tiny_model, other_model, sampled, tmp_path):
 
 
 # -- launchers ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_launchers_sample_and_label(tiny_model, reward_model, prompts_dir, tmp_path):
     """inference_sft.sh writes PATH_sft/SPLIT.json; inference_rm.sh (label by default) writes
     the rw data beside it."""
@@ -409,6 +414,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
     script, make_flags, pattern = BAD_INPUTS[case]
@@ -453,6 +459,7 @@ def test_bad_sampling_flags_exit_2_with_one_line(tiny_model, prompts_dir, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_eval_kl_names_the_record_and_field_that_differ(tmp_path):
     good = [{"prompt": "p", "completions": ["a", "b"], "logps": [-1.0, -2.0]}] * 2
     other = json.loads(json.dumps(good))

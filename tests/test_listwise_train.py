@@ -38,6 +38,7 @@ CASES = {  # loss: (data kind, K, flags that vary the machinery around it)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", list(CASES))
 def test_each_listwise_loss_trains_on_two_ranks_toward_the_labels(tiny_model, align_data, tmp_path, loss_type):
     """The eval loss falls and the best-labelled candidate's implicit reward rises above the
@@ -67,6 +68,7 @@ def _write(directory, records):
         write_split(str(directory), split, records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["pref data, K = 4", "lipo, negative rewards"])
 def test_data_a_loss_cannot_use_is_refused_before_training(tiny_model, align_data, tmp_path, case):
     if case == "pref data, K = 4":
@@ -84,6 +86,7 @@ def test_data_a_loss_cannot_use_is_refused_before_training(tiny_model, align_dat
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+@pytest.mark.slow
 def test_simpo_stopped_by_sigterm_resumes_exactly(tiny_model, align_data, tmp_path):
     """A reference-free run checkpoints on SIGTERM and --resume auto continues it to the same
     per-step losses and weights as a run never stopped."""
@@ -122,6 +125,7 @@ def test_simpo_stopped_by_sigterm_resumes_exactly(tiny_model, align_data, tmp_pa
     assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
 
 
+@pytest.mark.slow
 def test_continue_from_makes_two_runs_one(tiny_model, align_data, tmp_path):
     """--continue_from (what online rounds pass) takes the weights, AdamW state and data position
     of a finished run: 2 steps, then 2 more continued from them, are the steps and weights of one

@@ -16,6 +16,9 @@ import pytest
 from helpers import SRC, finish, free_port, launcher, start, train_losses
 from safetensors.torch import load_file
 
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
+
 # 64 records x 2 groups of K=2 / (4 x 2 ranks) = 16 steps an epoch; 4 are run, a resumable
 # checkpoint every 2.
 TRAIN_FLAGS = ["--loss_type", "exo-rw", "--num_contrastive", "2", "--max_seq_len", "48", "--max_gen_len", "16",

@@ -3,8 +3,12 @@
 import json
 import os
 
+import pytest
 from helpers import run
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
 
 SMALL = ["--max_seq_len", "48", "--max_gen_len", "16"]
 TRAIN = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_iter_step", "2"]

@@ -253,6 +253,7 @@ def stage_runs(tiny_model, easy_pref_data, stages_root):
             for i, (name, argv) in enumerate(cases.items())}
 
 
+@pytest.mark.slow
 def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stage_runs, stages_root):
     import json
 
@@ -268,6 +269,7 @@ def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stag
             assert a[field] == pytest.approx(b[field], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_train_rm_trains_the_same_with_sharing_lora_and_checkpointing(stage_runs):
     def losses(out):
         return [float(v) for v in re.findall(r"\[(?:train|eval) step \d+\] loss=([-\d.e]+)", out)]
@@ -277,6 +279,7 @@ def test_train_rm_trains_the_same_with_sharing_lora_and_checkpointing(stage_runs
     assert on == pytest.approx(off, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stage_runs, stages_root):
     code, out, err = stage_runs["bloom_on"].returncode, stage_runs["bloom_on"].stdout, stage_runs["bloom_on"].stderr
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -287,6 +290,7 @@ def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stag
     assert len(re.findall(r"prefix sharing off for the model: .*ALiBi", out)) == 1, out
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align_data, tmp_path):
     """One 2-rank ZeRO-3 run with the online reference and --group_by_length, sharing on (and
     auto, whose ranks agree on each batch's path) vs off: the same eval and train losses (to the

@@ -17,6 +17,7 @@ def quickstart(*args, timeout=600):
     return run(["bash", "exp/quickstart/run.sh", *args], env=ENV, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     workdir = tmp_path / "quickstart"
     first = quickstart("--workdir", str(workdir), *SMALL)
@@ -120,6 +121,7 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert len(rm_scored) == 16 and all(len(r["rewards"]) == 2 for r in rm_scored)
 
 
+@pytest.mark.slow
 def test_quickstart_bad_flag_is_one_line(tmp_path):
     result = quickstart("--workdir", str(tmp_path), "--force", "no_such_stage", timeout=60)
     assert result.returncode == 2

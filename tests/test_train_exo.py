@@ -37,6 +37,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage,loss_type,kind", [(2, "exo-rw", "rw"), (3, "dpo-pref", "pref")])
 def test_two_rank_training_lowers_the_loss_and_exports_loadable_checkpoints(
         tiny_model, align_data, tmp_path, zero_stage, loss_type, kind):
@@ -61,6 +62,7 @@ def test_two_rank_training_lowers_the_loss_and_exports_loadable_checkpoints(
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_cached_reference_logps_match_the_online_reference(tiny_model, align_data, tmp_path):
     """Reference log-probs computed on 2 ranks and reassembled equal a direct pass, candidate by
     candidate, and give the same losses as running the reference online."""
@@ -95,6 +97,7 @@ def test_cached_reference_logps_match_the_online_reference(tiny_model, align_dat
     assert train_losses(cached.stdout)[1] == pytest.approx(train_losses(online.stdout)[1], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path):
     """exp/custom_exp/train_exo.sh with the README's positional arguments trains and exports checkpoints."""
     result = run(["bash", "exp/custom_exp/train_exo.sh", "tiny", tiny_model, "sft", "toy/rw", align_data["rw"],
@@ -109,6 +112,7 @@ def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path):
     assert os.listdir(tmp_path / "tb")  # TensorBoard run directory
 
 
+@pytest.mark.slow
 def test_lora_training_exports_a_merged_plain_model(tiny_model, align_data, tmp_path):
     """--lora_dim with --only_optimize_lora trains adapters and exports them merged into a plain HF model."""
     out = tmp_path / "lora"
@@ -170,6 +174,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
     """Each bad input: exit 2, one `error:` line naming what is wrong, no traceback, no output dir."""
@@ -188,6 +193,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case)
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pref_to_rw_output_trains_with_rw_losses(tiny_model, align_data, tmp_path):
     """pref -> rw conversion gives data the rw losses accept, with rewards [1, 0]."""
     import shutil
@@ -232,6 +238,7 @@ def test_alignment_models_run_without_dropout(tmp_path, arch):
 
 @pytest.mark.parametrize("flags,dtype", [(["--gradient_checkpointing"], torch.float32),
                                          (["--dtype", "bf16"], torch.bfloat16)])
+@pytest.mark.slow
 def test_single_process_precision_and_checkpointing_options(tiny_model, align_data, tmp_path, flags, dtype):
     """Plain `python src/train_exo.py` with activation checkpointing or bf16 trains and exports in that dtype."""
     train_exo(tiny_model, f"toy/rw:{align_data['rw']}", tmp_path / "out", tmp_path / "cache", "--loss_type", "exo-rw",
@@ -250,6 +257,7 @@ def test_accuracy_counts_only_a_strict_win_of_the_best_labelled_candidate():
     assert alignment_metrics(policy, same, rewards, 0.1)["rewards/accuracies"] == 0.5
 
 
+@pytest.mark.slow
 def test_reference_cache_is_keyed_on_the_sharing_mode(tiny_model, align_data, tmp_path):
     """A change of --prefix_sharing recomputes the cached reference log-probs (shared and
     unshared values agree only to float precision, and not at all where auto would share

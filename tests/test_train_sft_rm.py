@@ -49,6 +49,7 @@ def sft_data(align_data, tmp_path_factory):
 
 
 # -- SFT ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_lowers_eval_loss_and_reports_the_token_weighted_perplexity(tiny_model, sft_data, tmp_path):
     """One process: eval loss falls; the logged perplexity is exp(total NLL / total completion
     tokens) of the saved model over the test set, which loads with AutoModelForCausalLM."""
@@ -124,6 +125,7 @@ def pair_margins(model, dataset, pad_token_id):
     return chosen - rejected
 
 
+@pytest.mark.slow
 def test_reward_model_on_two_ranks_beats_chance_and_scores_text_after_loading(tiny_model, easy_pref_data, tmp_path):
     """2 CPU ranks, ZeRO-2: eval accuracy >= 0.85; the export loads with
     AutoModelForSequenceClassification, reproduces the logged margin, and ranks positive text
@@ -153,6 +155,7 @@ def test_reward_model_on_two_ranks_beats_chance_and_scores_text_after_loading(ti
     assert chosen.mean() > rejected.mean() and (chosen > rejected).float().mean() >= 0.8
 
 
+@pytest.mark.slow
 def test_reward_model_with_lora_exports_the_trained_score_head(tiny_model, easy_pref_data, tmp_path):
     """--lora_dim --only_optimize_lora (peft SEQ_CLS): the score head trains and the export is
     a plain classifier (score.weight, no adapter keys) that reproduces the logged margin."""
@@ -216,6 +219,7 @@ def test_reward_is_read_where_from_pretrained_scorers_read_it(tiny_model):
 
 
 # -- launchers --------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path, stage):
     """exp/custom_exp/train_{sft,rm}.sh with the README's positional arguments write
@@ -257,6 +261,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
     """Each bad input: exit 2, one `error:` line naming what is wrong, no traceback, nothing written."""

@@ -18,6 +18,9 @@ from helpers import NEGATIVE, POSITIVE, WORDS, launcher, ok, read, run, start, w
 
 from utils.model_utils import load_tokenizer
 
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAS_VLLM and os.environ.get("EXO_ALIGN_REQUIRE_VLLM") == "1":
     raise ImportError("EXO_ALIGN_REQUIRE_VLLM=1 but vllm cannot be imported in this environment")

@@ -506,6 +506,7 @@ def openai_flags(samples, url, *flags):
             "--judge_backoff", "0.01", "--judge_concurrency", "4", *flags]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_OPENAI, reason="the openai client is not installed (pip install -e '.[judge]')")
 def test_openai_judge_retries_budget_and_failures(samples, tmp_path, capsys):
     # always "A": position bias cancelled exactly; every 3rd request first gets a 429 or a 500, retried
@@ -613,6 +614,7 @@ def cache_lines(path):
     return sum(1 for line in open(path) if line.strip()) if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_openai_judge_on_a_real_vllm_server_killed_and_resumed(samples, tmp_path):
     why = vllm_missing()
