@@ -98,21 +98,6 @@ def test_cached_reference_logps_match_the_online_reference(tiny_model, align_dat
 
 
 @pytest.mark.slow
-def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path):
-    """exp/custom_exp/train_exo.sh with the README's positional arguments trains and exports checkpoints."""
-    result = run(["bash", "exp/custom_exp/train_exo.sh", "tiny", tiny_model, "sft", "toy/rw", align_data["rw"],
-                  "exo-rw", "2", "--max_iter_step", "2", "--num_save_checkpoint", "2", "--max_seq_len", "48",
-                  "--max_gen_len", "16", "--data_output_path", str(tmp_path / "cache")],
-                 env={"OUTPUT_ROOT": str(tmp_path / "models"), "TB_ROOT": str(tmp_path / "tb")}, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "models" / "tiny_toy" / "align_exo-rw_nc2"
-    for ckpt in ("ckpt1", "ckpt2"):
-        AutoModelForCausalLM.from_pretrained(run_dir / ckpt)
-    assert (run_dir / "training.log").exists()
-    assert os.listdir(tmp_path / "tb")  # TensorBoard run directory
-
-
-@pytest.mark.slow
 def test_lora_training_exports_a_merged_plain_model(tiny_model, align_data, tmp_path):
     """--lora_dim with --only_optimize_lora trains adapters and exports them merged into a plain HF model."""
     out = tmp_path / "lora"
