@@ -2,6 +2,7 @@
 the command line and moves the policy toward the labels (under a spread of ZeRO stages, LoRA,
 the online reference and prefix sharing); the reference-free loss never touches a reference;
 data a loss cannot use is refused before training; a SimPO run resumes exactly."""
+import json
 import re
 import signal
 
@@ -134,15 +135,22 @@ def test_continue_from_makes_two_runs_one(tiny_model, align_data, tmp_path):
     flags = ["--loss_type", "exo-rw", "--num_contrastive", "2", "--zero_stage", "2", "--print_loss",
              "--lr_scheduler_type", "constant", "--num_save_checkpoint", "1"]
     losses = lambda text: list(re.findall(r"\[train step \d+\] loss=(\S+)", text))
-    whole = align(tiny_model, data, tmp_path / "whole", tmp_path / "cache", *flags, "--max_iter_step", "4")
-    first = align(tiny_model, data, tmp_path / "first", tmp_path / "cache", *flags, "--max_iter_step", "2")
-    second = align(str(tmp_path / "first"), data, tmp_path / "second", tmp_path / "cache", *flags,
-                   "--max_iter_step", "2", "--ref_name_or_path", tiny_model,
-                   "--continue_from", str(tmp_path / "first" / "ds_checkpoints"))
-    for result in (whole, first, second):
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert "continuing from" in second.stdout
-    assert losses(first.stdout) + losses(second.stdout) == losses(whole.stdout) and len(losses(whole.stdout)) == 4
+
+    def argv(model, out, *extra):
+        return ["--model_name_or_path", model, "--data_name_path", data, "--output_dir", str(out),
+                "--data_output_path", str(tmp_path / "cache"), *TINY, *flags, *extra]
+
+    # the three runs one after the other in one 2-rank launch (tests/run_mains.py: one start-up)
+    argvs = [argv(tiny_model, tmp_path / "whole", "--max_iter_step", "4"),
+             argv(tiny_model, tmp_path / "first", "--max_iter_step", "2"),
+             argv(str(tmp_path / "first"), tmp_path / "second", "--max_iter_step", "2", "--ref_name_or_path", tiny_model,
+                  "--continue_from", str(tmp_path / "first" / "ds_checkpoints"))]
+    (tmp_path / "argvs.json").write_text(json.dumps(argvs))
+    result = run([*launcher(2), "tests/run_mains.py", "src/train_exo.py", str(tmp_path / "argvs.json")], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    whole, first, second = result.stdout.split("saved the final model")[:3]
+    assert "continuing from" in second and "continuing from" not in whole + first
+    assert losses(first) + losses(second) == losses(whole) and len(losses(whole)) == 4
     a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "whole", tmp_path / "second"))
     assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
 
