@@ -281,6 +281,9 @@ def test_conversational_pipeline_end_to_end(chat_models, chat_pref, tmp_path):
                *data_flags, "--num_train_epochs", "12", "--learning_rate", "1e-2", "--zero_stage", "0"], env=env)
     assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
     sft_dir = tmp_path / "models" / "tiny_c" / "sft"
+    # the SFT launcher's test on pref data (prompt + chosen): its model, training.log and TensorBoard run
+    AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert (sft_dir / "training.log").exists() and os.listdir(tmp_path / "tb")
     rm = run(["bash", "exp/custom_exp/train_rm.sh", "tiny", str(sft_dir), "sft", "c/pref", chat_pref,
               *data_flags, "--max_iter_step", "2", "--zero_stage", "0"], env=env)
     assert rm.returncode == 0, rm.stdout[-3000:] + rm.stderr[-3000:]
