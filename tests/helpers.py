@@ -114,3 +114,18 @@ def run(cmd, timeout=600, env=None, cwd=REPO_ROOT, **kwargs):
                           text=True, start_new_session=True, **kwargs) as process:
         stdout, stderr = communicate(process, timeout, " ".join(map(str, cmd)))
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def forked_runs(root, argvs, timeout=600):
+    """Each argv (["src/SCRIPT.py", *args]) run as a process of its own, forked from one that
+    paid the entry scripts' imports once (tests/forked_cli.py), from the repo root: a
+    CompletedProcess each (its exit code and output), in order. Files go under `root`."""
+    root = Path(root)
+    results = root / "results"
+    results.mkdir(parents=True)
+    (root / "cases.json").write_text(json.dumps([{"argv": [str(a) for a in argv]} for argv in argvs]))
+    ok(run(["python", str(REPO_ROOT / "tests" / "forked_cli.py"), str(root / "cases.json"), str(results)],
+           timeout=timeout))
+    codes = json.loads((results / "results.json").read_text())
+    return [subprocess.CompletedProcess(argv, codes[i], (results / f"{i}.out").read_text(),
+                                        (results / f"{i}.err").read_text()) for i, argv in enumerate(argvs)]

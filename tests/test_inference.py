@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import NEGATIVE, POSITIVE, WORDS, launcher, ok, read, run, write_split
+from helpers import NEGATIVE, POSITIVE, WORDS, forked_runs, launcher, ok, read, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from utils.data.collators import pad_sequences
@@ -414,24 +414,36 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model, tmp_path_factory):
+    """{case: (CompletedProcess, its directory's files before the run)}: every BAD_INPUTS case in a
+    directory of its own, each a process forked from one that paid the imports once (helpers.forked_runs)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    argvs, befores = [], []
+    for i, (script, make_flags, _) in enumerate(BAD_INPUTS.values()):
+        case_dir = root / f"case{i}"
+        case_dir.mkdir()
+        flags = make_flags(case_dir)
+        befores.append((case_dir, sorted(glob.glob(str(case_dir / "**"), recursive=True))))
+        out = ["--output_path", str(case_dir / "out" / "o.json")] if script.endswith("calc_logprobs.py") else \
+            ["--output_path", str(case_dir / "out")]
+        lengths = ["--max_length", "64", "--max_new_tokens", "16"] if script.endswith("inference_sft.py") else \
+            ["--max_seq_len", "64", "--max_gen_len", "16"]  # within the tiny model's 256 positions
+        argvs.append([script, "--model_name_or_path", tiny_model, "--split", "test", *lengths, *flags, *out])
+    return dict(zip(BAD_INPUTS, zip(forked_runs(root / "forked", argvs), befores)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
-    script, make_flags, pattern = BAD_INPUTS[case]
-    flags = make_flags(tmp_path)
-    before = sorted(p for p in glob.glob(str(tmp_path / "**"), recursive=True))
-    out = ["--output_path", str(tmp_path / "out" / "o.json")] if script.endswith("calc_logprobs.py") else \
-        ["--output_path", str(tmp_path / "out")]
-    lengths = ["--max_length", "64", "--max_new_tokens", "16"] if script.endswith("inference_sft.py") else \
-        ["--max_seq_len", "64", "--max_gen_len", "16"]  # within the tiny model's 256 positions
-    result = run(["python", script, "--model_name_or_path", tiny_model, "--split", "test", *lengths, *flags, *out],
-                 timeout=300)
+def test_bad_input_gives_one_line_and_writes_nothing(bad_input_runs, case):
+    pattern = BAD_INPUTS[case][2]
+    result, (case_dir, before) = bad_input_runs[case]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in result.stdout + result.stderr
-    assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before  # nothing written
+    assert sorted(glob.glob(str(case_dir / "**"), recursive=True)) == before  # nothing written
 
 
 BAD_FLAGS = {

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, launcher, run, train_losses, write_split
+from helpers import REPO_ROOT, forked_runs, launcher, run, train_losses, write_split
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -159,17 +159,30 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model, tmp_path_factory):
+    """{case: (CompletedProcess, its directory)}: every BAD_INPUTS case, each a process of its own
+    forked from one that imported train_exo's imports once (helpers.forked_runs)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    argvs, dirs = [], []
+    for i, (make_data, flags, _) in enumerate(BAD_INPUTS.values()):
+        case_dir = root / f"case{i}"
+        case_dir.mkdir()
+        argvs.append(["src/train_exo.py", "--model_name_or_path", tiny_model, "--data_name_path", make_data(case_dir),
+                      "--output_dir", str(case_dir / "out"), "--data_output_path", str(case_dir / "cache"),
+                      "--loss_type", "exo-rw", "--num_contrastive", "2", "--max_seq_len", "64", "--max_gen_len", "16",
+                      *[f.format(tmp=case_dir) for f in flags]])
+        dirs.append(case_dir)
+    return dict(zip(BAD_INPUTS, zip(forked_runs(root / "forked", argvs), dirs)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
+def test_bad_input_gives_one_line_and_writes_nothing(bad_input_runs, case):
     """Each bad input: exit 2, one `error:` line naming what is wrong, no traceback, no output dir."""
-    make_data, flags, pattern = BAD_INPUTS[case]
-    data = make_data(tmp_path)
-    flags = [f.format(tmp=tmp_path) for f in flags]
-    out = tmp_path / "out"
-    result = run(["python", "src/train_exo.py", "--model_name_or_path", tiny_model, "--data_name_path", data,
-                  "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache"), "--loss_type", "exo-rw",
-                  "--num_contrastive", "2", "--max_seq_len", "64", "--max_gen_len", "16", *flags], timeout=300)
+    pattern = BAD_INPUTS[case][2]
+    result, case_dir = bad_input_runs[case]
+    out = case_dir / "out"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
