@@ -295,18 +295,23 @@ def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align
     """One 2-rank ZeRO-3 run with the online reference and --group_by_length, sharing on (and
     auto, whose ranks agree on each batch's path) vs off: the same eval and train losses (to the
     6 digits logged)."""
-    results = {}
-    for mode in ("on", "auto", "off"):
-        cmd = [*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model,
-               "--data_name_path", f"toy/rw:{align_data['rw']}", "--output_dir", str(tmp_path / mode),
-               "--data_output_path", str(tmp_path / "cache"), "--zero_stage", "3", "--loss_type", "exo-rw",
-               "--num_contrastive", "4", "--ref_logps", "online", "--group_by_length", "--max_iter_step", "2",
-               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_seq_len", "48",
-               "--max_gen_len", "16", "--learning_rate", "5e-3", "--print_loss", "--seed", "7",
-               "--prefix_sharing", mode]
-        result = run(cmd, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        results[mode] = re.findall(r"\[(train|eval) step (\d+)\] loss=([-\d.e]+)", result.stdout)
+    import json
+
+    modes = ("on", "auto", "off")
+    argvs = [["--model_name_or_path", tiny_model, "--data_name_path", f"toy/rw:{align_data['rw']}",
+              "--output_dir", str(tmp_path / mode), "--data_output_path", str(tmp_path / "cache"), "--zero_stage", "3",
+              "--loss_type", "exo-rw", "--num_contrastive", "4", "--ref_logps", "online", "--group_by_length",
+              "--max_iter_step", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+              "--max_seq_len", "48", "--max_gen_len", "16", "--learning_rate", "5e-3", "--print_loss", "--seed", "7",
+              "--prefix_sharing", mode] for mode in modes]
+    # the three runs one after the other in one launch (tests/run_mains.py: one start-up)
+    (tmp_path / "argvs.json").write_text(json.dumps(argvs))
+    result = run([*launcher(2), "tests/run_mains.py", "src/train_exo.py", str(tmp_path / "argvs.json")], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outputs = result.stdout.split("saved the final model")
+    assert len(outputs) == len(modes) + 1, result.stdout[-3000:]
+    results = {mode: re.findall(r"\[(train|eval) step (\d+)\] loss=([-\d.e]+)", output)
+               for mode, output in zip(modes, outputs)}
     assert len(results["on"]) >= 4
     assert [r[:2] for r in results["on"]] == [r[:2] for r in results["off"]]
     for mode in ("on", "auto"):
