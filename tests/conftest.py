@@ -1,10 +1,14 @@
-"""Shared fixtures: `src/` on the import path, no hub access, tiny local models."""
+"""Path and environment setup, markers and fixtures (plain helpers live in helpers.py).
+
+Tiers: a test that starts a process (the entry scripts through `helpers.run`/`start`, deepspeed
+launches, several ranks) is marked `slow`; `python -m pytest -m "not slow" tests` runs the rest
+in minutes. The tier is enforced: while a test not marked slow is set up, runs and is torn down
+(its fixtures included), subprocess.Popen fails it and names the mark it lacks."""
 import os
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SRC = REPO_ROOT / "src"
+from helpers import NEGATIVE, POSITIVE, SRC, WORDS, write_split
+
 sys.path.insert(0, str(SRC))
 
 # Nothing in the suite may reach a model hub; fail fast instead of hanging on the network.
@@ -15,8 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
 import random  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,9 +27,45 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "vllm: needs vllm (inference_sft --backend vllm); run in the vLLM venv "
                                        "that .ci/run makes, as python -m pytest -m vllm tests (README: Tests)")
+    config.addinivalue_line("markers", "slow: starts a process (an entry script, a deepspeed launch, several ranks); "
+                                       "the fast tier is python -m pytest -m \"not slow\" tests")
 
-WORDS = "the a movie film plot acting story scene actor music was and it very".split()
-POSITIVE, NEGATIVE = ["good", "great", "fun"], ["bad", "awful", "dull"]
+
+class _NoProcessesHere(subprocess.Popen):
+    """subprocess.Popen while a test not marked slow runs: refuses to start anything."""
+    item = None
+
+    def __init__(self, args, *rest, **kwargs):
+        pytest.fail(f"{self.item.nodeid} started a process ({args!r}) but is not marked slow: mark it "
+                    "@pytest.mark.slow (or its module pytestmark = pytest.mark.slow), or run the code in-process; "
+                    "a session fixture that starts processes must be used by slow tests only", pytrace=False)
+
+
+def _guard_processes(item):
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    real, _NoProcessesHere.item = subprocess.Popen, item
+    subprocess.Popen = _NoProcessesHere
+    try:
+        yield
+    finally:
+        subprocess.Popen = real
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _guard_processes(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _guard_processes(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield from _guard_processes(item)
 
 
 def _sentence(rng, n):
@@ -38,12 +76,6 @@ def _reward(text, rng):
     words = text.split()
     # + tiny noise so no two candidates tie (pref losses need a single winner)
     return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words) + rng.random() * 1e-3
-
-
-def write_split(directory, split, records):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{split}.json"), "w") as f:
-        json.dump(records, f)
 
 
 @pytest.fixture(scope="session")
@@ -97,79 +129,6 @@ def tiny_model_of(tmp_path_factory, align_data, tiny_model):
                                          arch=arch, seed=0)
         return made[arch]
     return of
-
-
-def plain_and_once_draws(model, batch, config, temperature, seed=7, after_each=None):
-    """{"plain": (ids, per-token log-probs), "once": ...}: what plain generate and
-    utils.sampling.generate_once_per_prompt draw from `batch` after the same seed, each
-    completion's log-probs recorded as the sampling stage records them; `after_each(mode)` runs
-    after each."""
-    import torch
-    from transformers import LogitsProcessorList
-    from utils.sampling import CompletionLogprobs, generate_once_per_prompt
-
-    drawn = {}
-    for mode, generate in (("plain", lambda **kw: model.generate(**batch, generation_config=config, **kw)),
-                           ("once", lambda **kw: generate_once_per_prompt(model, batch, config, **kw))):
-        recorder = CompletionLogprobs(temperature)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            sequences = generate(logits_processor=LogitsProcessorList([recorder]))
-        drawn[mode] = (sequences, recorder.finish(sequences))
-        if after_each is not None:
-            after_each(mode)
-    return drawn
-
-
-def launcher(ranks):
-    """`python`, or deepspeed on `ranks` CPU ranks with a free rendezvous port (runs may overlap)."""
-    if ranks == 1:
-        return ["python"]
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())]
-
-
-def free_port():
-    """A rendezvous port no other run holds now (runs may overlap)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd, cwd=REPO_ROOT):
-    """Popen in its own process group (launcher and ranks), output merged and line-buffered,
-    for a test that watches a run while it goes (to kill it at a chosen moment); see `finish`."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def communicate(process, timeout, what):
-    """(stdout, stderr) of a process started in its own group once it ends; a timeout kills the
-    whole group and fails the test, naming `what` and showing the output's ends."""
-    try:
-        return process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        outputs = process.communicate()
-        pytest.fail(f"timed out after {timeout}s: {what}\n" + "".join(out[-3000:] for out in outputs if out))
-
-
-def finish(process, timeout=300):
-    """The rest of a `start`ed run's output once it ends; a timeout kills its whole group."""
-    return communicate(process, timeout, " ".join(map(str, process.args)))[0]
-
-
-def run(cmd, timeout=600, env=None, cwd=REPO_ROOT, **kwargs):
-    """Run a command (from the repo root unless `cwd`); return the CompletedProcess (text output).
-
-    The command gets its own process group, and a timeout kills the whole group: the
-    `deepspeed` launcher does not take its ranks down when it is killed, and orphaned ranks
-    would hold the CPU (and their rendezvous) for the rest of the suite."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), **(env or {})}
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True, **kwargs) as process:
-        stdout, stderr = communicate(process, timeout, " ".join(map(str, cmd)))
-    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -168,7 +168,7 @@ def test_sampling_prefills_each_prompt_once_and_draws_what_generate_draws(name):
     """For one seed, generate_once_per_prompt draws the ids plain generate(num_return_sequences=K)
     draws, with the same per-token log-probs, on left-padded prompts of 9, 1 and 5 tokens (the
     1-token one shares only padding), on the cache kind the family is meant to take."""
-    from conftest import plain_and_once_draws
+    from helpers import plain_and_once_draws
     from transformers import GenerationConfig
     from utils.sampling import prompt_cache_kind
 

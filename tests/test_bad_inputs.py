@@ -11,7 +11,7 @@ import re
 import shutil
 
 import pytest
-from conftest import REPO_ROOT, run, write_split
+from helpers import REPO_ROOT, run, write_split
 
 RW = [{"prompt": "the movie", "completions": ["good fun", "bad", "great", "dull"], "rewards": [2.0, -1.0, 1.0, -0.5]}
       for _ in range(4)]
@@ -357,6 +357,7 @@ def catalogue_results(tiny_model, tmp_path_factory):
             for i, name in enumerate(CATALOGUE)}
 
 
+@pytest.mark.slow
 def test_the_catalogue_covers_every_entry_script_with_at_least_25_cases(catalogue_results):
     assert len(CATALOGUE) >= 25
     scripts = {result[0] for result in catalogue_results.values()}
@@ -365,6 +366,7 @@ def test_the_catalogue_covers_every_entry_script_with_at_least_25_cases(catalogu
                        "src/make_tiny_model.py", "src/train_class.py", "src/inference_class.py"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CATALOGUE))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(catalogue_results, name):
     _, code, stdout, stderr, before, after = catalogue_results[name]

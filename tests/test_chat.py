@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO_ROOT, run
+from helpers import REPO_ROOT, run
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.tiny_model import make_tiny_model
@@ -207,6 +207,7 @@ def test_columns_map_fields_and_a_bad_mapping_is_one_line(tmp_path):
         load_raw_datasets([f"x/pref:{tmp_path / 'd'}"], columns="prompt=q,completions=typo")
 
 
+@pytest.mark.slow
 def test_pref_to_rw_keeps_conversations(chat_pref, tmp_path):
     os.makedirs(tmp_path / "pref")
     for ours, theirs in (("train", "train_prefs"), ("test", "test_prefs")):
@@ -250,6 +251,7 @@ def test_get_raw_dataset_takes_an_entry_added_by_hand(tmp_path):
     assert isinstance(dataset, MyTsv) and dataset.records("train") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
 
 
+@pytest.mark.slow
 def test_recipe_launchers_give_exo_pref_the_original_target(tmp_path):
     """exo-pref in the paper recipes: eps = sigmoid(-10) at K = 2 (the original code's log eps -10)."""
     fake = tmp_path / "bin"
@@ -269,6 +271,7 @@ def test_recipe_launchers_give_exo_pref_the_original_target(tmp_path):
 
 
 # -- end to end through the launchers --------------------------------------------------------
+@pytest.mark.slow
 def test_conversational_pipeline_end_to_end(chat_models, chat_pref, tmp_path):
     """SFT and RM (launchers, one CPU rank) on conversational pref parquet; sampling stops at
     <|im_end|> (not EOS) and writes assistant messages; calc_logprobs re-scores them as the
@@ -282,6 +285,9 @@ def test_conversational_pipeline_end_to_end(chat_models, chat_pref, tmp_path):
                *data_flags, "--num_train_epochs", "12", "--learning_rate", "1e-2", "--zero_stage", "0"], env=env)
     assert sft.returncode == 0, sft.stdout[-3000:] + sft.stderr[-3000:]
     sft_dir = tmp_path / "models" / "tiny_c" / "sft"
+    # the SFT launcher's test on pref data (prompt + chosen): its model, training.log and TensorBoard run
+    AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert (sft_dir / "training.log").exists() and os.listdir(tmp_path / "tb")
     rm = run(["bash", "exp/custom_exp/train_rm.sh", "tiny", str(sft_dir), "sft", "c/pref", chat_pref,
               *data_flags, "--max_iter_step", "2", "--zero_stage", "0"], env=env)
     assert rm.returncode == 0, rm.stdout[-3000:] + rm.stderr[-3000:]

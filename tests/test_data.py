@@ -813,6 +813,7 @@ def _run_p2r(*args):
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_pref_to_rw_converts(tmp_path):
     """pref train.json + test.jsonl become rw DIR_p2r/{train,test}.json with rewards [1.0, 0.0]."""
     d = tmp_path / "hh_pref"
@@ -834,6 +835,7 @@ def test_pref_to_rw_converts(tmp_path):
     assert JsonDataset("x", str(out), "rw").records("test")[0]["rewards"] == [1.0, 0.0]
 
 
+@pytest.mark.slow
 def test_pref_to_rw_bad_input(tmp_path):
     """Malformed input exits 2 with one "error:" line on stderr, no traceback, and no DIR_p2r."""
     d = tmp_path / "hh_pref"
@@ -849,6 +851,7 @@ def test_pref_to_rw_bad_input(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hh_pref"]
 
 
+@pytest.mark.slow
 def test_pref_to_rw_missing_field(tmp_path):
     """A pref record without "rejected" exits 2 naming the file, record and field."""
     d = tmp_path / "hh_pref"

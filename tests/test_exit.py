@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import run
+from helpers import run
 
 # A gloo collective on a held subgroup finishes on its worker thread, which then runs Python
 # (a future's callback) while interpreter teardown is under way (an object that is slow to
@@ -50,6 +50,7 @@ def teardown_probe(tmp_path, ending):
     return run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), ending], timeout=180)
 
 
+@pytest.mark.slow
 def test_a_collective_ending_during_teardown_aborts_a_plain_exit(tmp_path):
     """The hazard is real on this torch: if this stops failing, run_and_exit's reason is gone."""
     result = teardown_probe(tmp_path, "plain")
@@ -57,6 +58,7 @@ def test_a_collective_ending_during_teardown_aborts_a_plain_exit(tmp_path):
         result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_run_and_exit_exits_0_where_teardown_would_abort(tmp_path):
     result = teardown_probe(tmp_path, "run_and_exit")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,6 +99,7 @@ ENDINGS = textwrap.dedent('''
     ("input error", 2, 'error: data.json record 2 field "prompt": missing'),
     ("exception", 1, "RuntimeError: boom"),
 ])
+@pytest.mark.slow
 def test_run_and_exit_ends_as_the_interpreter_would(tmp_path, ending, status, stderr_has):
     script = tmp_path / "endings.py"
     script.write_text(ENDINGS)
@@ -126,6 +129,7 @@ FAILING_EXPORT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_an_exception_in_train_loses_no_logged_scalar(tiny_model, align_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -143,12 +147,13 @@ def test_an_exception_in_train_loses_no_logged_scalar(tiny_model, align_data, tm
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 51))
 
 
+@pytest.mark.slow
 def test_a_rank_whose_peer_stopped_on_bad_input_prints_nothing_of_its_own(tiny_model, tmp_path):
     """2 ranks, a train.json holding one object: rank 0 prints the one error line; rank 1, whose
     barrier in cache_writer_first fails as rank 0 leaves, prints no traceback of its own."""
     import json
 
-    from conftest import launcher
+    from helpers import launcher
 
     data = tmp_path / "bad"
     data.mkdir()

@@ -1,6 +1,5 @@
 """exp/frontier: the frontier, matched-KL and bootstrap arithmetic on synthetic sweeps whose
 answer is known, and the driver end to end on its --quick grid (on the quickstart test's models)."""
-import json
 import sys
 from pathlib import Path
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher, run
+from helpers import REPO_ROOT, launcher, run
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -240,6 +240,7 @@ def test_calc_logprobs_flag():
 
 @pytest.mark.parametrize("arch,head_key", [("gpt2", "transformer.wte.weight"), ("gpt_neox", "embed_out.weight"),
                                            ("llama", "lm_head.weight")])
+@pytest.mark.slow
 def test_zero3_two_ranks_fused_equals_unfused(arch, head_key, tiny_model_of, align_data, tmp_path):
     """train_exo under ZeRO-3 on 2 CPU ranks (the head weight partitioned, the reference online
     and partitioned too), fused and unfused from the same start: the same losses of both steps
@@ -270,15 +271,25 @@ def test_zero3_two_ranks_fused_equals_unfused(arch, head_key, tiny_model_of, ali
     torch.testing.assert_close(fused[head_key], unfused[head_key], **F32_TOL)
 
 
-@pytest.mark.parametrize("head", ["tied", "untied", "bias"])
-def test_zero3_two_ranks_every_head(head, tmp_path):
-    """Under 2-rank ZeRO-3, a tied head, an untied one and an untied one with a bias: the fused
-    head's log-probs and the weights after one step equal the unfused path's (tests/zero3_heads.py)."""
-    out = tmp_path / "results.pt"
-    result = run([*launcher(2), "tests/zero3_heads.py", head, str(out)], timeout=600,
+HEADS = ["tied", "untied", "bias"]
+
+
+@pytest.fixture(scope="module")
+def zero3_heads_results(tmp_path_factory):
+    """tests/zero3_heads.py's results for every head of HEADS, from one 2-rank launch."""
+    out = tmp_path_factory.mktemp("zero3_heads") / "results.pt"
+    result = run([*launcher(2), "tests/zero3_heads.py", ",".join(HEADS), str(out)], timeout=600,
                  env={"PYTHONPATH": f"{REPO_ROOT / 'src'}:{REPO_ROOT / 'tests'}"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = torch.load(out)
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", HEADS)
+def test_zero3_two_ranks_every_head(head, zero3_heads_results):
+    """Under 2-rank ZeRO-3, a tied head, an untied one and an untied one with a bias: the fused
+    head's log-probs and the weights after one step equal the unfused path's (tests/zero3_heads.py)."""
+    results = zero3_heads_results[head]
     (logps_f, fused), (logps_u, unfused) = results["fused"], results["unfused"]
     torch.testing.assert_close(logps_f, logps_u, **F32_TOL)
     from zero3_heads import build

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, WORDS, launcher, run, write_split
+from helpers import NEGATIVE, POSITIVE, WORDS, forked_runs, launcher, ok, read, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from utils.data.collators import pad_sequences
@@ -21,11 +21,6 @@ from utils.model_utils import load_causal_lm, load_tokenizer
 SAMPLE_FLAGS = ["--split", "test", "--return_num", "3", "--temp", "1.0", "--max_new_tokens", "8",
                 "--max_length", "24", "--batch_size", "2", "--seed", "11"]
 NUM_PROMPTS = 11  # odd, so the two ranks' slices differ in size
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +40,6 @@ def prompts_dir(tmp_path_factory):
 def sample_cli(model, data_dir, out, *flags, ranks=1, script="src/inference_sft.py"):
     return run([*launcher(ranks), script, "--model_name_or_path", model, "--data_name_path", f"toy/sft:{data_dir}",
                 "--output_path", str(out), *SAMPLE_FLAGS, *flags], timeout=600)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +78,7 @@ def reward_model(tiny_model, tmp_path_factory):
 
 
 # -- sampling -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sampling_schema_order_and_seed(tiny_model, prompts_dir, sampled, tmp_path):
     """return_num completions with their exact ids for every prompt, in input order; the same
     command gives the same file; a batch draws the same whichever prompts follow it (--prompt_num)."""
@@ -140,6 +131,7 @@ inference_sft.main()
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_order_and_a_crashed_run_resumes_to_the_same_file(tiny_model, prompts_dir, tmp_path):
     """2 CPU ranks: input order kept. A run whose rank 1 dies in its third batch leaves rank 0's
     complete shard and rank 1's first two batches; the rerun reuses both and writes the file an
@@ -213,7 +205,7 @@ def test_prompt_prefilled_once_samples_what_generate_samples(arch, tmp_path):
     the same seed, the ids plain generate(num_return_sequences=K) draws, from the same
     distributions: left-padded prompts of several lengths, a 1-token one among them (its
     shared prefix is all padding)."""
-    from conftest import plain_and_once_draws
+    from helpers import plain_and_once_draws
     from utils.sampling import sampling_config
     from utils.tiny_model import builtin_corpus, make_tiny_model
 
@@ -250,6 +242,7 @@ GEN_RECORDS = [{"prompt": "the movie was", "completions": ["good fun", "bad", "a
                {"prompt": "a story", "completions": ["fun", "great acting", "dull scene"]}]
 
 
+@pytest.mark.slow
 def test_reward_labels_and_eval(reward_model, tmp_path):
     """label writes rw data beside the gen data (_sft -> _rw), one reward per completion, equal to
     the reward model read directly; eval writes their mean and std."""
@@ -294,6 +287,7 @@ def direct_logps(model_path, records, max_seq_len, max_gen_len):
     return out
 
 
+@pytest.mark.slow
 def test_calc_logprobs_and_eval_kl(tiny_model, other_model, sampled, tmp_path):
     """A model against itself (scored on 1 and on 2 ranks) gives KL 0; against another model a
     positive KL equal to the mean log-prob difference computed here directly."""
@@ -331,6 +325,7 @@ def test_calc_logprobs_and_eval_kl(tiny_model, other_model, sampled, tmp_path):
 
 
 # -- launchers ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_launchers_sample_and_label(tiny_model, reward_model, prompts_dir, tmp_path):
     """inference_sft.sh writes PATH_sft/SPLIT.json; inference_rm.sh (label by default) writes
     the rw data beside it."""
@@ -419,23 +414,36 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model, tmp_path_factory):
+    """{case: (CompletedProcess, its directory's files before the run)}: every BAD_INPUTS case in a
+    directory of its own, each a process forked from one that paid the imports once (helpers.forked_runs)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    argvs, befores = [], []
+    for i, (script, make_flags, _) in enumerate(BAD_INPUTS.values()):
+        case_dir = root / f"case{i}"
+        case_dir.mkdir()
+        flags = make_flags(case_dir)
+        befores.append((case_dir, sorted(glob.glob(str(case_dir / "**"), recursive=True))))
+        out = ["--output_path", str(case_dir / "out" / "o.json")] if script.endswith("calc_logprobs.py") else \
+            ["--output_path", str(case_dir / "out")]
+        lengths = ["--max_length", "64", "--max_new_tokens", "16"] if script.endswith("inference_sft.py") else \
+            ["--max_seq_len", "64", "--max_gen_len", "16"]  # within the tiny model's 256 positions
+        argvs.append([script, "--model_name_or_path", tiny_model, "--split", "test", *lengths, *flags, *out])
+    return dict(zip(BAD_INPUTS, zip(forked_runs(root / "forked", argvs), befores)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
-    script, make_flags, pattern = BAD_INPUTS[case]
-    flags = make_flags(tmp_path)
-    before = sorted(p for p in glob.glob(str(tmp_path / "**"), recursive=True))
-    out = ["--output_path", str(tmp_path / "out" / "o.json")] if script.endswith("calc_logprobs.py") else \
-        ["--output_path", str(tmp_path / "out")]
-    lengths = ["--max_length", "64", "--max_new_tokens", "16"] if script.endswith("inference_sft.py") else \
-        ["--max_seq_len", "64", "--max_gen_len", "16"]  # within the tiny model's 256 positions
-    result = run(["python", script, "--model_name_or_path", tiny_model, "--split", "test", *lengths, *flags, *out],
-                 timeout=300)
+def test_bad_input_gives_one_line_and_writes_nothing(bad_input_runs, case):
+    pattern = BAD_INPUTS[case][2]
+    result, (case_dir, before) = bad_input_runs[case]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in result.stdout + result.stderr
-    assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before  # nothing written
+    assert sorted(glob.glob(str(case_dir / "**"), recursive=True)) == before  # nothing written
 
 
 BAD_FLAGS = {
@@ -463,6 +471,7 @@ def test_bad_sampling_flags_exit_2_with_one_line(tiny_model, prompts_dir, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_eval_kl_names_the_record_and_field_that_differ(tmp_path):
     good = [{"prompt": "p", "completions": ["a", "b"], "logps": [-1.0, -2.0]}] * 2
     other = json.loads(json.dumps(good))

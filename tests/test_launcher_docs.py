@@ -1,7 +1,7 @@
 """What the documentation (README.md or a docs/ page) says a launcher passes is what the launcher passes."""
 import re
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def test_readme_states_the_align_launchers_defaults():

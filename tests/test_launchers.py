@@ -6,7 +6,11 @@ import signal
 import subprocess
 
 import psutil
-from conftest import REPO_ROOT, SRC, run
+import pytest
+from helpers import REPO_ROOT, SRC, run
+
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
 
 # 64 records x 2 groups of K=2 / (4 x 2 ranks) = 16 steps an epoch, no accumulation
 SHORT = ["--max_seq_len", "48", "--max_gen_len", "16", "--gradient_accumulation_steps", "1", "--max_iter_step", "12",

@@ -2,11 +2,12 @@
 the command line and moves the policy toward the labels (under a spread of ZeRO stages, LoRA,
 the online reference and prefix sharing); the reference-free loss never touches a reference;
 data a loss cannot use is refused before training; a SimPO run resumes exactly."""
+import json
 import re
 import signal
 
 import pytest
-from conftest import finish, launcher, run, start, write_split
+from helpers import finish, launcher, run, start, write_split
 from safetensors.torch import load_file
 
 TINY = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
@@ -38,6 +39,7 @@ CASES = {  # loss: (data kind, K, flags that vary the machinery around it)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", list(CASES))
 def test_each_listwise_loss_trains_on_two_ranks_toward_the_labels(tiny_model, align_data, tmp_path, loss_type):
     """The eval loss falls and the best-labelled candidate's implicit reward rises above the
@@ -67,6 +69,7 @@ def _write(directory, records):
         write_split(str(directory), split, records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["pref data, K = 4", "lipo, negative rewards"])
 def test_data_a_loss_cannot_use_is_refused_before_training(tiny_model, align_data, tmp_path, case):
     if case == "pref data, K = 4":
@@ -84,6 +87,7 @@ def test_data_a_loss_cannot_use_is_refused_before_training(tiny_model, align_dat
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+@pytest.mark.slow
 def test_simpo_stopped_by_sigterm_resumes_exactly(tiny_model, align_data, tmp_path):
     """A reference-free run checkpoints on SIGTERM and --resume auto continues it to the same
     per-step losses and weights as a run never stopped."""
@@ -122,6 +126,7 @@ def test_simpo_stopped_by_sigterm_resumes_exactly(tiny_model, align_data, tmp_pa
     assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
 
 
+@pytest.mark.slow
 def test_continue_from_makes_two_runs_one(tiny_model, align_data, tmp_path):
     """--continue_from (what online rounds pass) takes the weights, AdamW state and data position
     of a finished run: 2 steps, then 2 more continued from them, are the steps and weights of one
@@ -130,15 +135,22 @@ def test_continue_from_makes_two_runs_one(tiny_model, align_data, tmp_path):
     flags = ["--loss_type", "exo-rw", "--num_contrastive", "2", "--zero_stage", "2", "--print_loss",
              "--lr_scheduler_type", "constant", "--num_save_checkpoint", "1"]
     losses = lambda text: list(re.findall(r"\[train step \d+\] loss=(\S+)", text))
-    whole = align(tiny_model, data, tmp_path / "whole", tmp_path / "cache", *flags, "--max_iter_step", "4")
-    first = align(tiny_model, data, tmp_path / "first", tmp_path / "cache", *flags, "--max_iter_step", "2")
-    second = align(str(tmp_path / "first"), data, tmp_path / "second", tmp_path / "cache", *flags,
-                   "--max_iter_step", "2", "--ref_name_or_path", tiny_model,
-                   "--continue_from", str(tmp_path / "first" / "ds_checkpoints"))
-    for result in (whole, first, second):
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert "continuing from" in second.stdout
-    assert losses(first.stdout) + losses(second.stdout) == losses(whole.stdout) and len(losses(whole.stdout)) == 4
+
+    def argv(model, out, *extra):
+        return ["--model_name_or_path", model, "--data_name_path", data, "--output_dir", str(out),
+                "--data_output_path", str(tmp_path / "cache"), *TINY, *flags, *extra]
+
+    # the three runs one after the other in one 2-rank launch (tests/run_mains.py: one start-up)
+    argvs = [argv(tiny_model, tmp_path / "whole", "--max_iter_step", "4"),
+             argv(tiny_model, tmp_path / "first", "--max_iter_step", "2"),
+             argv(str(tmp_path / "first"), tmp_path / "second", "--max_iter_step", "2", "--ref_name_or_path", tiny_model,
+                  "--continue_from", str(tmp_path / "first" / "ds_checkpoints"))]
+    (tmp_path / "argvs.json").write_text(json.dumps(argvs))
+    result = run([*launcher(2), "tests/run_mains.py", "src/train_exo.py", str(tmp_path / "argvs.json")], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    whole, first, second = result.stdout.split("saved the final model")[:3]
+    assert "continuing from" in second and "continuing from" not in whole + first
+    assert losses(first) + losses(second) == losses(whole) and len(losses(whole)) == 4
     a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "whole", tmp_path / "second"))
     assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
 

@@ -13,8 +13,11 @@ import time
 
 import psutil
 import pytest
-from conftest import SRC, finish, free_port, launcher, start
+from helpers import SRC, finish, free_port, launcher, start, train_losses
 from safetensors.torch import load_file
+
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
 
 # 64 records x 2 groups of K=2 / (4 x 2 ranks) = 16 steps an epoch; 4 are run, a resumable
 # checkpoint every 2.
@@ -84,10 +87,6 @@ def assert_bit_equal(dir_a, dir_b):
     assert a.keys() == b.keys()
     differing = {k: (a[k] - b[k]).abs().max().item() for k in a if not a[k].equal(b[k])}
     assert not differing, differing
-
-
-def train_losses(output):
-    return {int(s): v for s, v in re.findall(r"\[train step (\d+)\] loss=(\S+)", output)}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import POSITIVE, NEGATIVE, REPO_ROOT, SRC, WORDS, run, write_split
+from helpers import POSITIVE, NEGATIVE, REPO_ROOT, SRC, WORDS, run, write_split
 
 ENV = {"DEVICE_IDS": "0,1"}
 
@@ -76,6 +76,7 @@ def final_weights(out):
     return load_file(out / "round2" / "policy_online" / "align_exo-rw_nc2" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_online_rounds_resume_bit_exactly_after_a_kill(tiny_model, online_inputs, tmp_path):
     out = tmp_path / "online"
     cmd = online_command(tiny_model, online_inputs, out)
@@ -146,6 +147,7 @@ class ToyLines(PromptRawDataset):
 """
 
 
+@pytest.mark.slow
 def test_online_reads_prompts_through_a_dataset_module(tiny_model, online_inputs, tmp_path):
     """Prompts in a format of the user's own (--dataset_module, a path relative to where the
     driver starts) reach sampling and the evaluations: one round runs, on the file's prompts. The
@@ -172,6 +174,7 @@ def test_online_reads_prompts_through_a_dataset_module(tiny_model, online_inputs
     assert (out / "round1" / "policy_online" / "align_simpo_nc2" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_online_bad_flags_are_one_line(tiny_model, online_inputs, tmp_path):
     prompts, reward_model = online_inputs
     base = ["bash", "exp/online_exp/run.sh", "--sft_model", tiny_model, "--reward_model", reward_model,
@@ -278,6 +281,7 @@ def test_stage_runner_checks_what_a_stage_was_made_from_whatever_earlier_runs_di
     assert runs == [3] and "changed since it was written" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stage_runner_kills_a_group_left_by_a_killed_driver(tmp_path):
     from utils.fileio import InputError
     from utils.pipeline import _start_time, kill_stale_group

@@ -12,7 +12,8 @@ import sys
 import textwrap
 import zipfile
 
-from conftest import REPO_ROOT, SRC
+import pytest
+from helpers import REPO_ROOT, SRC
 
 
 def test_no_absolute_utils_import_inside_the_package():
@@ -28,6 +29,7 @@ def test_no_absolute_utils_import_inside_the_package():
     assert not offenders, f"absolute imports of utils inside the package: {offenders}"
 
 
+@pytest.mark.slow
 def test_wheel_installs_only_exo_align(tmp_path):
     """No `utils`, no `train_exo` ... at the top level of site-packages: only exo_align."""
     for name in ("setup.py", "README.md", "requirements.txt"):
@@ -55,6 +57,7 @@ def user_dir(tmp_path):
     return work
 
 
+@pytest.mark.slow
 def test_exo_align_imports_beside_a_user_utils_py(tmp_path):
     """Every module of the package imports as exo_align.* from a process whose sys.path has no
     src/ and whose working directory (first on sys.path) holds a user's utils.py."""
@@ -80,6 +83,7 @@ def test_exo_align_imports_beside_a_user_utils_py(tmp_path):
     assert int(result.stdout.split()[-2]) >= 15  # the last line; DeepSpeed prints to stdout on import
 
 
+@pytest.mark.slow
 def test_stage_runs_beside_a_user_utils_py(tmp_path, tiny_model, align_data):
     """A stage started from a directory holding a user's utils.py trains; its --dataset_module
     may import the package as exo_align and registers into the registry the stage reads."""
@@ -108,6 +112,7 @@ def test_stage_runs_beside_a_user_utils_py(tmp_path, tiny_model, align_data):
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_generated_data_is_ignored_by_git():
     """The preprocessors' default outputs (exp/*/data/) and the trackers' local logs stay out of git."""
     paths = ["exp/imdb_exp/data/imdb_prefix10/train.json", "exp/tldr_exp/data/tldr/test.json",

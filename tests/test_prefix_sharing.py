@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import launcher, run
+from helpers import launcher, ok, run
 
 from utils.logprobs import sequence_logprobs
 from utils.loss import alignment_loss
@@ -195,17 +195,24 @@ def test_unsupported_models_are_explained_and_on_refuses_them(arch_model, capsys
 
 # -- the stages' --prefix_sharing ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def stage_runs(tiny_model, easy_pref_data, tmp_path_factory):
+def stages_root(tmp_path_factory):
+    """The directory `stage_runs` writes its inputs and outputs in."""
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tiny_model, easy_pref_data, stages_root):
     """Every stage that scores groups, with sharing on and off (and auto/on with a model that
     cannot share), forked from one process that paid the imports once (tests/forked_cli.py):
-    {name: (exit code, stdout, stderr, run directory)}."""
+    {name: CompletedProcess (exit code, stdout, stderr)}; they write in `stages_root`."""
     import json
+    import subprocess
 
-    from conftest import REPO_ROOT, WORDS, write_split
+    from helpers import REPO_ROOT, WORDS, write_split
     from transformers import BloomConfig, BloomForCausalLM
     from utils.model_utils import load_reward_model, load_tokenizer
 
-    root = tmp_path_factory.mktemp("stages")
+    root = stages_root
     rng = random.Random(5)
     gen = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))),
             "completions": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
@@ -242,65 +249,70 @@ def stage_runs(tiny_model, easy_pref_data, tmp_path_factory):
                  timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     codes = json.loads((root / "results" / "results.json").read_text())
-    return {name: (codes[i], (root / "results" / f"{i}.out").read_text(), (root / "results" / f"{i}.err").read_text(),
-                   root) for i, name in enumerate(cases)}
+    return {name: subprocess.CompletedProcess(argv, codes[i], (root / "results" / f"{i}.out").read_text(),
+                                              (root / "results" / f"{i}.err").read_text())
+            for i, (name, argv) in enumerate(cases.items())}
 
 
-def _ok(stage_runs, name):
-    code, out, err, root = stage_runs[name]
-    assert code == 0, err[-3000:]
-    return out, root
-
-
-def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stage_runs):
+@pytest.mark.slow
+def test_calc_logprobs_and_inference_rm_write_the_same_numbers_with_sharing(stage_runs, stages_root):
     import json
 
-    _, root = _ok(stage_runs, "logps_on"), _ok(stage_runs, "logps_off")[1]
+    ok(stage_runs["logps_on"]), ok(stage_runs["logps_off"])
+    root = stages_root
     for on, off, field in (("logps_on.json", "logps_off.json", "logps"),
                            ("rw_on/test.json", "rw_off/test.json", "rewards")):
         if field == "rewards":
-            _ok(stage_runs, "rm_on"), _ok(stage_runs, "rm_off")
+            ok(stage_runs["rm_on"]), ok(stage_runs["rm_off"])
         shared, unshared = (json.loads((root / name).read_text()) for name in (on, off))
         assert [len(r[field]) for r in shared] == [len(r["completions"]) for r in unshared]
         for a, b in zip(shared, unshared):
             assert a[field] == pytest.approx(b[field], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_train_rm_trains_the_same_with_sharing_lora_and_checkpointing(stage_runs):
     def losses(out):
         return [float(v) for v in re.findall(r"\[(?:train|eval) step \d+\] loss=([-\d.e]+)", out)]
 
-    on, off = losses(_ok(stage_runs, "train_rm_on")[0]), losses(_ok(stage_runs, "train_rm_off")[0])
+    on, off = losses(ok(stage_runs["train_rm_on"]).stdout), losses(ok(stage_runs["train_rm_off"]).stdout)
     assert len(on) == len(off) >= 4  # eval 0, train 1, 2, eval 2
     assert on == pytest.approx(off, rel=1e-4)
 
 
-def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stage_runs):
-    code, out, err, _ = stage_runs["bloom_on"]
+@pytest.mark.slow
+def test_a_model_that_cannot_share_falls_back_under_auto_and_stops_under_on(stage_runs, stages_root):
+    code, out, err = stage_runs["bloom_on"].returncode, stage_runs["bloom_on"].stdout, stage_runs["bloom_on"].stderr
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert len(errors) == 1 and errors[0].startswith("error: --prefix_sharing on") and err.strip().endswith(errors[0])
-    assert not (stage_runs["bloom_on"][3] / "bloom_on.json").exists()
-    out, _ = _ok(stage_runs, "bloom_auto")
+    assert not (stages_root / "bloom_on.json").exists()
+    out = ok(stage_runs["bloom_auto"]).stdout
     assert len(re.findall(r"prefix sharing off for the model: .*ALiBi", out)) == 1, out
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_train_exo_with_sharing_matches_without(tiny_model, align_data, tmp_path):
     """One 2-rank ZeRO-3 run with the online reference and --group_by_length, sharing on (and
     auto, whose ranks agree on each batch's path) vs off: the same eval and train losses (to the
     6 digits logged)."""
-    results = {}
-    for mode in ("on", "auto", "off"):
-        cmd = [*launcher(2), "src/train_exo.py", "--model_name_or_path", tiny_model,
-               "--data_name_path", f"toy/rw:{align_data['rw']}", "--output_dir", str(tmp_path / mode),
-               "--data_output_path", str(tmp_path / "cache"), "--zero_stage", "3", "--loss_type", "exo-rw",
-               "--num_contrastive", "4", "--ref_logps", "online", "--group_by_length", "--max_iter_step", "2",
-               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_seq_len", "48",
-               "--max_gen_len", "16", "--learning_rate", "5e-3", "--print_loss", "--seed", "7",
-               "--prefix_sharing", mode]
-        result = run(cmd, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        results[mode] = re.findall(r"\[(train|eval) step (\d+)\] loss=([-\d.e]+)", result.stdout)
+    import json
+
+    modes = ("on", "auto", "off")
+    argvs = [["--model_name_or_path", tiny_model, "--data_name_path", f"toy/rw:{align_data['rw']}",
+              "--output_dir", str(tmp_path / mode), "--data_output_path", str(tmp_path / "cache"), "--zero_stage", "3",
+              "--loss_type", "exo-rw", "--num_contrastive", "4", "--ref_logps", "online", "--group_by_length",
+              "--max_iter_step", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+              "--max_seq_len", "48", "--max_gen_len", "16", "--learning_rate", "5e-3", "--print_loss", "--seed", "7",
+              "--prefix_sharing", mode] for mode in modes]
+    # the three runs one after the other in one launch (tests/run_mains.py: one start-up)
+    (tmp_path / "argvs.json").write_text(json.dumps(argvs))
+    result = run([*launcher(2), "tests/run_mains.py", "src/train_exo.py", str(tmp_path / "argvs.json")], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outputs = result.stdout.split("saved the final model")
+    assert len(outputs) == len(modes) + 1, result.stdout[-3000:]
+    results = {mode: re.findall(r"\[(train|eval) step (\d+)\] loss=([-\d.e]+)", output)
+               for mode, output in zip(modes, outputs)}
     assert len(results["on"]) >= 4
     assert [r[:2] for r in results["on"]] == [r[:2] for r in results["off"]]
     for mode in ("on", "auto"):

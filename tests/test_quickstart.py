@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import run
+from helpers import run
 
 SMALL = ["--num_reviews", "200", "--num_train_prompts", "64", "--num_test_prompts", "16", "--sft_epochs", "1",
          "--rm_epochs", "1", "--align_steps", "3", "--num_checkpoints", "2", "--eval_samples", "2",
@@ -17,6 +17,7 @@ def quickstart(*args, timeout=600):
     return run(["bash", "exp/quickstart/run.sh", *args], env=ENV, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     workdir = tmp_path / "quickstart"
     first = quickstart("--workdir", str(workdir), *SMALL)
@@ -63,20 +64,24 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert again.stdout.count("done before, skipped") == 13  # every stage but the report
     assert table in again.stdout
 
-    # The frontier driver's --quick grid on the same miniature: its shared stages are the
-    # quickstart's, made above, so only its own cells run
-    frontier = run(["bash", "exp/frontier/run.sh", "--quick", "--workdir", str(workdir)], env=ENV, timeout=900)
+    # The frontier driver's --quick grid on the same miniature, on one of its two seeds: its shared
+    # stages are the quickstart's, made above, so only its own cells run. Seed 1's cells are seed
+    # 0's code again (~70 s); test_frontier.py checks the --quick graph's per-seed wiring and the
+    # bootstrap's pairing over seeds on synthetic sweeps.
+    frontier_cmd = ["bash", "exp/frontier/run.sh", "--quick", "--seeds", "0", "--workdir", str(workdir)]
+    frontier = run(frontier_cmd, env=ENV, timeout=900)
     assert frontier.returncode == 0, frontier.stdout[-4000:] + frontier.stderr[-4000:]
     for stage in ("corpus", "base_model", "sft", "sample", "oracle_pref", "rm", "rm_label", "pref_to_rw"):
         assert f"] {stage}: " in frontier.stdout and f"{stage}: " in [
             line.split("] ", 1)[-1][:len(stage) + 2] for line in frontier.stdout.splitlines()
             if "done before, skipped" in line], stage
     result = json.loads((workdir / "results.json").read_text())
-    assert result["command"] == f"bash exp/frontier/run.sh --quick --workdir {workdir}"
+    assert result["command"] == f"bash exp/frontier/run.sh --quick --seeds 0 --workdir {workdir}"
     points = result["points"]
     offline = [p for p in points if p["kind"] == "offline"]
     assert {(p["method"], p["beta_pi"], p["seed"], p["checkpoint"]) for p in offline} == {
-        (m, 1.0, s, c) for m in ("exo-rw", "dpo-rw") for s in (0, 1) for c in ("ckpt1", "ckpt2")}
+        (m, 1.0, 0, c) for m in ("exo-rw", "dpo-rw") for c in ("ckpt1", "ckpt2")}
+    assert [(p["method"], p["seed"]) for p in points if p["kind"] == "sft"] == [("sft", 0)]
     for p in points:
         assert {"reward", "reward_se", "kl", "kl_se"} <= set(p) and -1 <= p["reward"] <= 1 and p["n"] == 16 * 4
     assert all(p["kl"] > 0 for p in offline)
@@ -100,7 +105,7 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert run([*analysis, "--check", str(readme)], timeout=120).returncode == 0
     assert "| − dpo-rw |" in readme.read_text() and (tmp_path / "imgs" / "frontier.png").exists()
 
-    again = run(["bash", "exp/frontier/run.sh", "--quick", "--workdir", str(workdir)], env=ENV, timeout=300)
+    again = run(frontier_cmd, env=ENV, timeout=300)
     assert again.returncode == 0 and "(not done yet)" not in again.stdout and "redone" not in again.stdout
 
     # A recipe's models by flags (here the miniature's, with its reward model as the oracle): one cell
@@ -120,6 +125,7 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert len(rm_scored) == 16 and all(len(r["rewards"]) == 2 for r in rm_scored)
 
 
+@pytest.mark.slow
 def test_quickstart_bad_flag_is_one_line(tmp_path):
     result = quickstart("--workdir", str(tmp_path), "--force", "no_such_stage", timeout=60)
     assert result.returncode == 2
@@ -153,7 +159,7 @@ def test_evaluate_keeps_an_output_only_when_made_from_the_same_inputs(tiny_model
     import importlib.util
     import shutil
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("quickstart_evaluate", REPO_ROOT / "exp" / "quickstart" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 import recipe_fixtures
 from utils.fileio import INPUT_ERROR_EXIT_CODE

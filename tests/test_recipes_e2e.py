@@ -8,9 +8,12 @@ import json
 import re
 
 import pytest
-from conftest import REPO_ROOT, run
+from helpers import REPO_ROOT, run
 
 import recipe_fixtures
+
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
 
 SKIP_MARK = "<!-- not run in CI"
 TRAIN = ("--max_seq_len 96 --max_gen_len 32 --per_device_train_batch_size 4 --per_device_eval_batch_size 8 "

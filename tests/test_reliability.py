@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, SRC, finish, launcher, run, start
+from helpers import REPO_ROOT, SRC, finish, launcher, run, start, train_losses
 from safetensors.torch import load_file
 
 COMMON = ["--max_seq_len", "48", "--max_gen_len", "16", "--per_device_train_batch_size", "4",
@@ -49,11 +49,6 @@ def run_until(process, seen, act, timeout=300):
     else:
         pytest.fail("the run ended before the awaited line:\n" + "".join(lines)[-3000:])
     return "".join(lines)
-
-
-def train_losses(output):
-    """{step: the logged loss text} of --print_loss lines (the text: equal means bit-equal to 6 digits)."""
-    return {int(s): v for s, v in re.findall(r"\[train step (\d+)\] loss=(\S+)", output)}
 
 
 def max_weight_diff(dir_a, dir_b):
@@ -90,6 +85,7 @@ def assert_same_as_uninterrupted(reference, out, resumed_output):
         assert max_weight_diff(os.path.join(ref_dir, ckpt), os.path.join(out, ckpt)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_exo_killed_at_a_random_step_resumes_exactly(tiny_model, align_data, tmp_path, uninterrupted):
     """SIGKILL to launcher and ranks once a randomly chosen step is logged; --resume auto finishes
     the run with the weights and per-step losses of the uninterrupted one."""
@@ -103,6 +99,7 @@ def test_exo_killed_at_a_random_step_resumes_exactly(tiny_model, align_data, tmp
     assert_same_as_uninterrupted(uninterrupted["exo"], out, resumed)
 
 
+@pytest.mark.slow
 def test_sft_killed_while_writing_a_checkpoint_resumes_exactly(tiny_model, align_data, tmp_path, uninterrupted):
     """SIGKILL while a checkpoint is half written: `latest` still names a complete one, the half
     one is refused, and the resumed run matches the uninterrupted one (dropout RNG included)."""
@@ -134,6 +131,7 @@ def test_sft_killed_while_writing_a_checkpoint_resumes_exactly(tiny_model, align
     assert sorted(d for d in os.listdir(ds_dir) if d.startswith("global_step")) == ["global_step10", "global_step9"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tiny_model, align_data, tmp_path, uninterrupted):
     """SIGTERM to every rank mid-run (what a cluster scheduler sends): the ranks finish the step,
     agree to stop, checkpoint and exit 0, so the launcher does too; the resumed run is exact."""
@@ -160,6 +158,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(tiny_model, align_data,
     assert_same_as_uninterrupted(uninterrupted["sft"], out, resumed)
 
 
+@pytest.mark.slow
 def test_diverging_run_skips_non_finite_steps_then_stops_with_a_checkpoint(tiny_model, align_data, tmp_path):
     """A learning rate of 1e30 makes the first update blow the weights up to ~1e30, so every
     later forward overflows fp32 and the loss is NaN: a real divergence, no injected fault.
@@ -189,6 +188,7 @@ def test_diverging_run_skips_non_finite_steps_then_stops_with_a_checkpoint(tiny_
     assert all(torch.isfinite(t).all() for t in first.values())
 
 
+@pytest.mark.slow
 def test_atomic_writes_leave_the_old_or_the_new_file_when_killed(tmp_path):
     """A writer rewriting a 20 MB JSON file in a loop is SIGKILLed at 15 random moments; each
     time the file parses whole (one of the versions written) and only hidden temp files remain."""
@@ -215,7 +215,7 @@ def test_atomic_writes_leave_the_old_or_the_new_file_when_killed(tmp_path):
 def test_a_prompt_longer_than_max_seq_len_is_cut_counted_and_reported(tiny_model, tmp_path, capsys):
     """Not an error and not dropped: the tokenisation rule cuts the prompt on the left, so every record
     still trains; how many were cut is reported once, when the split is tokenised."""
-    from conftest import write_split
+    from helpers import write_split
     from utils.data.encoders import SFTEncoder
     from utils.data.tokenisation import Tokenisation
     from utils.data.tokenised_datasets import build_dataset
@@ -245,6 +245,7 @@ def test_pruning_keeps_the_last_n_up_to_the_step_just_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".global_step6.tmp", "global_step3", "global_step4"]
 
 
+@pytest.mark.slow
 def test_last_step_export_evaluates_once_and_resume_refuses_another_learning_rate(tiny_model, align_data, tmp_path):
     """When the final step is also an export, the final evaluation is that export's: one eval point
     per step in the log and in TensorBoard. Resuming its checkpoint with another --learning_rate is
@@ -268,6 +269,7 @@ def test_last_step_export_evaluates_once_and_resume_refuses_another_learning_rat
     assert re.search(r"written with --learning_rate 0\.0001, this run has --learning_rate 0\.0002", lines[0])
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tiny_model, align_data, tmp_path):
     """Checkpoints record their files' digests: `--resume auto` on a cut-short newest checkpoint
     says so in one line and resumes from the one before; `--resume PATH` on it is one error
@@ -309,7 +311,7 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumed(tiny_mo
 
 
 def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tiny_model, tmp_path, capsys):
-    from conftest import write_split
+    from helpers import write_split
     from utils.data.encoders import SFTEncoder
     from utils.data.tokenisation import Tokenisation
     from utils.data.tokenised_datasets import build_dataset

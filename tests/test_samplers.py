@@ -50,6 +50,7 @@ def test_epochs_reshuffle_and_the_seed_reproduces():
     assert first == per_rank_batches(lengths, 4, 1, 0)
 
 
+@pytest.mark.slow
 def test_train_exo_groups_by_length_on_two_ranks(tiny_model, align_data, tmp_path):
     """--group_by_length through the real loop on 2 CPU ranks: same number of steps as the
     default sampler (every rank gets ceil(N / 2) examples), and a model comes out."""

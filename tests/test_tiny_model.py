@@ -86,6 +86,7 @@ def test_pad_token_when_requested_and_replaces_existing_dir(tmp_path):
     assert batch.input_ids.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_cli_on_jsonl(tmp_path):
     data = tmp_path / "train.jsonl"
     records = [{"prompt": "Human: zorblax quux?", "responses": ["zorblax quux zorblax", "no"], "rewards": [1.0, 0.0]}]

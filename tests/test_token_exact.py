@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run, write_split
+from helpers import REPO_ROOT, read, run, write_split
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -28,11 +28,6 @@ EOS = 0
 TEMP, MAX_NEW = 0.8, 4
 PROMPTS = ["a b", "c"]
 RETURN_NUM = 1500
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def tiny_vocab_model(path, seed, noise_from=None, padding=0, n_embd=16, n_head=2, scale=0.1):
@@ -173,6 +168,7 @@ def exact(pipeline):
     return {"kl": sum(v[0] for v in values) / len(values), "p_cut": sum(v[1] for v in values) / len(values)}
 
 
+@pytest.mark.slow
 def test_pipeline_kl_estimate_agrees_with_the_enumerated_kl(pipeline, exact):
     records = read(pipeline["gen"])
     stops = [s for r in records for s in r["stop_token"]]
@@ -187,6 +183,7 @@ def test_pipeline_kl_estimate_agrees_with_the_enumerated_kl(pipeline, exact):
     assert estimate["se"] < 0.1 * exact["kl"]  # so that the check has teeth
 
 
+@pytest.mark.slow
 def test_text_and_eos_path_misses_the_enumerated_kl(pipeline, exact):
     """The same samples scored from their text, EOS appended to every completion (also to the
     ones --max_new_tokens cut), estimate the KL of events that were not sampled."""
@@ -196,6 +193,7 @@ def test_text_and_eos_path_misses_the_enumerated_kl(pipeline, exact):
     assert abs(estimate["kl"] - exact["kl"]) > 6 * estimate["se"]
 
 
+@pytest.mark.slow
 def test_stored_ids_scored_again_give_the_samplers_logps(pipeline):
     sampled, scored = read(pipeline["gen"]), read(pipeline["gen_policy"])
     diffs = [a - b for r, s in zip(sampled, scored) for a, b in zip(r["logps"], s["logps"])]
@@ -204,6 +202,7 @@ def test_stored_ids_scored_again_give_the_samplers_logps(pipeline):
     assert all(s["temp"] == TEMP for s in scored)
 
 
+@pytest.mark.slow
 def test_eval_kl_refuses_files_that_scored_other_tokens_or_temperatures(pipeline, tmp_path):
     code, _, err = pipeline["refused"]
     assert code == 2 and err.count("\n") == 1
@@ -256,6 +255,7 @@ def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
     assert dataset["input_ids"] == [[[1, 2, EOS], [1, 3, 4, EOS]], [[1, EOS], [1, 5, 5, 5, 5]]]
 
 
+@pytest.mark.slow
 def test_ids_and_text_agree_or_the_record_is_refused(sft_model, pipeline):
     """A completion whose text was edited after sampling (the obvious way to trim a sample) is
     one error line naming the record and field, not silently scored from its old ids."""

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "exp" / "toy_exp"))
 import rkl_fkl  # noqa: E402

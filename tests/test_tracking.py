@@ -9,7 +9,7 @@ import sys
 import pytest
 from huggingface_hub import metadata_load
 
-from conftest import launcher, run
+from helpers import launcher, run
 from utils.fileio import InputError
 from utils.tracking import check_trackers
 
@@ -68,6 +68,7 @@ def tracked_run(tmp_path_factory, tiny_model, align_data):
     return out, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_launch_prints_none_of_the_known_harmless_messages(tracked_run):
     _, output = tracked_run
     for known in ("gradient_checkpointing_enable` is deprecated", "all_gather_into_tensor` is deprecated",
@@ -81,6 +82,7 @@ def test_a_launch_prints_none_of_the_known_harmless_messages(tracked_run):
     assert "\r[train step" not in output and "\r[eval step" not in output  # step lines stand whole
 
 
+@pytest.mark.slow
 def test_wandb_logs_the_tensorboard_scalars_and_the_flags(tracked_run):
     tracked_run, _ = tracked_run
     (run_file,) = glob.glob(str(tracked_run / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -101,6 +103,7 @@ def test_wandb_logs_the_tensorboard_scalars_and_the_flags(tracked_run):
     assert config["loss_type"] == '"exo-rw"' and config["num_contrastive"] == "2" and config["beta_pi"] == "0.25"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export, steps", [("ckpt1", "1 of 2"), ("ckpt2", "2 of 2"), (".", "2 of 2")])
 def test_every_export_has_a_model_card(tracked_run, export, steps):
     tracked_run, _ = tracked_run

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher, run, write_split
+from helpers import REPO_ROOT, forked_runs, launcher, run, train_losses, write_split
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -37,6 +37,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage,loss_type,kind", [(2, "exo-rw", "rw"), (3, "dpo-pref", "pref")])
 def test_two_rank_training_lowers_the_loss_and_exports_loadable_checkpoints(
         tiny_model, align_data, tmp_path, zero_stage, loss_type, kind):
@@ -61,11 +62,7 @@ def test_two_rank_training_lowers_the_loss_and_exports_loadable_checkpoints(
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def train_losses(stdout):
-    """{step: train loss} from the --print_loss `[train step N] ... loss=...` lines."""
-    return {int(s): float(v) for s, v in re.findall(r"\[train step (\d+)\].*? loss=([-\d.e]+)", stdout)}
-
-
+@pytest.mark.slow
 def test_cached_reference_logps_match_the_online_reference(tiny_model, align_data, tmp_path):
     """Reference log-probs computed on 2 ranks and reassembled equal a direct pass, candidate by
     candidate, and give the same losses as running the reference online."""
@@ -100,20 +97,7 @@ def test_cached_reference_logps_match_the_online_reference(tiny_model, align_dat
     assert train_losses(cached.stdout)[1] == pytest.approx(train_losses(online.stdout)[1], rel=1e-3)
 
 
-def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path):
-    """exp/custom_exp/train_exo.sh with the README's positional arguments trains and exports checkpoints."""
-    result = run(["bash", "exp/custom_exp/train_exo.sh", "tiny", tiny_model, "sft", "toy/rw", align_data["rw"],
-                  "exo-rw", "2", "--max_iter_step", "2", "--num_save_checkpoint", "2", "--max_seq_len", "48",
-                  "--max_gen_len", "16", "--data_output_path", str(tmp_path / "cache")],
-                 env={"OUTPUT_ROOT": str(tmp_path / "models"), "TB_ROOT": str(tmp_path / "tb")}, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "models" / "tiny_toy" / "align_exo-rw_nc2"
-    for ckpt in ("ckpt1", "ckpt2"):
-        AutoModelForCausalLM.from_pretrained(run_dir / ckpt)
-    assert (run_dir / "training.log").exists()
-    assert os.listdir(tmp_path / "tb")  # TensorBoard run directory
-
-
+@pytest.mark.slow
 def test_lora_training_exports_a_merged_plain_model(tiny_model, align_data, tmp_path):
     """--lora_dim with --only_optimize_lora trains adapters and exports them merged into a plain HF model."""
     out = tmp_path / "lora"
@@ -175,16 +159,30 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model, tmp_path_factory):
+    """{case: (CompletedProcess, its directory)}: every BAD_INPUTS case, each a process of its own
+    forked from one that imported train_exo's imports once (helpers.forked_runs)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    argvs, dirs = [], []
+    for i, (make_data, flags, _) in enumerate(BAD_INPUTS.values()):
+        case_dir = root / f"case{i}"
+        case_dir.mkdir()
+        argvs.append(["src/train_exo.py", "--model_name_or_path", tiny_model, "--data_name_path", make_data(case_dir),
+                      "--output_dir", str(case_dir / "out"), "--data_output_path", str(case_dir / "cache"),
+                      "--loss_type", "exo-rw", "--num_contrastive", "2", "--max_seq_len", "64", "--max_gen_len", "16",
+                      *[f.format(tmp=case_dir) for f in flags]])
+        dirs.append(case_dir)
+    return dict(zip(BAD_INPUTS, zip(forked_runs(root / "forked", argvs), dirs)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
+def test_bad_input_gives_one_line_and_writes_nothing(bad_input_runs, case):
     """Each bad input: exit 2, one `error:` line naming what is wrong, no traceback, no output dir."""
-    make_data, flags, pattern = BAD_INPUTS[case]
-    data = make_data(tmp_path)
-    flags = [f.format(tmp=tmp_path) for f in flags]
-    out = tmp_path / "out"
-    result = run(["python", "src/train_exo.py", "--model_name_or_path", tiny_model, "--data_name_path", data,
-                  "--output_dir", str(out), "--data_output_path", str(tmp_path / "cache"), "--loss_type", "exo-rw",
-                  "--num_contrastive", "2", "--max_seq_len", "64", "--max_gen_len", "16", *flags], timeout=300)
+    pattern = BAD_INPUTS[case][2]
+    result, case_dir = bad_input_runs[case]
+    out = case_dir / "out"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
@@ -193,6 +191,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case)
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pref_to_rw_output_trains_with_rw_losses(tiny_model, align_data, tmp_path):
     """pref -> rw conversion gives data the rw losses accept, with rewards [1, 0]."""
     import shutil
@@ -237,6 +236,7 @@ def test_alignment_models_run_without_dropout(tmp_path, arch):
 
 @pytest.mark.parametrize("flags,dtype", [(["--gradient_checkpointing"], torch.float32),
                                          (["--dtype", "bf16"], torch.bfloat16)])
+@pytest.mark.slow
 def test_single_process_precision_and_checkpointing_options(tiny_model, align_data, tmp_path, flags, dtype):
     """Plain `python src/train_exo.py` with activation checkpointing or bf16 trains and exports in that dtype."""
     train_exo(tiny_model, f"toy/rw:{align_data['rw']}", tmp_path / "out", tmp_path / "cache", "--loss_type", "exo-rw",
@@ -255,6 +255,7 @@ def test_accuracy_counts_only_a_strict_win_of_the_best_labelled_candidate():
     assert alignment_metrics(policy, same, rewards, 0.1)["rewards/accuracies"] == 0.5
 
 
+@pytest.mark.slow
 def test_reference_cache_is_keyed_on_the_sharing_mode(tiny_model, align_data, tmp_path):
     """A change of --prefix_sharing recomputes the cached reference log-probs (shared and
     unshared values agree only to float precision, and not at all where auto would share

@@ -1,5 +1,6 @@
 """The SFT and reward-model stages end to end: SFT on one process, the RM on 2 CPU ranks
-(ZeRO-2) and with LoRA, both launchers, the loss math, and one-line errors for bad input."""
+(ZeRO-2) and with LoRA, the loss math, and one-line errors for bad input. Their launchers run in
+test_pipeline.py (train_sft.sh on sft data, train_rm.sh) and test_chat.py (train_sft.sh on pref data)."""
 import json
 import os
 import re
@@ -8,7 +9,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import launcher, run, write_split
+from helpers import forked_runs, launcher, run, write_split
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.data.collators import PairCollator, SFTCollator
@@ -49,6 +50,7 @@ def sft_data(align_data, tmp_path_factory):
 
 
 # -- SFT ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_lowers_eval_loss_and_reports_the_token_weighted_perplexity(tiny_model, sft_data, tmp_path):
     """One process: eval loss falls; the logged perplexity is exp(total NLL / total completion
     tokens) of the saved model over the test set, which loads with AutoModelForCausalLM."""
@@ -127,6 +129,7 @@ def pair_margins(model, dataset, pad_token_id):
     return chosen - rejected
 
 
+@pytest.mark.slow
 def test_reward_model_on_two_ranks_beats_chance_and_scores_text_after_loading(tiny_model, easy_pref_data, tmp_path):
     """2 CPU ranks, ZeRO-2: eval accuracy >= 0.85; the export loads with
     AutoModelForSequenceClassification, reproduces the logged margin, and ranks positive text
@@ -156,6 +159,7 @@ def test_reward_model_on_two_ranks_beats_chance_and_scores_text_after_loading(ti
     assert chosen.mean() > rejected.mean() and (chosen > rejected).float().mean() >= 0.8
 
 
+@pytest.mark.slow
 def test_reward_model_with_lora_exports_the_trained_score_head(tiny_model, easy_pref_data, tmp_path):
     """--lora_dim --only_optimize_lora (peft SEQ_CLS): the score head trains and the export is
     a plain classifier (score.weight, no adapter keys) that reproduces the logged margin."""
@@ -218,24 +222,6 @@ def test_reward_is_read_where_from_pretrained_scorers_read_it(tiny_model):
     torch.testing.assert_close(padded, alone[0])
 
 
-# -- launchers --------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_launcher_trains_on_cpu_ranks(tiny_model, align_data, tmp_path, stage):
-    """exp/custom_exp/train_{sft,rm}.sh with the README's positional arguments write
-    models/NAME_DATA/{sft,rm} (one CPU rank from DEVICE_IDS; SFT here on pref data: prompt + chosen)."""
-    result = run(["bash", f"exp/custom_exp/train_{stage}.sh", "tiny", tiny_model, "base", "toy/pref",
-                  align_data["pref"], "--max_iter_step", "2", "--max_seq_len", "48", "--max_gen_len", "16",
-                  "--gradient_accumulation_steps", "1", "--data_output_path", str(tmp_path / "cache")],
-                 env={"OUTPUT_ROOT": str(tmp_path / "models"), "TB_ROOT": str(tmp_path / "tb"), "DEVICE_IDS": "0"},
-                 timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "models" / "tiny_toy" / stage
-    auto_class = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
-    auto_class.from_pretrained(run_dir)
-    assert (run_dir / "training.log").exists()
-    assert os.listdir(tmp_path / "tb")
-
-
 # -- bad input --------------------------------------------------------------------------------
 def _pref(tmp_path, mutate, kind="pref"):
     records = [{"prompt": "the movie", "chosen": "good fun", "rejected": "dull"} for _ in range(4)]
@@ -260,16 +246,29 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model, tmp_path_factory):
+    """{case: (CompletedProcess, its directory)}: every BAD_INPUTS case, each a process of its own
+    forked from one that imported the entry scripts' imports once (helpers.forked_runs)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    argvs, dirs = [], []
+    for i, (script, make_data, flags, _) in enumerate(BAD_INPUTS.values()):
+        case_dir = root / f"case{i}"
+        case_dir.mkdir()
+        argvs.append([f"src/{script}", "--model_name_or_path", tiny_model, "--data_name_path", make_data(case_dir),
+                      "--output_dir", str(case_dir / "out"), "--data_output_path", str(case_dir / "cache"),
+                      "--max_seq_len", "64", "--max_gen_len", "16", *[f.format(tmp=case_dir) for f in flags]])
+        dirs.append(case_dir)
+    return dict(zip(BAD_INPUTS, zip(forked_runs(root / "forked", argvs), dirs)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_and_writes_nothing(tiny_model, tmp_path, case):
+def test_bad_input_gives_one_line_and_writes_nothing(bad_input_runs, case):
     """Each bad input: exit 2, one `error:` line naming what is wrong, no traceback, nothing written."""
-    script, make_data, flags, pattern = BAD_INPUTS[case]
-    data = make_data(tmp_path)
-    flags = [f.format(tmp=tmp_path) for f in flags]
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    result = run(["python", f"src/{script}", "--model_name_or_path", tiny_model, "--data_name_path", data,
-                  "--output_dir", str(out), "--data_output_path", str(cache), "--max_seq_len", "64", "--max_gen_len", "16",
-                  *flags], timeout=300)
+    pattern = BAD_INPUTS[case][3]
+    result, case_dir = bad_input_runs[case]
+    out, cache = case_dir / "out", case_dir / "cache"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]

@@ -9,15 +9,17 @@ vllm a failure instead. vLLM's CPU attention needs head_dim >= 32, hence the mod
 """
 import glob
 import importlib.util
-import json
 import os
 import signal
 import time
 
 import pytest
-from conftest import NEGATIVE, POSITIVE, WORDS, launcher, run, start, write_split
+from helpers import NEGATIVE, POSITIVE, WORDS, launcher, ok, read, run, start, write_split
 
 from utils.model_utils import load_tokenizer
+
+# every test here starts processes: the slow tier (conftest.py enforces the mark)
+pytestmark = pytest.mark.slow
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAS_VLLM and os.environ.get("EXO_ALIGN_REQUIRE_VLLM") == "1":
@@ -31,16 +33,6 @@ NUM_PROMPTS = 11
 # vLLM's processed log-probs against calc_logprobs' HF forward, per completion (<= 8 tokens),
 # fp32; measured at most 4.3e-6 (the Llama here, 33 completions) and 1.6e-6 (the 6-token GPT-2, 3000)
 LOGP_TOLERANCE = 1e-4
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")

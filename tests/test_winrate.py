@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, finish, free_port, start, write_split
+from helpers import REPO_ROOT, finish, free_port, read, start, write_split
 
 import eval_winrate
 import eval_winrate_joint
@@ -25,11 +25,6 @@ from utils.judges import Failed, JudgmentCache, OpenAIJudge, RewardModelJudge, S
 ORACLE = f"fn:{REPO_ROOT / 'exp' / 'quickstart' / 'oracle.py'}:oracle_rewards"
 SHORT_PROMPT = "Which is better?\n{prompt}\nA: {first}\nB: {second}\nAnswer A or B:"
 HAS_OPENAI = importlib.util.find_spec("openai") is not None
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -511,6 +506,7 @@ def openai_flags(samples, url, *flags):
             "--judge_backoff", "0.01", "--judge_concurrency", "4", *flags]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_OPENAI, reason="the openai client is not installed (pip install -e '.[judge]')")
 def test_openai_judge_retries_budget_and_failures(samples, tmp_path, capsys):
     # always "A": position bias cancelled exactly; every 3rd request first gets a 429 or a 500, retried
@@ -618,6 +614,7 @@ def cache_lines(path):
     return sum(1 for line in open(path) if line.strip()) if os.path.exists(path) else 0
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_openai_judge_on_a_real_vllm_server_killed_and_resumed(samples, tmp_path):
     why = vllm_missing()

@@ -1,9 +1,10 @@
 """Run on 2 ranks (deepspeed --num_gpus 2): for a tiny model whose LM head is tied, untied, or
 untied with a bias, under ZeRO-3 (every parameter partitioned), one SGD step of the log-probs
 through the fused head and one through the unfused path from the same start; rank 0 writes the
-log-probs and the whole updated weights of both to OUT (torch.save).
+log-probs and the whole updated weights of both to OUT (torch.save), {head: {"fused": ...,
+"unfused": ...}} for each head named (comma-separated: one launch serves them all).
 
-    deepspeed --num_gpus 2 tests/zero3_heads.py {tied,untied,bias} OUT
+    deepspeed --num_gpus 2 tests/zero3_heads.py tied,untied,bias OUT
 """
 import sys
 
@@ -45,10 +46,11 @@ def step(head, fused, batch):
 
 
 def main():
-    head, out = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # the launcher adds it
+    heads, out = [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")]  # the launcher adds it
     deepspeed.init_distributed("gloo")
     batch = random_batch(VOCAB)
-    results = {name: step(head, fused, batch) for name, fused in (("fused", True), ("unfused", False))}
+    results = {head: {name: step(head, fused, batch) for name, fused in (("fused", True), ("unfused", False))}
+               for head in heads.split(",")}
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
 
