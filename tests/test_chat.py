@@ -68,13 +68,13 @@ def chat_pref(tmp_path_factory):
 @pytest.mark.parametrize("style", ["chatml", "llama3"])
 def test_prompt_plus_completion_is_the_whole_conversation_token_for_token(chat_models, style):
     tokenizer = AutoTokenizer.from_pretrained(chat_models[style])
-    tok = Tokenisation(tokenizer, 256, 64)
+    tokenisation = Tokenisation(tokenizer, 256, 64)
     end_id = tokenizer.convert_tokens_to_ids(END[style])
-    assert tok.chat.turn_end_id == end_id and end_id != tokenizer.eos_token_id
+    assert tokenisation.chat.turn_end_id == end_id and end_id != tokenizer.eos_token_id
     for i in range(4):  # with a system turn, and multi-turn
         prompt, chosen, _ = conversation(i)
-        prompt_ids, = tok.prompts([prompt])
-        completion_ids, = tok.completions([chosen], [prompt])
+        prompt_ids, = tokenisation.prompts([prompt])
+        completion_ids, = tokenisation.completions([chosen], [prompt])
         whole = tokenizer.apply_chat_template(prompt + [chosen], tokenize=True)["input_ids"]
         generation = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)["input_ids"]
         assert prompt_ids == generation
@@ -87,18 +87,18 @@ def test_prompt_plus_completion_is_the_whole_conversation_token_for_token(chat_m
 
 def test_text_records_keep_todays_rule_with_a_chat_tokenizer(chat_models):
     tokenizer = AutoTokenizer.from_pretrained(chat_models["chatml"])
-    tok = Tokenisation(tokenizer, 256, 64)
-    assert tok.prompts(["the movie"]) == [tokenizer("the movie")["input_ids"]]
+    tokenisation = Tokenisation(tokenizer, 256, 64)
+    assert tokenisation.prompts(["the movie"]) == [tokenizer("the movie")["input_ids"]]
     text_ids = tokenizer(" good", add_special_tokens=False)["input_ids"]
-    assert tok.completions([" good"]) == [text_ids + [tokenizer.eos_token_id]]
+    assert tokenisation.completions([" good"]) == [text_ids + [tokenizer.eos_token_id]]
 
 
 def test_loss_mask_is_exactly_the_assistant_turn(chat_models, chat_pref, tmp_path):
     tokenizer = load_tokenizer(chat_models["chatml"])
-    tok = Tokenisation(tokenizer, 256, 64)
+    tokenisation = Tokenisation(tokenizer, 256, 64)
     raw = load_raw_datasets([f"c/pref:{chat_pref}"], split_names=("train_prefs", "test_prefs"),
                             columns="prompt=question")
-    dataset, _ = build_dataset(raw, "train", tok, str(tmp_path), {"stage": "sft"}, SFTEncoder)
+    dataset, _ = build_dataset(raw, "train", tokenisation, str(tmp_path), {"stage": "sft"}, SFTEncoder)
     batch = SFTCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     for row in range(4):
         trained = batch["input_ids"][row][batch["loss_mask"][row].bool()].tolist()
@@ -106,7 +106,7 @@ def test_loss_mask_is_exactly_the_assistant_turn(chat_models, chat_pref, tmp_pat
         prompt = batch["input_ids"][row][:dataset[row]["prompt_len"]].tolist()
         assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
     # alignment: each candidate its own assistant turn, the rejected one given as a plain string
-    dataset, _ = build_dataset(raw, "train", tok, str(tmp_path), {"stage": "align"},
+    dataset, _ = build_dataset(raw, "train", tokenisation, str(tmp_path), {"stage": "align"},
                                lambda t, s, k: AlignmentEncoder(t, s, k, 2, True))
     batch = AlignmentCollator(tokenizer.pad_token_id)([dataset[0]])
     assert [tokenizer.decode(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["loss_mask"])] \
@@ -115,9 +115,10 @@ def test_loss_mask_is_exactly_the_assistant_turn(chat_models, chat_pref, tmp_pat
 
 def test_a_long_conversation_is_cut_on_the_left_keeping_the_templates_bos(chat_models):
     tokenizer = AutoTokenizer.from_pretrained(chat_models["llama3"])
-    tok = Tokenisation(tokenizer, 24, 8)
+    tokenisation = Tokenisation(tokenizer, 24, 8)
     prompt, chosen, _ = conversation(1)
-    ids, prompt_len = tok.join(tok.prompts([prompt])[0], tok.completions([chosen], [prompt])[0])
+    ids, prompt_len = tokenisation.join(tokenisation.prompts([prompt])[0],
+                                        tokenisation.completions([chosen], [prompt])[0])
     assert len(ids) <= 24 and ids[0] == tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
 
 
@@ -129,10 +130,11 @@ def test_chat_template_none_and_a_template_file(chat_models, tmp_path):
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
                         "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
-    tok = Tokenisation(tokenizer, 256, 64, str(template))
-    assert tokenizer.decode(tok.prompts([prompt])[0]).endswith("user: what about the the movie?\nassistant:")
+    tokenisation = Tokenisation(tokenizer, 256, 64, str(template))
+    assert tokenizer.decode(tokenisation.prompts([prompt])[0]).endswith("user: what about the the movie?\nassistant:")
     # this template ends a turn with no special token: EOS closes the completion, as for text
-    assert tok.completions([{"role": "assistant", "content": " ok"}], [prompt])[0][-1] == tokenizer.eos_token_id
+    completion = tokenisation.completions([{"role": "assistant", "content": " ok"}], [prompt])[0]
+    assert completion[-1] == tokenizer.eos_token_id
 
 
 def test_a_template_that_reads_the_date_renders_the_same_on_every_day(chat_models, tmp_path, monkeypatch):

@@ -178,11 +178,11 @@ def test_save_logps_equal_model_logprobs_of_the_drawn_tokens(tiny_model):
 
     config = sampling_config(Args, tokenizer)
     model.generation_config = config
-    tok = Tokenisation(tokenizer, Args.max_length, Args.max_new_tokens)
+    tokenisation = Tokenisation(tokenizer, Args.max_length, Args.max_new_tokens)
     texts = ["the movie", "a", "good plot and bad acting", " ".join(WORDS * 3)]
-    prompt_ids = [fit_prompt(tok, ids) for ids in tok.prompts(texts)]
+    prompt_ids = [fit_prompt(tokenisation, ids) for ids in tokenisation.prompts(texts)]
     assert len(prompt_ids[-1]) == Args.max_length - Args.max_new_tokens  # cut on the left
-    assert prompt_ids[-1] == tok.prompts(texts[-1:])[0][-len(prompt_ids[-1]):]
+    assert prompt_ids[-1] == tokenisation.prompts(texts[-1:])[0][-len(prompt_ids[-1]):]
     ids, stops, completions, logps = sample(model, tokenizer, prompt_ids, config, seed=5, save_logps=True)
 
     exact, prompt_lens, stored = [], [], []
@@ -257,11 +257,12 @@ def test_reward_labels_and_eval(reward_model, tmp_path):
     assert [len(r["rewards"]) for r in labelled] == [3, 3, 3]
 
     tokenizer = load_tokenizer(reward_model)
-    tok = Tokenisation(tokenizer, 32, 16)
+    tokenisation = Tokenisation(tokenizer, 32, 16)
     model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
     with torch.no_grad():
         for record, values in zip(GEN_RECORDS, (r["rewards"] for r in labelled)):
-            joined = tok.join_group(tok.prompts([record["prompt"]])[0], tok.completions(record["completions"]))
+            joined = tokenisation.join_group(tokenisation.prompts([record["prompt"]])[0],
+                                             tokenisation.completions(record["completions"]))
             for (ids, _), value in zip(joined, values):
                 assert model(input_ids=torch.tensor([ids])).logits.item() == pytest.approx(value, abs=1e-5)
 
@@ -275,13 +276,13 @@ def test_reward_labels_and_eval(reward_model, tmp_path):
 
 def direct_logps(model_path, records, max_seq_len, max_gen_len):
     tokenizer = load_tokenizer(model_path)
-    tok = Tokenisation(tokenizer, max_seq_len, max_gen_len)
+    tokenisation = Tokenisation(tokenizer, max_seq_len, max_gen_len)
     model = load_causal_lm(model_path, tokenizer).eval()
     out = []
     with torch.no_grad():
         for record in records:
-            prompt = tok.prompts([record["prompt"]])[0]
-            joined = tok.join_group(prompt, tok.record_completions(record))
+            prompt = tokenisation.prompts([record["prompt"]])[0]
+            joined = tokenisation.join_group(prompt, tokenisation.record_completions(record))
             batch = pad_sequences([s for s, _ in joined], [n for _, n in joined], tokenizer.pad_token_id)
             out.append(model_sequence_logprobs(model, batch).tolist())
     return out

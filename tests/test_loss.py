@@ -329,8 +329,8 @@ def _naive_loop(logits, labels, mask, temperature):
 def _naive_torch(logits, labels, mask, temperature):
     """Full-vocabulary log_softmax + gather in the logits' own dtype (differentiable)."""
     logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
-    tok = logp.gather(-1, labels[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (tok * mask[:, 1:].to(tok.dtype)).sum(-1)
+    token_logps = logp.gather(-1, labels[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask[:, 1:].to(token_logps.dtype)).sum(-1)
 
 
 @pytest.mark.parametrize("chunk_steps", [None, 1, 2, 3])

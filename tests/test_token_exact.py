@@ -224,18 +224,18 @@ def test_alignment_and_scoring_use_the_ids_and_append_no_eos(sft_model):
     """rw/gen records with ids: the training encoder and the scoring batch take them as they are
     (cut only by --max_gen_len); another tokenizer's ids fall back to the text + EOS."""
     tokenizer = load_tokenizer(sft_model)
-    tok = Tokenisation(tokenizer, 10, 3)
+    tokenisation = Tokenisation(tokenizer, 10, 3)
     # texts that are not the ids: which one is scored shows
     record = {"prompt": "a b", "completions": ["c", "d"], "rewards": [1.0, 0.0],
               "completion_ids": [[3, EOS], [4, 5, 1, 2]], "stop_token": [EOS, None],
               "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "source_model": "x"}
-    encoded = AlignmentEncoder(tok, "rw.json", "rw", 2, False)({k: [v] for k, v in record.items()}, [0])
+    encoded = AlignmentEncoder(tokenisation, "rw.json", "rw", 2, False)({k: [v] for k, v in record.items()}, [0])
     assert encoded["input_ids"] == [[[1, 2, 3, EOS], [1, 2, 4, 5, 1]]]  # the cut one cut at --max_gen_len 3
-    batch = completion_batch(tok, [record])
+    batch = completion_batch(tokenisation, [record])
     assert batch["input_ids"][0, :4].tolist() == [1, 2, 3, EOS] and batch["attention_mask"][0].sum() == 4
     assert batch["loss_mask"][1].tolist() == [0, 0, 1, 1, 1]
     other = {**record, "tokenizer_fingerprint": "0" * 16}
-    assert completion_batch(tok, [other])["input_ids"][1].tolist() == [1, 2, 4, EOS]
+    assert completion_batch(tokenisation, [other])["input_ids"][1].tolist() == [1, 2, 4, EOS]
 
 
 def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
@@ -245,13 +245,14 @@ def test_training_data_mixing_records_with_and_without_ids(sft_model, tmp_path):
     from utils.data.raw_datasets import JsonDataset
 
     tokenizer = load_tokenizer(sft_model)
-    tok = Tokenisation(tokenizer, 10, 5)
+    tokenisation = Tokenisation(tokenizer, 10, 5)
     plain = {"prompt": "a", "completions": ["b", "c d"], "rewards": [1.0, 0.0]}
     exact = {"prompt": "a", "completions": ["", "e e e e"], "rewards": [0.0, 1.0], "completion_ids": [[EOS], [5] * 4],
              "stop_token": [EOS, None], "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "source_model": "x"}
     write_split(tmp_path / "rw", "train", [plain, exact])
-    dataset, _ = tokenised_split(JsonDataset("mixed", str(tmp_path / "rw"), "rw"), "train", tok, str(tmp_path / "cache"),
-                                 {"stage": "test"}, lambda t, s, k: AlignmentEncoder(t, s, k, 2, False))
+    dataset, _ = tokenised_split(JsonDataset("mixed", str(tmp_path / "rw"), "rw"), "train", tokenisation,
+                                 str(tmp_path / "cache"), {"stage": "test"},
+                                 lambda t, s, k: AlignmentEncoder(t, s, k, 2, False))
     assert dataset["input_ids"] == [[[1, 2, EOS], [1, 3, 4, EOS]], [[1, EOS], [1, 5, 5, 5, 5]]]
 
 
@@ -262,9 +263,9 @@ def test_ids_and_text_agree_or_the_record_is_refused(sft_model, pipeline):
     from utils.data.encoders import Encoder
     from utils.fileio import InputError
 
-    tok = Tokenisation(load_tokenizer(sft_model), 10, 5)
+    tokenisation = Tokenisation(load_tokenizer(sft_model), 10, 5)
     records = read(pipeline["gen"])
-    encoder = Encoder(tok, "gen.json", "gen")
+    encoder = Encoder(tokenisation, "gen.json", "gen")
     for index, record in enumerate(records):  # every sampled record, cut or stopped, agrees
         encoder.check(record, index)
     edited = json.loads(json.dumps(records[1]))

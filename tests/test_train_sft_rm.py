@@ -105,14 +105,14 @@ def test_pair_encoder_tokenises_chosen_and_rejected_by_the_shared_rule(tiny_mode
     from utils.data.dataset_names import load_raw_datasets
 
     tokenizer = load_tokenizer(tiny_model)
-    tok = Tokenisation(tokenizer, 8, 4)  # short enough that completions and prompts get cut
+    tokenisation = Tokenisation(tokenizer, 8, 4)  # short enough that completions and prompts get cut
     raw = load_raw_datasets([f"easy/pref:{easy_pref_data}"])
-    dataset, _ = build_dataset(raw, "test", tok, str(tmp_path), {"stage": "rm"}, PairEncoder)
+    dataset, _ = build_dataset(raw, "test", tokenisation, str(tmp_path), {"stage": "rm"}, PairEncoder)
     with open(os.path.join(easy_pref_data, "test.json")) as f:
         records = json.load(f)
     for example, record in zip(dataset, records):
-        (prompt,) = tok.prompts([record["prompt"]])
-        expected = tok.join_group(prompt, tok.completions([record["chosen"], record["rejected"]]))
+        (prompt,) = tokenisation.prompts([record["prompt"]])
+        expected = tokenisation.join_group(prompt, tokenisation.completions([record["chosen"], record["rejected"]]))
         assert example == {"input_ids": [ids for ids, _ in expected], "prompt_lens": [n for _, n in expected]}
     batch = PairCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     rows = [dataset[0]["input_ids"][0], dataset[0]["input_ids"][1], dataset[1]["input_ids"][0]]
