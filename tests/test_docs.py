@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MARKDOWN = sorted(p for p in REPO.rglob("*.md") if ".git" not in p.parts and "egg-info" not in str(p))
+# the repository's own pages: not hidden directories (.git, .pytest_cache, .venv-vllm), run outputs or build info
+MARKDOWN = sorted(p for p in REPO.rglob("*.md")
+                  if not any(part.startswith(".") or part == "results" or part.endswith(".egg-info")
+                             for part in p.relative_to(REPO).parts))
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))  # the pages the front page links to
 FRONT = [README, *DOCS]
