@@ -64,11 +64,13 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert again.stdout.count("done before, skipped") == 13  # every stage but the report
     assert table in again.stdout
 
-    # The frontier driver's --quick grid on the same miniature, on one of its two seeds: its shared
-    # stages are the quickstart's, made above, so only its own cells run. Seed 1's cells are seed
-    # 0's code again (~70 s); test_frontier.py checks the --quick graph's per-seed wiring and the
-    # bootstrap's pairing over seeds on synthetic sweeps.
-    frontier_cmd = ["bash", "exp/frontier/run.sh", "--quick", "--seeds", "0", "--workdir", str(workdir)]
+    # The frontier driver's --quick grid on the same miniature, on one of its two seeds and with one
+    # online round: its shared stages are the quickstart's, made above, so only its own cells run.
+    # Seed 1's cells are seed 0's code again (~70 s), and so is a second round (~60 s; rounds that
+    # continue one another: test_online.py); test_frontier.py checks the --quick graph's per-seed
+    # wiring, the bootstrap's pairing over seeds and each round's pairing on synthetic sweeps.
+    frontier_cmd = ["bash", "exp/frontier/run.sh", "--quick", "--seeds", "0", "--online_rounds", "1", "--workdir",
+                    str(workdir)]
     frontier = run(frontier_cmd, env=ENV, timeout=900)
     assert frontier.returncode == 0, frontier.stdout[-4000:] + frontier.stderr[-4000:]
     for stage in ("corpus", "base_model", "sft", "sample", "oracle_pref", "rm", "rm_label", "pref_to_rw"):
@@ -76,7 +78,7 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
             line.split("] ", 1)[-1][:len(stage) + 2] for line in frontier.stdout.splitlines()
             if "done before, skipped" in line], stage
     result = json.loads((workdir / "results.json").read_text())
-    assert result["command"] == f"bash exp/frontier/run.sh --quick --seeds 0 --workdir {workdir}"
+    assert result["command"] == f"bash exp/frontier/run.sh --quick --seeds 0 --online_rounds 1 --workdir {workdir}"
     points = result["points"]
     offline = [p for p in points if p["kind"] == "offline"]
     assert {(p["method"], p["beta_pi"], p["seed"], p["checkpoint"]) for p in offline} == {
@@ -86,9 +88,9 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
         assert {"reward", "reward_se", "kl", "kl_se"} <= set(p) and -1 <= p["reward"] <= 1 and p["n"] == 16 * 4
     assert all(p["kl"] > 0 for p in offline)
     online = [p for p in points if p["kind"] == "online"]
-    assert [(p["checkpoint"], p["steps"]) for p in online] == [("round1", 2), ("round2", 4)]
-    # each round beside the offline checkpoint of its step; exo-rw's frontier against dpo-rw's
-    assert [(r["steps"], r["pairs"]) for r in result["online"]] == [(2, 1), (4, 1)]
+    assert [(p["checkpoint"], p["steps"]) for p in online] == [("round1", 4)]
+    # the round beside the offline checkpoint of its step; exo-rw's frontier against dpo-rw's
+    assert [(r["steps"], r["pairs"]) for r in result["online"]] == [(4, 1)]
     exo = next(r for r in result["matched"] if r["method"] == "exo-rw")
     assert exo["baseline"] == "dpo-rw" and exo["kl"][-1] == pytest.approx(result["k_common"])
     assert all(low <= high for low, high in exo["diff_ci"])
