@@ -11,7 +11,7 @@ import re
 import shutil
 
 import pytest
-from helpers import REPO_ROOT, run, write_split
+from helpers import forked_runs, write_split
 
 RW = [{"prompt": "the movie", "completions": ["good fun", "bad", "great", "dull"], "rewards": [2.0, -1.0, 1.0, -0.5]}
       for _ in range(4)]
@@ -343,16 +343,10 @@ def catalogue_results(tiny_model, tmp_path_factory):
         case.mkdir()
         argv = make_argv(case, tiny_model)
         # lengths within the tiny model's 256 positions (the defaults' 512 are refused); a case's own come later and win
-        argvs.append({"argv": argv[:1] + LENGTHS.get(os.path.basename(argv[0]), []) + argv[1:]})
+        argvs.append(argv[:1] + LENGTHS.get(os.path.basename(argv[0]), []) + argv[1:])
         before[name] = snapshot(case)
-    (root / "cases.json").write_text(json.dumps(argvs))
-    results_dir = root / "results"
-    results_dir.mkdir()
-    result = run(["python", str(REPO_ROOT / "tests" / "forked_cli.py"), str(root / "cases.json"), str(results_dir)],
-                 timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    codes = json.loads((results_dir / "results.json").read_text())
-    return {name: (argvs[i]["argv"][0], codes[i], (results_dir / f"{i}.out").read_text(), (results_dir / f"{i}.err").read_text(),
+    results = forked_runs(root, argvs)
+    return {name: (argvs[i][0], results[i].returncode, results[i].stdout, results[i].stderr,
                    before[name], snapshot(root / f"case{i}"))
             for i, name in enumerate(CATALOGUE)}
 
