@@ -181,7 +181,7 @@ def test_online_bad_flags_are_one_line(tiny_model, online_inputs, tmp_path):
             "--data_name_path", f"toy/sft:{prompts}", "--output_dir", str(tmp_path / "out")]
     for extra, message in ((["--eval_samples", "3"], "error: --eval_samples 3 must be a multiple of --num_samples 4"),
                            (["--force", "round9_align"], "error: --force round9_align: no such stage")):
-        result = run([*base, *extra], timeout=60)
+        result = run([*base, *extra], timeout=300)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert not (tmp_path / "out" / "stages").exists()
 

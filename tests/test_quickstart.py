@@ -59,7 +59,7 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     assert wrote.returncode == 0 and exo in readme.read_text() and readme.read_text().endswith("end\n")
     assert run([*tables, "--check", str(readme)], timeout=60).returncode == 0
 
-    again = quickstart("--workdir", str(workdir), *SMALL, timeout=120)
+    again = quickstart("--workdir", str(workdir), *SMALL, timeout=300)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert again.stdout.count("done before, skipped") == 13  # every stage but the report
     assert table in again.stdout
