@@ -40,10 +40,12 @@ def test_sigterm_to_the_deepspeed_process_checkpoints_the_ranks(tiny_model, alig
     """SIGTERM to the `deepspeed` process inside the launcher script (what `kill PID` of it
     does): the ranks still finish their step, checkpoint and exit; nothing is left running and
     the run's log holds the step lines without progress-bar redraws."""
-    # 12 steps take a second, which a loaded machine passes before the signal lands: the run is
-    # long enough (400 steps, ~30 s) that the signal ends it, whenever the test sees step 2
+    # 12 steps pass in about a second, less than the signal's way (the script's trap, ps, kill)
+    # may take on a loaded machine: 400 steps (~30 s) leave the signal time to end the run
     cmd, env = train_exo_sh(tiny_model, align_data, tmp_path, 2, "--num_train_epochs", "25", "--max_iter_step", "400")
-    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(SRC), **env},
+    # COLUMNS=80 (pytest-xdist's workers export it, as do some login shells) once cut ps's command
+    # lines short of the rank's script name, so the launcher found no rank to stop
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "80", **env},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []

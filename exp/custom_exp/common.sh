@@ -101,7 +101,7 @@ launch() {
 # the deepspeed launcher, the group's leader, is signalled and passes it on.
 stop_ranks() {
     local ranks
-    ranks="$(ps -e -o pgid=,pid=,args= | awk -v group="$1" -v script="src/$2" \
+    ranks="$(ps -ww -e -o pgid=,pid=,args= | awk -v group="$1" -v script="src/$2" \
         '$1 == group && index($0, script) && !/deepspeed\.launcher|bin\/deepspeed|bin\/torchrun|copy_log/ {print $2}')"
     if [ -n "${ranks}" ]; then
         kill -TERM ${ranks} 2>/dev/null || true
