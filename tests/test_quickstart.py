@@ -54,7 +54,7 @@ def test_quickstart_writes_the_table_and_skips_done_stages(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- quickstart table: offline -->\n| stale |\n<!-- /quickstart table -->\nend\n")
     stale = run([*tables, "--check", str(readme)], timeout=60)
-    assert stale.returncode == 1 and "the README has\n  | stale |" in stale.stderr, stale.stderr[-2000:]
+    assert stale.returncode == 1 and "the page has\n  | stale |" in stale.stderr, stale.stderr[-2000:]
     wrote = run([*tables, "--write", str(readme)], timeout=60)
     assert wrote.returncode == 0 and exo in readme.read_text() and readme.read_text().endswith("end\n")
     assert run([*tables, "--check", str(readme)], timeout=60).returncode == 0

@@ -94,7 +94,7 @@ def check(readme_text, expected):
             return f"no '<!-- quickstart table: {name} -->' block"
         for have, want in zip(blocks[name].splitlines() + [""] * 99, table.splitlines() + [""] * 99):
             if have != want:
-                return f"table {name}: the README has\n  {have}\nwhere this run prints\n  {want}"
+                return f"table {name}: the page has\n  {have}\nwhere this run prints\n  {want}"
     return None
 
 
