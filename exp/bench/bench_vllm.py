@@ -78,7 +78,7 @@ def main():
     model = load_causal_lm(model_dir, tokenizer, "fp32", disable_dropout=True).to(device).eval()
     config = sampling_config(sampling, tokenizer, stop_ids)
     hf_s, hf_tokens = timed(lambda ids, first: sample(model, tokenizer, ids, config, batch_seed(1234, first)), batches)
-    del model
+    model = None  # its memory back before vLLM loads its own copy
     sampler = VllmSampler(sampling, tokenizer, stop_ids, device)
     vllm_s, vllm_tokens = timed(sampler.sample, batches)
     sampler.close()

@@ -30,8 +30,6 @@ On a recipe's models (a GPU cluster), name them instead of building the miniatur
 (docs/frontier.md has the IMDB recipe's whole command.)
 """
 import argparse
-import json
-import os
 import shlex
 import sys
 import time
