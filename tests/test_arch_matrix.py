@@ -2,10 +2,10 @@
 fused head enables, and of the families they must refuse, each fast path equals the plain
 forward (unshared rows, the model's own full logits) in float32 to 1e-4 of each tensor's scale
 (its largest |entry|, at least 1), log-probs and every parameter's gradient, or says in one line
-why it falls back; and sampling, which prefills each
-prompt once, draws the tokens plain `generate` draws. Built from configs, no download.
+why it falls back; and sampling, which prefills each prompt once, draws the tokens plain
+`generate` draws. Built from configs, no download.
 
-    PYTHONPATH=src python tests/test_arch_matrix.py     # prints the matrix (what each path chose, max |diff|)
+    PYTHONPATH=src python tests/test_arch_matrix.py     # prints the matrix (each path's choice, max |diff| / scale)
 """
 import random
 import sys
